@@ -1,0 +1,374 @@
+"""Go-daemon-compatible logging on top of Twisted's logging system.
+
+The Go X-Ray daemon logs through seelog as
+``%Date(2006-01-02T15:04:05Z07:00) [%Level] %Msg%n``; users grep for these
+lines, so :func:`format_line` reproduces that format exactly.  Everything in
+the process (twistd, Twisted, our code, legacy ``twisted.python.log`` calls,
+redirected stdout/stderr) goes through one :class:`GoFormatObserver`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Protocol, TextIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+__all__ = [
+    "CRITICAL",
+    "DEBUG",
+    "ERROR",
+    "INFO",
+    "LEVELS",
+    "LEVEL_NAMES",
+    "ROTATE_BYTES",
+    "TRACE",
+    "TRACE_KEY",
+    "WARN",
+    "GoFormatObserver",
+    "LogDestination",
+    "LogSetupError",
+    "Throttle",
+    "event_level",
+    "format_line",
+    "go_timestamp",
+    "open_destination",
+    "printable",
+    "threshold",
+]
+
+# seelog's numeric levels; a line is shown when its level >= the threshold.
+TRACE, DEBUG, INFO, WARN, ERROR, CRITICAL = range(6)
+
+# Index = numeric level; the spelling seelog's %Level prints.
+LEVEL_NAMES: tuple[str, ...] = ("Trace", "Debug", "Info", "Warn", "Error", "Critical")
+
+# The Go daemon's user-facing names (-l / Logging.LogLevel).  Read-only so the
+# module keeps no mutable state.
+LEVELS: Mapping[str, int] = MappingProxyType(
+    {"dev": TRACE, "debug": DEBUG, "info": INFO, "warn": WARN, "error": ERROR, "prod": INFO}
+)
+
+TRACE_KEY = "xray_trace"
+
+ROTATE_BYTES = 50 * 1024 * 1024
+
+_TWISTED_LEVELS: Mapping[LogLevel, int] = MappingProxyType(
+    {
+        LogLevel.debug: DEBUG,
+        LogLevel.info: INFO,
+        LogLevel.warn: WARN,
+        LogLevel.error: ERROR,
+        LogLevel.critical: CRITICAL,
+    }
+)
+
+
+def threshold(level: str) -> int:
+    """The numeric threshold for a user level name; ValueError if unknown."""
+    try:
+        return LEVELS[level]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
+        ) from None
+
+
+def go_timestamp(when: float, tz: datetime.tzinfo | None = None) -> str:
+    """Format ``when`` like Go's ``2006-01-02T15:04:05Z07:00`` (tz None = local time)."""
+    # Go truncates to the second; datetime.fromtimestamp would round
+    # microseconds and could show x.9999999 as the next second.
+    seconds = math.floor(when)
+    utc = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    moment = utc.astimezone(tz) if tz is not None else utc.astimezone()
+    offset = moment.utcoffset() or datetime.timedelta(0)
+    total = int(offset.total_seconds())
+    if total == 0:
+        suffix = "Z"
+    else:
+        sign = "-" if total < 0 else "+"
+        # Go's Z07:00 prints hours and minutes only; seconds are dropped.
+        hours, rest = divmod(abs(total), 3600)
+        suffix = f"{sign}{hours:02d}:{rest // 60:02d}"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + suffix
+
+
+def event_level(event: LogEvent) -> int:
+    """The seelog level of a Twisted event."""
+    # Legacy log.err()/log.msg(isError=1) events are turned into
+    # LogLevel.critical by publishToNewObserver; they are ordinary errors.  New-
+    # style events always carry log_logger, which tells the two apart even after
+    # a LegacyLogObserverWrapper has added isError to a shared event dict.
+    if event.get("isError") and "log_logger" not in event and "logLevel" not in event:
+        return ERROR
+    level = _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), INFO)
+    if level == DEBUG and event.get(TRACE_KEY):
+        return TRACE
+    return level
+
+
+def _traceback(failure: object) -> str:
+    if not isinstance(failure, Failure):
+        return f"(not a Failure: {failure!r})"
+    try:
+        return failure.getTraceback()
+    except Exception as e:  # never lose the log line over a broken traceback
+        return f"(unable to obtain traceback: {e!r})"
+
+
+def format_line(
+    event: LogEvent,
+    tz: datetime.tzinfo | None = None,
+    *,
+    now: Callable[[], float] = time.time,
+) -> str | None:
+    """``"<ts> [<Level>] <message>\\n"``, or None if the event has no text.
+
+    ``now`` only supplies the time for (rare) events without ``log_time``.
+    """
+    message = formatEvent(event).rstrip("\n")
+    failure = event.get("log_failure")
+    if failure is not None:
+        # Same header legacy log.err() uses when no reason was given.
+        message = (message or "Unhandled Error") + "\n" + _traceback(failure).rstrip("\n")
+    if not message:
+        return None
+    when = event.get("log_time")
+    if not isinstance(when, (int, float)):
+        when = now()
+    name = LEVEL_NAMES[event_level(event)]
+    return f"{go_timestamp(when, tz)} [{name}] {message}\n"
+
+
+@implementer(ILogObserver)
+class GoFormatObserver:
+    """An ILogObserver writing Go-daemon-format lines for events at or above ``level``."""
+
+    def __init__(
+        self,
+        write: Callable[[str], object],
+        level: str = "prod",
+        flush: Callable[[], object] | None = None,
+        tz: datetime.tzinfo | None = None,
+    ) -> None:
+        self._write = write
+        self._threshold = threshold(level)
+        self._flush = flush
+        self._tz = tz
+
+    def __call__(self, event: LogEvent) -> None:
+        # Filter before formatting: suppressed debug events cost almost nothing.
+        if event_level(event) < self._threshold:
+            return
+        line = format_line(event, self._tz)
+        if line is None:
+            return
+        self._write(line)
+        if self._flush is not None:
+            self._flush()
+
+
+class LogDestination(Protocol):
+    """Where formatted lines go."""
+
+    def write(self, line: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogSetupError(Exception):
+    """The log destination could not be set up; the message is for the user."""
+
+
+class _StreamDestination:
+    """Lines to an already-open text stream (stdout), which we do not own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, line: str) -> None:
+        try:
+            self._stream.write(line)
+        except UnicodeEncodeError:
+            # e.g. an ASCII-only stdout: escape rather than drop the line.
+            encoding = self._stream.encoding or "ascii"
+            self._stream.write(line.encode(encoding, "backslashreplace").decode(encoding))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        # Only flush: stdout belongs to the process, not to the logger.
+        self._stream.flush()
+
+
+class _BinarySink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+    def close(self) -> object: ...
+
+
+class _FileDestination:
+    """Lines to an unbuffered binary file (plain append file or LogFile)."""
+
+    def __init__(self, sink: _BinarySink) -> None:
+        self._sink = sink
+        self._closed = False
+
+    def write(self, line: str) -> None:
+        if self._closed:
+            # One error type for both sinks (a closed LogFile gives AttributeError).
+            raise ValueError("write to a closed log destination")
+        # Encode here so LogFile counts bytes, not characters, toward rotation;
+        # backslashreplace keeps lone surrogates (odd filenames) from raising.
+        self._sink.write(line.encode("utf-8", "backslashreplace"))
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sink.close()
+
+
+_ADVICE = "choose another path with -f or fix the directory permissions"
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _make_directories(directory: str) -> None:
+    """Create ``directory`` and missing ancestors, each with mode 0o755 (before umask)."""
+    # os.makedirs applies `mode` to the last directory only; intermediate ones
+    # would get 0o777 & ~umask, so create each level ourselves.
+    missing: list[str] = []
+    current = directory
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for each in reversed(missing):
+        try:
+            os.mkdir(each, 0o755)
+        except FileExistsError:
+            # A regular file in the way (or a race we lost to another creator).
+            if not os.path.isdir(each):
+                raise LogSetupError(
+                    f"cannot create log directory {directory}: {each} exists and is not a "
+                    f"directory; {_ADVICE}"
+                ) from None
+        except OSError as e:
+            raise LogSetupError(
+                f"cannot create log directory {each}: {_reason(e)}; {_ADVICE}"
+            ) from e
+
+
+def open_destination(
+    path: str | None,
+    rotation: bool,
+    stdout: TextIO,
+    *,
+    rotate_bytes: int = ROTATE_BYTES,
+) -> LogDestination:
+    """Open where log lines go: ``stdout`` if ``path`` is None or empty, else a file.
+
+    With ``rotation`` the file is moved to ``<path>.1`` once it holds
+    ``rotate_bytes`` (checked before each write), replacing any older
+    ``<path>.1``; without it the file is only appended to.
+    """
+    if not path:
+        # The Go daemon's LogPath default "" also means the console.
+        return _StreamDestination(stdout)
+    full = os.path.abspath(path)
+    directory, name = os.path.split(full)
+    _make_directories(directory)
+    try:
+        if rotation:
+            # LogFile opens unbuffered ("rb+", 0): every write reaches the OS.
+            sink: _BinarySink = LogFile(
+                name, directory, rotateLength=rotate_bytes, maxRotatedFiles=1
+            )
+        else:
+            sink = open(full, "ab", buffering=0)  # noqa: SIM115 - owned by the destination
+    except OSError as e:
+        raise LogSetupError(f"cannot open log file {full}: {_reason(e)}; {_ADVICE}") from e
+    return _FileDestination(sink)
+
+
+class Throttle:
+    """At most one log line per reason per ``interval`` seconds, counting what was suppressed.
+
+    Used for bad-input warnings (a local sender can flood the log otherwise).
+    State is kept per reason forever, so reasons should come from a small fixed
+    set (not, say, sender addresses).
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        # reason -> (time of the last logged line, occurrences suppressed since)
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def check(self, reason: str) -> int | None:
+        """None: suppress (and count) this occurrence; n: log now, n were suppressed."""
+        now = self._clock.seconds()
+        previous = self._state.get(reason)
+        if previous is not None:
+            last, suppressed = previous
+            # now < last: the wall clock stepped back; don't go quiet until it catches up.
+            if last <= now < last + self._interval:
+                self._state[reason] = (last, suppressed + 1)
+                return None
+            self._state[reason] = (now, 0)
+            return suppressed
+        self._state[reason] = (now, 0)
+        return 0
+
+
+def _escape(byte: int) -> str:
+    return repr(bytes([byte]))[2:-1]
+
+
+# Immutable lookup table: byte -> its escaped form as repr(bytes) shows it.
+_ESCAPES: tuple[str, ...] = tuple(_escape(b) for b in range(256))
+
+
+def printable(data: bytes, limit: int = 128) -> str:
+    """``data`` escaped like ``repr(bytes)`` without ``b''``, at most ``limit`` characters.
+
+    If it does not fit, the shown prefix is followed by ``...(+N bytes)``, N
+    being the number of input bytes left out.
+    """
+    pieces: list[str] = []
+    used = 0
+    shown = 0
+    # Every byte escapes to at least one character, so only the first `limit`
+    # bytes can matter: cost stays bounded however large the input is.
+    for byte in bytes(data[:limit]):
+        piece = _ESCAPES[byte]
+        if used + len(piece) > limit:
+            break
+        pieces.append(piece)
+        used += len(piece)
+        shown += 1
+    text = "".join(pieces)
+    if shown < len(data):
+        text += f"...(+{len(data) - shown} bytes)"
+    return text
