@@ -1,0 +1,140 @@
+"""The segment buffer: a FIFO of accepted documents, bounded by a memory budget.
+
+Documents are kept in arrival order, already cut into batches of at most
+``batch_size`` so the batcher never has to re-slice.  Every document is
+charged against the budget from the moment it is accepted until its upload
+is over (sent, or given up on), so the budget bounds queued *and* in-flight
+data.  When the budget is exhausted the *newest* document is refused and
+counted as spillover; nothing already accepted is pushed out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from xraytwisted.stats import Counters
+
+# Bytes charged per document on top of its length: the bytes object header
+# and the list slot that hold it.  An estimate, so the budget tracks memory
+# rather than just payload.
+DOC_OVERHEAD = 64
+BATCH_SIZE = 50  # PutTraceSegments accepts at most 50 documents per call
+
+
+class Batch:
+    """Up to ``BATCH_SIZE`` documents that will travel in one upload."""
+
+    __slots__ = ("attempts", "docs", "nbytes", "started")
+
+    def __init__(self, started: float) -> None:
+        self.docs: list[bytes] = []
+        self.nbytes = 0  # what these documents are charged against the budget
+        self.started = started  # when the oldest document arrived
+        self.attempts = 0  # upload attempts made so far
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __repr__(self) -> str:
+        return f"<Batch {len(self.docs)} docs, {self.nbytes} bytes, attempts={self.attempts}>"
+
+
+class BufferListener(Protocol):
+    def batch_opened(self, batch: Batch) -> None:
+        """A new batch got its first document (its deadline starts now)."""
+
+    def batch_filled(self) -> None:
+        """A batch reached ``batch_size`` documents."""
+
+
+class SegmentBuffer:
+    """Accepted documents waiting for (or in) an upload, within a byte budget."""
+
+    def __init__(
+        self,
+        capacity: int,
+        clock: IReactorTime,
+        counters: Counters,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
+        self.capacity = capacity
+        self.used = 0  # bytes charged: queued plus in flight
+        self.batch_size = batch_size
+        self._clock = clock
+        self._counters = counters
+        self._batches: deque[Batch] = deque()
+        self._open: Batch | None = None  # the batch new documents go to
+        self._listener: BufferListener | None = None
+        self.queued_docs = 0
+
+    def attach(self, listener: BufferListener) -> None:
+        self._listener = listener
+
+    def offer(self, doc: bytes) -> bool:
+        """Accept ``doc`` if the budget allows; False means it was dropped (counted)."""
+        cost = len(doc) + DOC_OVERHEAD
+        if self.used + cost > self.capacity:
+            self._counters.spillover += 1
+            return False
+        self.used += cost
+        self.queued_docs += 1
+        batch = self._open
+        if batch is None:
+            batch = self._open = Batch(self._clock.seconds())
+            self._batches.append(batch)
+            if self._listener is not None:
+                self._listener.batch_opened(batch)
+        batch.docs.append(doc)
+        batch.nbytes += cost
+        if len(batch.docs) >= self.batch_size:
+            self._open = None
+            if self._listener is not None:
+                self._listener.batch_filled()
+        return True
+
+    def head(self) -> Batch | None:
+        """The oldest waiting batch, without removing it."""
+        return self._batches[0] if self._batches else None
+
+    def pop(self) -> Batch:
+        """Remove the oldest batch for upload; its bytes stay charged."""
+        batch = self._batches.popleft()
+        if batch is self._open:
+            self._open = None
+        self.queued_docs -= len(batch.docs)
+        return batch
+
+    def release(self, batch: Batch) -> None:
+        """The batch's upload is over: give its bytes back to the budget."""
+        self.used -= batch.nbytes
+
+    def shrink(self, batch: Batch, keep: list[bytes]) -> Batch | None:
+        """Release every document of ``batch`` except ``keep``.
+
+        Returns a batch of the kept documents (still charged, same attempt
+        count), or None when nothing is kept.
+        """
+        if not keep:
+            self.release(batch)
+            return None
+        kept = Batch(batch.started)
+        kept.docs = keep
+        kept.nbytes = sum(len(doc) for doc in keep) + DOC_OVERHEAD * len(keep)
+        kept.attempts = batch.attempts
+        self.used -= batch.nbytes - kept.nbytes
+        return kept
+
+    def drain(self) -> list[Batch]:
+        """Remove every waiting batch (shutdown); their bytes stay charged."""
+        batches = list(self._batches)
+        self._batches.clear()
+        self._open = None
+        self.queued_docs = 0
+        return batches
+
+    def __len__(self) -> int:
+        """Number of waiting batches."""
+        return len(self._batches)

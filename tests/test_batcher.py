@@ -1,0 +1,359 @@
+"""Buffer and batcher: deadlines, concurrency, retries, shutdown (Clock-driven)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from xraytwisted.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
+from xraytwisted.buffer import DOC_OVERHEAD, SegmentBuffer
+from xraytwisted.stats import Counters
+from xraytwisted.uploader import Outcome, Unprocessed, UploadError
+
+
+class FakeUploads:
+    """Records each upload; the test decides when and how it ends."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[bytes], Deferred[Outcome]]] = []
+
+    def __call__(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
+        d: Deferred[Outcome] = Deferred()
+        self.calls.append((list(docs), d))
+        return d
+
+    def pending(self) -> list[tuple[list[bytes], Deferred[Outcome]]]:
+        return [(docs, d) for docs, d in self.calls if not d.called]
+
+    def finish(self, index: int, outcome: Outcome | None = None) -> None:
+        self.calls[index][1].callback(outcome or Outcome(0.01))
+
+
+def docs(n: int, start: int = 0) -> list[bytes]:
+    return [
+        b'{"id":"%016x","trace_id":"1-00000000-%024x"}' % (i, i) for i in range(start, start + n)
+    ]
+
+
+REFUSED = UploadError("ConnectionRefusedCount", True, False, "connection refused")
+THROTTLED = UploadError("HTTPCode4XXCount", True, True, "HTTP 429 ThrottledException", 429)
+INVALID = UploadError("HTTPCode4XXCount", False, False, "HTTP 400 InvalidRequestException", 400)
+
+
+class Fixture(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.counters = Counters()
+        self.uploads = FakeUploads()
+        self.make()
+
+    def make(
+        self, capacity: int = 10_000_000, concurrency: int = 8, shutdown_timeout: float = 20.0
+    ) -> None:
+        self.buffer = SegmentBuffer(capacity, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer,
+            self.uploads,
+            self.clock,
+            self.counters,
+            concurrency=concurrency,
+            shutdown_timeout=shutdown_timeout,
+            random=lambda: 1.0,  # backoff delays at their ceiling: predictable
+        )
+        self.batcher.startService()
+
+    def offer(self, items: list[bytes]) -> None:
+        for item in items:
+            self.assertTrue(self.buffer.offer(item))
+
+
+class BufferTests(Fixture):
+    def test_budget_refuses_newest_and_counts_spillover(self) -> None:
+        doc = b"x" * 100
+        cost = len(doc) + DOC_OVERHEAD
+        self.make(capacity=cost * 3)
+        for _ in range(3):
+            self.assertTrue(self.buffer.offer(doc))
+        self.assertFalse(self.buffer.offer(doc))
+        self.assertFalse(self.buffer.offer(b"y"))  # too: 1 byte + overhead does not fit
+        self.assertEqual(self.counters.spillover, 2)
+        self.assertEqual(self.buffer.used, cost * 3)
+
+    def test_bytes_stay_charged_until_the_upload_ends(self) -> None:
+        self.offer(docs(50))
+        self.assertEqual(len(self.uploads.calls), 1)
+        charged = self.buffer.used
+        self.assertGreater(charged, 0)
+        self.uploads.finish(0)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_in_flight_data_counts_against_the_budget(self) -> None:
+        one = docs(1)[0]
+        self.make(capacity=(len(one) + DOC_OVERHEAD) * 50)
+        self.offer(docs(50))  # full batch leaves, still charged
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.assertFalse(self.buffer.offer(one))
+        self.uploads.finish(0)
+        self.assertTrue(self.buffer.offer(one))
+
+
+class DeadlineTests(Fixture):
+    def test_full_batch_leaves_at_once(self) -> None:
+        self.offer(docs(49))
+        self.assertEqual(self.uploads.calls, [])
+        self.offer(docs(1, 49))
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.assertEqual(self.uploads.calls[0][0], docs(50))
+
+    def test_lone_segment_leaves_when_it_has_waited_one_second(self) -> None:
+        self.offer(docs(1))
+        self.clock.advance(0.999)
+        self.assertEqual(self.uploads.calls, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.uploads.calls), 1)
+
+    def test_deadline_is_counted_from_the_oldest_segment(self) -> None:
+        # Unlike the Go daemon's free-running tick, a later arrival does not
+        # delay the batch and an early one is never kept for almost 2 s.
+        self.offer(docs(1))
+        self.clock.advance(0.9)
+        self.offer(docs(1, 1))
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.assertEqual(len(self.uploads.calls[0][0]), 2)
+
+    def test_next_batch_gets_its_own_deadline(self) -> None:
+        self.offer(docs(1))
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.clock.advance(0.5)
+        self.offer(docs(1, 1))
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.uploads.calls), 2)
+
+    def test_no_timer_when_idle(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.offer(docs(1))
+        self.clock.advance(1)
+        self.uploads.finish(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_order_is_preserved(self) -> None:
+        self.offer(docs(175))
+        self.clock.advance(1)
+        sent = [d for call_docs, _ in self.uploads.calls for d in call_docs]
+        self.assertEqual(sent, docs(175))
+        self.assertEqual([len(c[0]) for c in self.uploads.calls], [50, 50, 50, 25])
+
+
+class ConcurrencyTests(Fixture):
+    def test_at_most_concurrency_uploads_in_flight(self) -> None:
+        self.make(concurrency=3)
+        self.offer(docs(50 * 5))
+        self.assertEqual(len(self.uploads.pending()), 3)
+        self.uploads.finish(0)
+        self.assertEqual(len(self.uploads.pending()), 3)
+        self.assertEqual(len(self.uploads.calls), 4)
+        for i in range(1, 4):
+            self.uploads.finish(i)
+        self.assertEqual(len(self.uploads.calls), 5)
+        self.uploads.finish(4)
+        self.assertEqual(self.counters.sent, 250)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_partial_batch_past_deadline_waits_for_a_slot_then_leaves(self) -> None:
+        self.make(concurrency=1)
+        self.offer(docs(50))
+        self.offer(docs(3, 50))
+        self.clock.advance(5)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.uploads.finish(0)
+        self.assertEqual(len(self.uploads.calls), 2)
+        self.assertEqual(len(self.uploads.calls[1][0]), 3)
+
+    def test_waiting_partial_batch_keeps_filling(self) -> None:
+        self.make(concurrency=1)
+        self.offer(docs(50))
+        self.offer(docs(3, 50))
+        self.clock.advance(2)
+        self.offer(docs(10, 53))  # joins the waiting partial batch
+        self.uploads.finish(0)
+        self.assertEqual(len(self.uploads.calls[1][0]), 13)
+
+    def test_throttling_halves_concurrency_and_success_regrows_it(self) -> None:
+        self.make(concurrency=8)
+        self.offer(docs(50 * 8))
+        for i in range(8):
+            self.uploads.finish(i, Outcome(0.1, error=THROTTLED))
+        self.assertEqual(self.batcher.limit.value, 1)
+        self.clock.advance(30)
+        self.assertEqual(len(self.uploads.pending()), 1)  # 8 batches wait, one goes
+        self.offer(docs(50 * 40, 400))  # enough successes to climb back: 1+2+...+7
+        for _ in range(60):
+            self.clock.advance(30)
+            for i, (_, d) in enumerate(self.uploads.calls):
+                if not d.called:
+                    self.uploads.finish(i)
+        self.assertEqual(self.batcher.limit.value, 8)
+        self.assertEqual(self.counters.sent, 50 * 48)
+
+
+class RetryTests(Fixture):
+    def test_failed_batch_is_retried_after_backoff_and_arrives(self) -> None:
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=REFUSED))
+        self.assertEqual(self.counters.backend_errors["ConnectionRefusedCount"], 1)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.clock.advance(0.2)  # first retry waits at most BASE_DELAY
+        self.assertEqual(len(self.uploads.calls), 2)
+        self.assertEqual(self.uploads.calls[1][0], docs(50))
+        self.uploads.finish(1)
+        self.assertEqual(self.counters.sent, 50)
+        self.assertEqual(self.counters.retried, 50)
+        self.assertEqual(self.counters.lost, 0)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_outage_pauses_everything_and_loses_nothing(self) -> None:
+        self.make(concurrency=2)
+        total = 0
+        for minute in range(3):
+            self.offer(docs(50, total))
+            total += 50
+            for _ in range(60):
+                self.clock.advance(1)
+                for i, (_, d) in enumerate(self.uploads.calls):
+                    if not d.called:
+                        self.uploads.finish(i, Outcome(0.0, error=REFUSED))
+            del minute
+        attempts_during_outage = len(self.uploads.calls)
+        # Backoff keeps the attempt rate far below one per batch per second.
+        self.assertLess(attempts_during_outage, 60)
+        self.offer(docs(10, total))
+        total += 10
+        for _ in range(60):
+            self.clock.advance(1)
+            for i, (_, d) in enumerate(self.uploads.calls):
+                if not d.called:
+                    self.uploads.finish(i)
+        self.assertEqual(self.counters.sent, total)
+        self.assertEqual(self.counters.lost, 0)
+        sent_docs = {d for call_docs, dd in self.uploads.calls for d in call_docs}
+        self.assertEqual(sent_docs, set(docs(total)))
+
+    def test_validation_error_drops_the_batch_as_rejected(self) -> None:
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=INVALID))
+        self.clock.advance(60)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.assertEqual(self.counters.rejected, 50)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_unprocessed_retryable_documents_are_sent_again(self) -> None:
+        batch = docs(3)
+        self.offer(batch)
+        self.clock.advance(1)
+        unprocessed = (
+            Unprocessed(f"{1:016x}", "ThrottledException", "slow down"),
+            Unprocessed(f"{2:016x}", "InvalidTraceId", "too old"),
+        )
+        self.uploads.finish(0, Outcome(0.1, unprocessed=unprocessed))
+        self.assertEqual(self.counters.sent, 1)
+        self.assertEqual(self.counters.rejected, 1)
+        self.assertEqual(self.counters.unprocessed, 2)
+        self.clock.advance(1)
+        self.assertEqual(self.uploads.calls[1][0], [batch[1]])
+        self.uploads.finish(1)
+        self.assertEqual(self.counters.sent, 2)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_unprocessed_retries_are_bounded(self) -> None:
+        self.offer(docs(1))
+        self.clock.advance(1)
+        for attempt in range(MAX_DOC_ATTEMPTS):
+            self.uploads.finish(
+                attempt,
+                Outcome(0.1, unprocessed=(Unprocessed(f"{0:016x}", "InternalFailure", ""),)),
+            )
+            self.clock.advance(30)
+        self.assertEqual(len(self.uploads.calls), MAX_DOC_ATTEMPTS)
+        self.assertEqual(self.counters.rejected, 1)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_a_failing_batch_does_not_stall_fresh_ones(self) -> None:
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=REFUSED))
+        self.offer(docs(50, 50))  # fresh batch leaves right away
+        self.assertEqual(len(self.uploads.calls), 2)
+        self.assertEqual(self.uploads.calls[1][0], docs(50, 50))
+
+    def test_failure_of_the_upload_deferred_itself_is_retried(self) -> None:
+        self.offer(docs(50))
+        self.uploads.calls[0][1].errback(RuntimeError("bug"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.uploads.calls), 2)
+
+
+class ShutdownTests(Fixture):
+    def test_stop_sends_everything_at_once_then_fires(self) -> None:
+        self.offer(docs(70))
+        self.assertEqual(len(self.uploads.calls), 1)
+        stopped = self.batcher.stopService()
+        self.assertEqual(len(self.uploads.calls), 2)  # the partial batch did not wait
+        self.assertNoResult(stopped)
+        self.uploads.finish(0)
+        self.assertNoResult(stopped)
+        self.uploads.finish(1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.counters.sent, 70)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_when_idle_fires_at_once(self) -> None:
+        self.successResultOf(self.batcher.stopService())
+
+    def test_deadline_counts_the_rest_as_lost(self) -> None:
+        self.make(concurrency=1, shutdown_timeout=5)
+        self.offer(docs(120))
+        stopped = self.batcher.stopService()
+        self.clock.advance(4.9)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.counters.lost, 120)
+        self.assertEqual(self.counters.sent, 0)
+        self.assertEqual(self.buffer.used, 0)
+        self.assertTrue(self.uploads.calls[0][1].called)  # in-flight upload cancelled
+
+    def test_retries_continue_during_shutdown(self) -> None:
+        self.offer(docs(10))
+        stopped = self.batcher.stopService()
+        self.uploads.finish(0, Outcome(0.0, error=REFUSED))
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        self.uploads.finish(1)
+        self.successResultOf(stopped)
+        self.assertEqual(self.counters.sent, 10)
+        self.assertEqual(self.counters.lost, 0)
+
+
+class MatchUnprocessedTests(SynchronousTestCase):
+    def test_matches_with_and_without_whitespace(self) -> None:
+        compact = b'{"id":"aaaaaaaaaaaaaaaa","trace_id":"1-1-a"}'
+        spaced = b'{"id": "bbbbbbbbbbbbbbbb", "trace_id": "1-2-b"}'
+        nested = b'{"id":"cccccccccccccccc","subsegments":[{"id":"bbbbbbbbbbbbbbbb"}]}'
+        items = [
+            Unprocessed("bbbbbbbbbbbbbbbb", "X", ""),
+            Unprocessed("dddddddddddddddd", "X", ""),
+            Unprocessed("", "X", ""),
+        ]
+        got = match_unprocessed([compact, nested, spaced], items)
+        # The nested subsegment id also matches; the first document wins.
+        self.assertEqual([doc for _, doc in got], [nested, None, None])
+        self.assertEqual(trace_id_of(spaced), "1-2-b")
+        self.assertEqual(trace_id_of(b"T1Sxyz"), "(unknown)")
