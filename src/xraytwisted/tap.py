@@ -1,0 +1,107 @@
+"""``twistd xray``: command-line options and makeService.
+
+Flags follow the Go daemon (see xraytwisted.cli); settings merge as
+defaults < cfg.yaml < command line (xraytwisted.config); daemon.build wires
+the services.  Every startup problem is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.python import usage
+
+from xraytwisted import __version__, cli, config
+from xraytwisted.daemon import StartupError, XRayDaemon, build
+from xraytwisted.logs import GoFormatObserver, LogSetupError, go_timestamp, open_destination
+
+VERSION_LINE = f"AWS X-Ray daemon version: {__version__}"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Receives X-Ray segment documents on UDP (and TCP), batches them and uploads them "
+        "to AWS X-Ray with PutTraceSegments. Options and cfg.yaml keys are those of the "
+        "AWS X-Ray daemon; -c loads a cfg.yaml, otherwise /etc/amazon/xray/cfg.yaml or "
+        "./cfg.yaml is used if present."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parsed = cli.Parsed()
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        argv = sys.argv[1:] if options is None else list(options)
+        try:
+            self.parsed = cli.parse(argv)
+        except cli.UsageError as e:
+            raise usage.UsageError(str(e)) from None
+        if self.parsed.help:
+            sys.stdout.write(self.getUsage())
+            sys.exit(0)
+        if self.parsed.version:
+            print(VERSION_LINE)
+            sys.exit(0)
+
+    def getUsage(self, width: int | None = None) -> str:
+        return cli.usage_text("twistd xray")
+
+
+def load_settings(parsed: cli.Parsed) -> config.Settings:
+    """defaults < cfg.yaml (-c, else the search path) < command line."""
+    file_values = config.load(parsed.config)
+    return config.resolve(file_values, parsed.overrides)
+
+
+def _twistd_log_path(options: usage.Options) -> str | None:
+    """Where to log without -f: twistd's --logfile, or twistd.log when daemonized."""
+    parent: Mapping[str, Any] | None = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    logfile = parent.get("logfile")
+    if logfile == "-":
+        return None
+    if logfile:
+        return str(logfile)
+    return None if parent.get("nodaemon") else "twistd.log"
+
+
+def fail(message: str, log_path: str | None = None) -> SystemExit:
+    """Report a startup error like the Go daemon (stderr, and the log file) -> exit 1."""
+    line = f"{go_timestamp(time.time())} [Error] {message}\n"
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    if log_path:
+        try:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError:
+            pass
+    return SystemExit(1)
+
+
+def makeService(options: Options, reactor: Any = None) -> XRayDaemon:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        settings = load_settings(options.parsed)
+    except config.ConfigError as e:
+        raise fail(str(e), options.parsed.overrides.get("log_path")) from None
+    log_path = settings.log_path or _twistd_log_path(options)
+    try:
+        destination = open_destination(log_path, settings.log_rotation, sys.stdout)
+    except LogSetupError as e:
+        raise fail(str(e)) from None
+    observer = GoFormatObserver(destination.write, settings.log_level, destination.flush)
+    try:
+        return build(settings, reactor, env=os.environ, observer=observer, handle_signals=True)
+    except StartupError as e:
+        destination.close()
+        raise fail(str(e), log_path) from None

@@ -1,0 +1,232 @@
+"""The twistd plugin: options, makeService, and real twistd processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support.daemon import DaemonProcess, clean_env, run_twistd
+from xraytwisted import __version__, tap
+from xraytwisted.daemon import NO_REGION, XRayDaemon
+
+GO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d) \[(\w+)\] (.*)$")
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_go_style_flags(self) -> None:
+        options = self.parse("-region", "us-east-2", "--bind=127.0.0.1:3000", "-o", "-m=12")
+        self.assertEqual(
+            options.parsed.overrides,
+            {
+                "region": "us-east-2",
+                "udp_address": "127.0.0.1:3000",
+                "local_mode": True,
+                "buffer_memory_mb": 12,
+            },
+        )
+
+    def test_unknown_flag_is_a_usage_error(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--bogus")
+        self.assertEqual(str(caught.exception), "flag provided but not defined: -bogus")
+
+    def test_help_prints_go_layout_and_exits_0(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as caught:
+            self.parse("-h")
+        self.assertEqual(caught.exception.code, 0)
+        self.assertTrue(out.getvalue().startswith("Usage: twistd xray [options]\n"))
+        self.assertIn("\t-n\t--region\t", out.getvalue())
+
+    def test_version(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as caught:
+            self.parse("-v")
+        self.assertEqual(caught.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"AWS X-Ray daemon version: {__version__}\n")
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.cwd = Path(self.mktemp())
+        self.cwd.mkdir()
+        old = os.getcwd()
+        os.chdir(self.cwd)  # no stray ./cfg.yaml is picked up
+        self.addCleanup(os.chdir, old)
+        for name in ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_XRAY"):
+            if name in os.environ:
+                self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != name})
+
+    def make(self, *argv: str) -> XRayDaemon:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return tap.makeService(options, reactor)
+
+    def assert_fails_with(self, argv: list[str], message: str) -> None:
+        with self.assertRaises(SystemExit) as caught:
+            self.make(*argv)
+        self.assertEqual(caught.exception.code, 1)
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        match = GO_LINE.match(lines[0])
+        assert match is not None, lines[0]
+        self.assertEqual(match.group(2), "Error")
+        self.assertIn(message, match.group(3))
+
+    def test_builds_the_daemon(self) -> None:
+        daemon = self.make("-n", "us-east-2", "-b", "127.0.0.1:0", "-e", "http://127.0.0.1:9")
+        assert daemon.parts is not None
+        self.assertEqual(daemon.parts.region, "us-east-2")
+        self.assertEqual(daemon.parts.endpoint.url, "http://127.0.0.1:9")
+        # The socket is bound already; close it.
+        daemon.parts.udp.stopService()
+
+    def test_region_from_environment(self) -> None:
+        self.patch(os, "environ", {**os.environ, "AWS_REGION": "eu-west-1"})
+        daemon = self.make("-b", "127.0.0.1:0")
+        assert daemon.parts is not None
+        self.assertEqual(daemon.parts.endpoint.url, "https://xray.eu-west-1.amazonaws.com")
+        self.assertEqual(daemon.parts.region, "eu-west-1")
+        daemon.parts.udp.stopService()
+
+    def test_no_region(self) -> None:
+        self.assert_fails_with(["-b", "127.0.0.1:0"], NO_REGION)
+
+    def test_missing_config_file(self) -> None:
+        self.assert_fails_with(
+            ["-c", "/nonexistent/cfg.yaml"],
+            "Error occur when using config flag: open /nonexistent/cfg.yaml: no such file",
+        )
+
+    def test_invalid_key_in_config_file(self) -> None:
+        Path("my.yaml").write_text("Version: 2\nBogus: 1\n")
+        self.assert_fails_with(["-c", "my.yaml"], "Bogus flag is invalid.")
+
+    def test_port_in_use(self) -> None:
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        self.assert_fails_with(
+            ["-n", "us-east-2", "-b", f"127.0.0.1:{port}"],
+            f"listen udp 127.0.0.1:{port}: bind: address already in use",
+        )
+
+    def test_bad_address(self) -> None:
+        self.assert_fails_with(["-n", "us-east-2", "-b", "nonsense"], "missing port in address")
+
+    def test_bad_log_level(self) -> None:
+        self.assert_fails_with(["-n", "us-east-2", "-l", "loud"], "Invalid log level 'loud'")
+
+
+class TwistdProcessTests(SynchronousTestCase):
+    """The plugin as users run it: real twistd processes."""
+
+    def setUp(self) -> None:
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir()
+        self.env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+
+    def test_twistd_help_lists_the_plugin(self) -> None:
+        result = run_twistd(["--help"], self.env, str(self.workdir))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"\n\s+xray\s+Receive X-Ray segments")
+
+    def test_plugin_is_discoverable(self) -> None:
+        from twisted.plugins import xraytwisted_plugin  # noqa: F401 - must import
+
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("xray", names)
+
+    def test_config_error_is_one_line_and_status_1(self) -> None:
+        result = run_twistd(["-n", "xray", "-c", "missing.yaml"], self.env, str(self.workdir))
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertRegex(lines[0], r"\[Error\] Error occur when using config flag: open missing")
+
+    def test_foreground_drains_on_sigterm_and_exits_0(self) -> None:
+        # Nothing listens on the endpoint: the daemon must still exit 0 once
+        # the (short) shutdown deadline passes, and say what it lost.
+        sink = socket.socket()
+        sink.bind(("127.0.0.1", 0))
+        port = sink.getsockname()[1]
+        sink.close()
+        daemon = DaemonProcess(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-e", f"http://127.0.0.1:{port}",
+             "--shutdown-timeout", "1"],
+            self.env,
+            str(self.workdir),
+        ).start()  # fmt: skip
+        self.addCleanup(daemon.kill)
+        daemon.send(b'{"id":"1"}')
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        self.assertIn("[Info] Got shutdown signal: terminated", out)
+        self.assertIn("1 segments were not sent and are lost", out)
+        for line in out.splitlines():
+            self.assertRegex(line, GO_LINE)
+
+    def test_daemonized_with_pidfile(self) -> None:
+        pidfile = self.workdir / "xray.pid"
+        logfile = self.workdir / "xray.log"
+        result = run_twistd(
+            [f"--pidfile={pidfile}", "xray", "-n", "us-east-2", "-b", "127.0.0.1:0",
+             "-f", str(logfile)],
+            self.env,
+            str(self.workdir),
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        pid = int(pidfile.read_text())
+        try:
+            deadline = time.monotonic() + 20
+            while "Listening on UDP" not in _read(logfile) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertIn("Listening on UDP", _read(logfile))
+            os.kill(pid, 0)  # running
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(pidfile.exists(), "pidfile not removed on exit")
+        self.assertIn("Got shutdown signal: terminated", _read(logfile))
+
+    def test_daemonized_start_failure_is_reported_by_the_parent(self) -> None:
+        pidfile = self.workdir / "xray.pid"
+        result = run_twistd(
+            [f"--pidfile={pidfile}", "xray", "-b", "127.0.0.1:0"], self.env, str(self.workdir)
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("Cannot fetch region variable", result.stderr)
+        self.assertFalse(pidfile.exists())
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
