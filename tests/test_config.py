@@ -183,7 +183,23 @@ class GoSampleFileTests(ConfigTestCase):
         self.assertEqual(go_keys, {k for k in GO_VALID_KEYS if not k.startswith("proxyserver")})
         self.assertEqual(
             {k.name for k in KEYS if not k.go},
-            {"RequestTimeoutSeconds", "ShutdownTimeoutSeconds", "Socket.UDPReceiveBufferKB"},
+            {
+                "RequestTimeoutSeconds",
+                "ShutdownTimeoutSeconds",
+                "Socket.UDPReceiveBufferKB",
+                "Socket.StreamMaxLineKB",
+                "SamplingProxy.MaxBodyKB",
+                "SamplingProxy.TimeoutSeconds",
+                "SamplingProxy.ClientTimeoutSeconds",
+                "SamplingProxy.MaxConcurrentRequests",
+                "Telemetry.IntervalSeconds",
+                "Monitoring.Address",
+                "Monitoring.UnhealthyAfterSeconds",
+                "Spool.Dir",
+                "Spool.MaxMB",
+                "Spool.AfterSeconds",
+                "LocalSink",
+            },
         )
 
 

@@ -194,8 +194,11 @@ class Batcher(Service):
         self._failures = 0
         self.limit.succeeded()
         counters.batches_ok += 1
+        counters.last_success_at = self._clock.seconds()
+        counters.upload_seconds.observe(outcome.seconds)
         unprocessed = outcome.unprocessed
         counters.sent += len(batch) - len(unprocessed)
+        counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
             self.log.info(
                 "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",

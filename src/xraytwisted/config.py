@@ -116,6 +116,43 @@ KEYS: tuple[Key, ...] = (
     Key("Socket.UDPReceiveBufferKB", "udp_receive_buffer_kb", "int", 8192,
         "Kernel receive buffer (SO_RCVBUF) asked for the UDP socket, in KiB.",
         None, "udp-receive-buffer", go=False, metavar="KB"),
+    Key("Socket.StreamMaxLineKB", "stream_max_line_kb", "int", 1024,
+        "Longest line accepted on the TCP segment stream, in KiB; a longer line closes "
+        "that connection.", None, "stream-max-line", go=False, metavar="KB"),
+    Key("SamplingProxy.MaxBodyKB", "proxy_max_body_kb", "int", 1024,
+        "Largest request body the sampling proxy accepts, in KiB (larger: HTTP 413).",
+        None, "proxy-max-body", go=False, metavar="KB"),
+    Key("SamplingProxy.TimeoutSeconds", "proxy_timeout", "float", 10.0,
+        "Seconds the sampling proxy waits for X-Ray before answering 504.",
+        None, "proxy-timeout", go=False, metavar="SECONDS"),
+    Key("SamplingProxy.ClientTimeoutSeconds", "proxy_client_timeout", "float", 30.0,
+        "Seconds a client on the TCP port may stay idle before it is disconnected.",
+        None, "proxy-client-timeout", go=False, metavar="SECONDS"),
+    Key("SamplingProxy.MaxConcurrentRequests", "proxy_max_concurrent", "int", 64,
+        "Proxied requests allowed in flight at once (more: HTTP 503).",
+        None, "proxy-max-concurrent", go=False, metavar="N"),
+    Key("Telemetry.IntervalSeconds", "telemetry_interval", "float", 60.0,
+        "Seconds between PutTelemetryRecords calls (0 turns telemetry off).",
+        None, "telemetry-interval", go=False, metavar="SECONDS"),
+    Key("Monitoring.Address", "monitoring_address", "str", "",
+        "Also serve /health and /metrics on this address (always served on the TCP port).",
+        None, "monitoring-address", go=False, metavar="ADDR"),
+    Key("Monitoring.UnhealthyAfterSeconds", "unhealthy_after", "float", 120.0,
+        "/health answers 503 once segments have waited this long with no successful upload.",
+        None, "unhealthy-after", go=False, metavar="SECONDS"),
+    Key("Spool.Dir", "spool_dir", "str", "",
+        "Directory for an on-disk spool of batches that cannot be uploaded yet (off if empty).",
+        None, "spool-dir", go=False, metavar="DIR"),
+    Key("Spool.MaxMB", "spool_max_mb", "int", 1024,
+        "Disk space the spool may use, in MB; beyond it the oldest spooled data is dropped.",
+        None, "spool-max-mb", go=False, metavar="MB"),
+    Key("Spool.AfterSeconds", "spool_after", "float", 10.0,
+        "Seconds uploads must keep failing before batches are moved to the spool.",
+        None, "spool-after", go=False, metavar="SECONDS"),
+    Key("LocalSink", "local_sink", "str", "",
+        "Write segments as JSON Lines to PATH (- for stdout) instead of uploading them; "
+        "no region or credentials needed, sampling is answered locally.",
+        None, "local-sink", go=False, metavar="PATH"),
 )  # fmt: skip
 
 KEYS_BY_NAME: Mapping[str, Key] = {k.name: k for k in KEYS}
@@ -167,6 +204,18 @@ class Settings:
     request_timeout: float = 5.0
     shutdown_timeout: float = 20.0
     udp_receive_buffer_kb: int = 8192
+    stream_max_line_kb: int = 1024
+    proxy_max_body_kb: int = 1024
+    proxy_timeout: float = 10.0
+    proxy_client_timeout: float = 30.0
+    proxy_max_concurrent: int = 64
+    telemetry_interval: float = 60.0
+    monitoring_address: str = ""
+    unhealthy_after: float = 120.0
+    spool_dir: str = ""
+    spool_max_mb: int = 1024
+    spool_after: float = 10.0
+    local_sink: str = ""
     # Where the file values came from ("" = built-in defaults only).
     config_path: str = field(default="", compare=False)
 
@@ -631,13 +680,23 @@ def validate(s: Settings) -> None:
             f"Invalid Concurrency {s.concurrency}: at least 1 upload must be allowed "
             "(--concurrency or Concurrency)"
         )
-    for attr, what in (
-        ("request_timeout", "RequestTimeoutSeconds"),
-        ("shutdown_timeout", "ShutdownTimeoutSeconds"),
+    for attr in (
+        "request_timeout",
+        "shutdown_timeout",
+        "proxy_timeout",
+        "proxy_client_timeout",
+        "unhealthy_after",
     ):
         value = getattr(s, attr)
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"Invalid {what} {value}: must be a positive number of seconds")
+            raise _invalid(attr, value, "must be a positive number of seconds")
+    for attr in ("telemetry_interval", "spool_after"):
+        value = getattr(s, attr)
+        if not (math.isfinite(value) and value >= 0):
+            raise _invalid(attr, value, "must be 0 or more seconds")
+    for attr in ("stream_max_line_kb", "proxy_max_body_kb", "proxy_max_concurrent", "spool_max_mb"):
+        if getattr(s, attr) < 1:
+            raise _invalid(attr, getattr(s, attr), "must be at least 1")
     if not 0 <= s.udp_receive_buffer_kb <= MAX_UDP_RECEIVE_BUFFER_KB:
         raise ConfigError(
             f"Invalid Socket.UDPReceiveBufferKB {s.udp_receive_buffer_kb}: use 0 to keep "
@@ -652,3 +711,10 @@ def validate(s: Settings) -> None:
             endpoints.parse(s.endpoint)
         except endpoints.EndpointError as e:
             raise ConfigError(str(e)) from None
+
+
+def _invalid(attr: str, value: object, rule: str) -> ConfigError:
+    """'Invalid <Key> <value>: <rule> (set with --flag or <Key> in cfg.yaml)'."""
+    key = KEYS_BY_ATTR[attr]
+    where = f"--{key.long} or {key.name}" if key.long else key.name
+    return ConfigError(f"Invalid {key.name} {value}: {rule} (set with {where})")

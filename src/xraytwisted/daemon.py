@@ -99,7 +99,10 @@ class XRayDaemon(MultiService):
         self._banner()
         super().startService()
         if self._handle_signals:
-            # After the reactor's own handlers are in place ("during startup").
+            # Now, so a signal between here and reactor.run() still drains
+            # (Python's default would kill the process, leaving the pidfile),
+            # and again once the reactor has installed its own handlers.
+            self._install_signal_handlers()
             self._reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self) -> None:

@@ -7,6 +7,7 @@ records and metrics take differences between snapshots.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -20,6 +21,46 @@ ERROR_CLASSES = (
     "OtherCount",
 )
 
+# Outcomes of requests to the TCP port's HTTP side (the sampling proxy and
+# the local /health and /metrics pages).
+PROXY_OUTCOMES = (
+    "forwarded",  # sent to X-Ray and its answer relayed, whatever its status
+    "not_found",  # not an X-Ray API path: answered 404, never forwarded
+    "bad_method",  # 405
+    "too_large",  # 413
+    "no_credentials",  # 503
+    "overloaded",  # 503: too many requests in flight
+    "timeout",  # 504
+    "unreachable",  # 502
+    "local",  # /health, /metrics, or sampling answered by the daemon itself
+)
+
+UPLOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Cumulative-ready bucket counts of observed values (Prometheus style)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = UPLOAD_SECONDS_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def copy(self) -> Histogram:
+        other = Histogram(self.bounds)
+        other.counts = list(self.counts)
+        other.count = self.count
+        other.sum = self.sum
+        return other
+
 
 @dataclass
 class Counters:
@@ -28,14 +69,25 @@ class Counters:
     rejected: int = 0  # bad header, missing body, or refused by X-Ray as unprocessable
     spillover: int = 0  # accepted-size documents refused because the buffer was full
     sent: int = 0  # documents X-Ray accepted
+    sent_bytes: int = 0
     unprocessed: int = 0  # documents X-Ray returned in UnprocessedTraceSegments
-    lost: int = 0  # accepted documents given up on (e.g. shutdown deadline)
+    lost: int = 0  # accepted documents given up on (e.g. shutdown deadline, spool full)
     retried: int = 0  # documents sent again after a failed attempt
     batches_ok: int = 0
     batches_failed: int = 0  # upload attempts that failed (each may be retried)
+    kernel_drops: int = 0  # datagrams the kernel dropped: receive buffer full
+    spooled: int = 0  # documents written to the disk spool
+    replayed: int = 0  # documents read back from the spool for upload
+    stream_connections: int = 0  # TCP segment-stream connections accepted
+    first_received_at: float | None = None  # clock time of the first record
+    last_success_at: float | None = None  # clock time of the last successful upload
     backend_errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_CLASSES, 0))
+    proxy_requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROXY_OUTCOMES, 0))
+    upload_seconds: Histogram = field(default_factory=Histogram)
 
     def snapshot(self) -> Counters:
         copy = dataclasses.replace(self)
         copy.backend_errors = dict(self.backend_errors)
+        copy.proxy_requests = dict(self.proxy_requests)
+        copy.upload_seconds = self.upload_seconds.copy()
         return copy

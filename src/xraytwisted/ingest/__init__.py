@@ -36,6 +36,7 @@ class Ingest:
     ) -> None:
         self.buffer = buffer
         self.counters = counters
+        self._clock = clock
         self._throttle = Throttle(clock, warn_interval)
 
     def datagram(self, data: bytes, addr: object = None) -> bool:
@@ -45,6 +46,8 @@ class Ingest:
         can call this directly as its datagramReceived.
         """
         counters = self.counters
+        if not counters.received:
+            counters.first_received_at = self._clock.seconds()
         counters.received += 1
         counters.received_bytes += len(data)
         newline = data.find(b"\n")
