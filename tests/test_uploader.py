@@ -243,6 +243,13 @@ class PureTests(SynchronousTestCase):
         self.assertEqual(parse_unprocessed(b"[]"), ())
         self.assertEqual(parse_unprocessed(b'{"UnprocessedTraceSegments":[1,"x"]}'), ())
 
+    def test_error_text_is_escaped_for_logs(self) -> None:
+        code, message = error_code(
+            {}, b'{"__type":"X\\u001b[31m","message":"a\\nforged [Info] line"}'
+        )
+        self.assertNotIn("\x1b", code)
+        self.assertNotIn("\n", message)
+
     def test_error_code_sources(self) -> None:
         self.assertEqual(
             error_code({"x-amzn-errortype": "ThrottledException:http://x"}, b""),
@@ -265,6 +272,7 @@ class PureTests(SynchronousTestCase):
             403: ("HTTPCode4XXCount", True, False),
             400: ("HTTPCode4XXCount", False, False),
             413: ("HTTPCode4XXCount", False, False),
+            302: ("OtherCount", True, False),
         }
         for status, expected in table.items():
             err = classify_response(status, {}, b"")
@@ -279,6 +287,7 @@ class PureTests(SynchronousTestCase):
             (error.ConnectionRefusedError(), "ConnectionRefusedCount"),
             (error.DNSLookupError("nope.invalid"), "UnknownHostCount"),
             (error.TimeoutError(), "TimeoutCount"),
+            (error.TCPTimedOutError(), "TimeoutCount"),
             (error.ConnectingCancelledError(None), "TimeoutCount"),
             (ResponseNeverReceived([Failure(error.ConnectionLost())]), "OtherCount"),
             (

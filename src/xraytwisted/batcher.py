@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from xraytwisted.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.buffer import Batch, SegmentBuffer
-from xraytwisted.logs import Throttle
+from xraytwisted.logs import Throttle, printable
 from xraytwisted.stats import Counters
 from xraytwisted.uploader import Outcome, Unprocessed, UploadError
 
@@ -154,6 +154,15 @@ class Batcher(Service):
             + sum(len(b) for b in self.in_flight.values())
         )
 
+    def oldest_waiting_since(self) -> float | None:
+        """Arrival time of the oldest document not yet sent or given up on (None: none)."""
+        starts = [b.started for b in self.in_flight.values()]
+        starts.extend(entry[2].started for entry in self._retries)
+        head = self.buffer.head()
+        if head is not None:
+            starts.append(head.started)
+        return min(starts, default=None)
+
     def _schedule(self, when: float) -> None:
         self._timer_at = when
         self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._wake)
@@ -224,12 +233,13 @@ class Batcher(Service):
                 continue
             counters.rejected += 1
             if index < MAX_UNPROCESSED_LINES:
+                # Everything here came from X-Ray or from a sender: escaped.
                 self.log.error(
                     "Unprocessed segment {id} of trace {trace}: {code}: {message}",
-                    id=item.id or "(no id)",
-                    trace=trace_id_of(doc) if doc is not None else "(unknown)",
-                    code=item.error_code or "(no code)",
-                    message=item.message or "(no message)",
+                    id=printable(item.id.encode(), 64) or "(no id)",
+                    trace=printable(trace_id_of(doc).encode(), 64) if doc else "(unknown)",
+                    code=printable(item.error_code.encode(), 64) or "(no code)",
+                    message=printable(item.message.encode(), 200) or "(no message)",
                 )
         if len(matched) > MAX_UNPROCESSED_LINES:
             self.log.error(
@@ -245,15 +255,21 @@ class Batcher(Service):
         counters.batches_failed += 1
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
+        # One line per kind of failure per interval: an outage or a sender of
+        # invalid documents must not flood the log.
+        suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
+        note = f" ({suppressed} similar failures not logged)" if suppressed else ""
         if not error.retryable:
             counters.rejected += len(batch)
             self.buffer.release(batch)
-            self.log.error(
-                "Sending segment batch failed with: {message}; X-Ray will not accept it, "
-                "so its {count} segments are dropped",
-                message=error.message,
-                count=len(batch),
-            )
+            if suppressed is not None:
+                self.log.error(
+                    "Sending segment batch failed with: {message}; X-Ray will not accept it, "
+                    "so its {count} segments are dropped{note}",
+                    message=error.message,
+                    count=len(batch),
+                    note=note,
+                )
             return
         if error.throttled:
             self.limit.throttled()
@@ -264,18 +280,15 @@ class Batcher(Service):
         if self._failures > 1:
             pause = full_jitter(self._failures - 1, self._random)
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
-        suppressed = self._error_throttle.check(error.error_class or error.message)
         if suppressed is not None:
             self.log.error(
                 "Sending segment batch failed with: {message}; will retry {count} segments "
-                "(attempt {attempt}, {waiting} segments waiting){suppressed_note}",
+                "(attempt {attempt}, {waiting} segments waiting){note}",
                 message=error.message,
                 count=len(batch),
                 attempt=batch.attempts,
                 waiting=self.waiting_docs,
-                suppressed_note=f" ({suppressed} similar failures not logged)"
-                if suppressed
-                else "",
+                note=note,
             )
 
     def _lose(self, batch: Batch) -> None:

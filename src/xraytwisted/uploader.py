@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from xraytwisted import __version__, sigv4
 from xraytwisted.endpoints import Endpoint
+from xraytwisted.logs import printable
 
 SERVICE = "xray"
 
@@ -131,8 +132,9 @@ def error_code(headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
     # "ThrottledException:http://internal.amazon.com/..." and "aws.protocol#Code"
     code = code.split(":", 1)[0].rsplit("#", 1)[-1]
     if not message and body:
-        message = " ".join(body[:200].decode("utf-8", "replace").split())
-    return code, message
+        message = body[:200].decode("utf-8", "replace")
+    # Both end up in log lines: no control characters, bounded length.
+    return printable(code.encode(), 64), printable(" ".join(message.split()).encode(), 200)
 
 
 def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
@@ -143,8 +145,14 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
     # throttling, 5xx, and auth errors that a credential refresh can cure -
     # is worth retrying.
     permanent = status in (400, 404, 405, 411, 413, 414, 415, 422) and not throttled
+    if status >= 500:
+        error_class = "HTTPCode5XXCount"
+    elif status >= 400:
+        error_class = "HTTPCode4XXCount"
+    else:  # e.g. a redirect: not an answer X-Ray gives
+        error_class = "OtherCount"
     return UploadError(
-        error_class="HTTPCode5XXCount" if status >= 500 else "HTTPCode4XXCount",
+        error_class=error_class,
         retryable=not permanent,
         throttled=throttled,
         message=f"HTTP {status} {code}: {message}".rstrip(": "),
@@ -157,6 +165,7 @@ _TIMEOUTS = (
     defer.TimeoutError,
     defer.CancelledError,
     error.TimeoutError,
+    error.TCPTimedOutError,  # the kernel's connect timeout (a ConnectError, not a TimeoutError)
     error.ConnectingCancelledError,
 )
 
