@@ -204,6 +204,28 @@ class UploaderTests(SynchronousTestCase):
         self.assertIn("credentials", outcome.error.message)
         self.assertEqual(self.resource.requests, [])
 
+    def test_waits_for_the_first_credential_lookup(self) -> None:
+        source = _LoadingCredentials()
+        self.uploader.credentials = source
+        d = self.uploader.put_trace_segments([b"{}"])
+        self.stub.flush()
+        self.assertNoResult(d)
+        self.assertEqual(self.resource.requests, [])
+        source.load(self.creds)
+        self.stub.flush()
+        self.assertIsNone(self.successResultOf(d).error)
+        self.assertNotIn("signature_error", self.resource.requests[0])
+
+    def test_lookup_that_finds_nothing_fails_the_upload(self) -> None:
+        source = _LoadingCredentials()
+        self.uploader.credentials = source
+        d = self.uploader.put_trace_segments([b"{}"])
+        source.load(None)
+        outcome = self.successResultOf(d)
+        assert outcome.error is not None
+        self.assertTrue(outcome.error.retryable)
+        self.assertEqual(self.resource.requests, [])
+
     def test_endpoint_with_port_and_base_path(self) -> None:
         seen: list[str] = []
         uploader = Uploader(
@@ -216,6 +238,27 @@ class UploaderTests(SynchronousTestCase):
         )
         uploader.put_trace_segments([b"{}"])
         self.assertEqual(seen, ["http://127.0.0.1:4566/prefix/TraceSegments 127.0.0.1:4566"])
+
+
+class _LoadingCredentials:
+    """A credential source whose first lookup the test finishes."""
+
+    def __init__(self) -> None:
+        self._creds: Credentials | None = None
+        self._waiting: list[Deferred[None]] = []
+
+    def current(self) -> Credentials | None:
+        return self._creds
+
+    def when_loaded(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def load(self, creds: Credentials | None) -> None:
+        self._creds = creds
+        for d in self._waiting:
+            d.callback(None)
 
 
 class _RecordingClient:

@@ -20,22 +20,21 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from xraytwisted import __version__, endpoints, sockets
+from xraytwisted import __version__, endpoints, metadata, sockets
+from xraytwisted import region as regions
 from xraytwisted.batcher import Batcher
 from xraytwisted.buffer import SegmentBuffer
 from xraytwisted.config import Settings
-from xraytwisted.credentials import StaticCredentials, from_environment
+from xraytwisted.credentials import CredentialsService
 from xraytwisted.httpclient import make_client, make_pool
 from xraytwisted.ingest import Ingest
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.memory import Budget, buffer_budget
+from xraytwisted.region import NO_REGION
 from xraytwisted.stats import Counters
-from xraytwisted.uploader import Uploader
+from xraytwisted.uploader import CredentialSource, Uploader
 
-NO_REGION = (
-    "Cannot fetch region variable from config file, environment variables, ecs metadata, "
-    "or ec2 metadata. Use local-mode to use the local config region."
-)
+__all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
 
 class StartupError(Exception):
@@ -56,6 +55,8 @@ class Parts:
     udp: UDPIngestService
     endpoint: endpoints.Endpoint
     region: str
+    credentials: CredentialSource
+    identity: metadata.Identity
 
 
 class XRayDaemon(MultiService):
@@ -190,13 +191,6 @@ def _mask_url_password(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def resolve_region(settings: Settings, env: Mapping[str, str]) -> str:
-    region = settings.region or env.get("AWS_REGION", "")
-    if not region:
-        raise StartupError(NO_REGION)
-    return region
-
-
 def build(
     settings: Settings,
     reactor: Any,
@@ -204,22 +198,39 @@ def build(
     env: Mapping[str, str] | None = None,
     observer: ILogObserver | None = None,
     http_client: Any = None,
+    credentials: CredentialSource | None = None,
     handle_signals: bool = False,
 ) -> XRayDaemon:
-    """Build the whole daemon; raises StartupError when it cannot run."""
+    """Build the whole daemon; raises StartupError when it cannot run.
+
+    Region and identity lookups may ask instance/task metadata services:
+    blocking, bounded to about 2 s in all, and done here, before the
+    reactor runs.
+    """
     env = os.environ if env is None else env
+    log = XRayDaemon.log
+    meta = metadata.MetadataClient(env)
     try:
-        region = resolve_region(settings, env)
+        region, source = regions.resolve_region(settings, env, meta)
         endpoint = endpoints.resolve(region, configured=settings.endpoint, env=dict(env))
         udp_address = sockets.parse_address(settings.udp_address)
+    except regions.RegionError as e:
+        raise StartupError(str(e)) from None
     except (sockets.AddressError, endpoints.EndpointError) as e:
         raise StartupError(str(e)) from None
+    log.debug("Fetch region {region} from {source}", region=region, source=source)
+    identity = metadata.identity(settings, env, meta)
 
     counters = Counters()
     budget = buffer_budget(settings.buffer_memory_mb)
     buffer = SegmentBuffer(budget.bytes, reactor, counters)
 
     daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
+    if credentials is None:
+        service = CredentialsService(reactor, region=region, role_arn=settings.role_arn, env=env)
+        # A child before the batcher: the first lookup starts before any upload.
+        service.setServiceParent(daemon)
+        credentials = service
     if http_client is None:
         pool = make_pool(reactor, settings.concurrency)
         http_client = make_client(reactor, pool)
@@ -228,7 +239,7 @@ def build(
         client=http_client,
         endpoint=endpoint,
         region=region,
-        credentials=StaticCredentials(from_environment(env)),
+        credentials=credentials,
         clock=reactor,
         timeout=settings.request_timeout,
     )
@@ -266,5 +277,7 @@ def build(
         udp=udp,
         endpoint=endpoint,
         region=region,
+        credentials=credentials,
+        identity=identity,
     )
     return daemon

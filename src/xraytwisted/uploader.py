@@ -53,6 +53,9 @@ class CredentialSource(Protocol):
     def current(self) -> sigv4.Credentials | None:
         """Credentials usable right now, or None when there are none."""
 
+    def when_loaded(self) -> Deferred[None]:
+        """Fires once the first lookup has finished (at once if it has)."""
+
 
 @dataclass(frozen=True)
 class Unprocessed:
@@ -245,6 +248,14 @@ class Uploader:
 
     def call(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
         """POST a signed JSON request; (seconds, response body) on HTTP 200, else an Outcome."""
+        if self.credentials.current() is None:
+            # At startup the first credential lookup may still be running:
+            # wait for it rather than fail (and back off) the first batches.
+            waiting: Deferred[None] = self.credentials.when_loaded()
+            return waiting.addCallback(lambda _: self._call_now(path, body))
+        return self._call_now(path, body)
+
+    def _call_now(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
         start = self.clock.seconds()
         creds = self.credentials.current()
         if creds is None:
