@@ -19,6 +19,7 @@ class FakeUploads:
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[bytes], Deferred[Outcome]]] = []
+        self.outcomes: dict[int, Outcome] = {}
 
     def __call__(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
         d: Deferred[Outcome] = Deferred()
@@ -29,7 +30,9 @@ class FakeUploads:
         return [(docs, d) for docs, d in self.calls if not d.called]
 
     def finish(self, index: int, outcome: Outcome | None = None) -> None:
-        self.calls[index][1].callback(outcome or Outcome(0.01))
+        outcome = outcome or Outcome(0.01)
+        self.outcomes[index] = outcome
+        self.calls[index][1].callback(outcome)
 
 
 def docs(n: int, start: int = 0) -> list[bytes]:
@@ -357,3 +360,136 @@ class MatchUnprocessedTests(SynchronousTestCase):
         self.assertEqual([doc for _, doc in got], [nested, None, None])
         self.assertEqual(trace_id_of(spaced), "1-2-b")
         self.assertEqual(trace_id_of(b"T1Sxyz"), "(unknown)")
+
+
+class SpoolTests(Fixture):
+    """The batcher with a real disk spool (Spool.Dir)."""
+
+    def make_spooled(
+        self, spool_after: float = 10.0, concurrency: int = 2, directory: str | None = None
+    ) -> None:
+        from xraytwisted.spool import Spool
+
+        self.directory = directory or self.mktemp()
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(10_000_000, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer,
+            self.uploads,
+            self.clock,
+            self.counters,
+            concurrency=concurrency,
+            random=lambda: 1.0,
+            spool=self.spool,
+            spool_after=spool_after,
+        )
+        self.batcher.startService()
+
+    def fail_pending(self) -> None:
+        for i, (_, d) in enumerate(self.uploads.calls):
+            if not d.called:
+                self.uploads.finish(i, Outcome(0.0, error=REFUSED))
+
+    def succeed_pending(self) -> None:
+        for i, (_, d) in enumerate(self.uploads.calls):
+            if not d.called:
+                self.uploads.finish(i)
+
+    def sent_docs(self) -> list[bytes]:
+        return [doc for i in self.successful_calls() for doc in self.uploads.calls[i][0]]
+
+    def successful_calls(self) -> list[int]:
+        return sorted(i for i, o in self.uploads.outcomes.items() if o.error is None)
+
+    def test_long_outage_moves_batches_to_disk_and_replays_them_in_order(self) -> None:
+        self.make_spooled(spool_after=10)
+        self.offer(docs(100))
+        self.fail_pending()
+        for _ in range(9):
+            self.clock.advance(1)
+            self.fail_pending()
+        self.assertGreater(self.buffer.used, 0)  # still in memory before 10 s
+        self.clock.advance(1)
+        self.fail_pending()
+        self.assertEqual(self.buffer.used, 0)  # parked on disk
+        self.assertEqual(self.counters.spooled, 100)
+        # More data during the outage goes to disk once due.
+        self.clock.advance(0.5)
+        self.offer(docs(30, 100))
+        for _ in range(20):
+            self.clock.advance(1)
+            self.assertLessEqual(len(self.uploads.pending()), 1)  # one probe at a time
+            self.fail_pending()
+        self.assertEqual(self.counters.spooled, 130)
+        self.assertEqual(self.buffer.used, 0)
+        # X-Ray is back: the probe succeeds and the rest follows, oldest first.
+        for _ in range(30):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(self.counters.lost, 0)
+        delivered = self.sent_docs()
+        self.assertEqual(sorted(set(delivered)), sorted(docs(130)))
+        self.assertEqual(self.spool.pending_docs, 0)
+        # Each read counts, so the batch re-read by every failed probe too.
+        self.assertGreaterEqual(self.counters.replayed, 130)
+        # Oldest first: what arrived before the outage is delivered before
+        # what arrived during it.
+        order = {doc: n for n, doc in enumerate(delivered)}
+        self.assertLess(max(order[d] for d in docs(100)), min(order[d] for d in docs(30, 100)))
+
+    def test_stop_during_outage_spools_at_once_and_a_restart_sends_it(self) -> None:
+        self.make_spooled(spool_after=2)
+        self.offer(docs(70))
+        for _ in range(4):
+            self.fail_pending()
+            self.clock.advance(1)
+        stopped = self.batcher.stopService()
+        self.fail_pending()
+        self.successResultOf(stopped)  # no waiting for the 20 s deadline
+        self.assertEqual(self.counters.lost, 0)
+        self.assertEqual(self.spool.pending_docs, 70)
+        self.spool.close()
+        # The next start, with X-Ray reachable again.
+        self.uploads = FakeUploads()
+        self.make_spooled(directory=self.directory)
+        self.assertEqual(self.spool.pending_docs, 70)
+        self.succeed_pending()
+        for _ in range(5):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(self.sent_docs()), sorted(docs(70)))
+        self.assertEqual(self.spool.pending_docs, 0)
+
+    def test_shutdown_deadline_hands_the_rest_to_the_spool(self) -> None:
+        self.make_spooled(spool_after=1000)
+        self.batcher.shutdown_timeout = 3
+        self.offer(docs(120))
+        stopped = self.batcher.stopService()
+        self.clock.advance(3)  # in-flight uploads hang until the deadline
+        self.successResultOf(stopped)
+        self.assertEqual(self.counters.lost, 0)
+        self.assertEqual(self.spool.pending_docs, 120)
+
+    def test_replayed_batch_that_xray_refuses_is_dropped_from_the_spool(self) -> None:
+        self.make_spooled(spool_after=1)
+        self.offer(docs(50))
+        self.fail_pending()
+        self.clock.advance(1)
+        self.fail_pending()
+        self.clock.advance(1)
+        self.assertEqual(self.counters.spooled, 50)
+        self.clock.advance(5)
+        (index,) = [i for i, (_, d) in enumerate(self.uploads.calls) if not d.called]
+        self.uploads.finish(index, Outcome(0.0, error=INVALID))
+        self.assertEqual(self.counters.rejected, 50)
+        self.assertEqual(self.spool.pending_docs, 0)
+
+    def test_without_spool_after_spooling_never_starts(self) -> None:
+        self.make()  # no spool
+        self.offer(docs(50))
+        for _ in range(60):
+            self.fail_pending()
+            self.clock.advance(1)
+        self.assertGreater(self.buffer.used, 0)
+        self.assertEqual(self.counters.spooled, 0)

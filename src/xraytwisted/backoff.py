@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 BASE_DELAY = 0.2  # seconds before the first retry, at most
-MAX_DELAY = 20.0  # no wait between attempts is ever longer than this
+# No wait between attempts is longer than this: short enough that an
+# endpoint coming back is noticed within seconds, long enough (with one
+# attempt at a time during an outage) not to hammer it.
+MAX_DELAY = 5.0
 
 
 def full_jitter(

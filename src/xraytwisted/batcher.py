@@ -6,7 +6,12 @@ not the Go daemon's free-running 1 s tick), provided fewer than
 ``concurrency`` uploads are in flight.  Failed uploads that can succeed later
 wait in a retry queue, each with its own backoff, ahead of fresh batches;
 consecutive failures also pause all sending for a while, and throttling
-lowers how many uploads run at once.  On stop, everything is sent
+lowers how many uploads run at once.
+
+With a spool, batches go to disk instead of waiting in memory once uploads
+have failed for ``spool_after`` seconds (one probe at a time then finds out
+when X-Ray answers again), and spooled batches are sent again, oldest
+first, before fresh ones when uploads work.  On stop, everything is sent
 immediately and the returned Deferred fires once all of it is done or the
 shutdown deadline has passed (what is left then is counted as lost).
 """
@@ -28,6 +33,7 @@ from twisted.python.failure import Failure
 from xraytwisted.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.buffer import Batch, SegmentBuffer
 from xraytwisted.logs import Throttle, printable
+from xraytwisted.spool import Spool, SpooledBatch
 from xraytwisted.stats import Counters
 from xraytwisted.uploader import Outcome, Unprocessed, UploadError
 
@@ -55,6 +61,8 @@ class Batcher(Service):
         max_wait: float = MAX_WAIT,
         shutdown_timeout: float = 20.0,
         random: Callable[[], float] = _random.random,
+        spool: Spool | None = None,
+        spool_after: float = 10.0,
     ) -> None:
         self.buffer = buffer
         self._send_docs = send
@@ -77,6 +85,11 @@ class Batcher(Service):
         self._stopped: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
         self._error_throttle = Throttle(clock, 10.0)
+        self.spool = spool
+        self.spool_after = spool_after
+        self._failing_since: float | None = None  # first failure since the last success
+        self._spooling = False  # failing for spool_after: batches are parked on disk
+        self._replays: dict[Batch, SpooledBatch] = {}  # in flight, read from the spool
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
@@ -96,11 +109,24 @@ class Batcher(Service):
         buffer = self.buffer
         now = self._clock.seconds()
         retries = self._retries
-        if now >= self.resume_at:
-            while len(self.in_flight) < self.limit.value:
+        if self._should_spool(now):
+            self._park_due(now)
+            if not self.in_flight and now >= self.resume_at:
+                self._probe()
+        elif now >= self.resume_at:
+            spool = None if self._flushing else self.spool
+            # After consecutive failures (an outage), one upload at a time
+            # finds out whether X-Ray answers again.
+            limit = 1 if self._failures > 1 else self.limit.value
+            while len(self.in_flight) < limit:
                 if retries and retries[0][0] <= now:
                     self._send(heapq.heappop(retries)[2])
                     continue
+                if spool is not None and spool.ready_docs:
+                    spooled = spool.take()
+                    if spooled is not None:
+                        self._send_spooled(spooled)
+                        continue
                 head = buffer.head()
                 if head is None or not self._due(head, now):
                     break
@@ -129,16 +155,22 @@ class Batcher(Service):
     def _next_wake(self, now: float) -> float | None:
         """When something not yet due becomes due (None: nothing, or only a free slot helps)."""
         head = self.buffer.head()
-        if head is None and not self._retries:
+        spooled = self.spool.ready_docs if self.spool is not None and not self._flushing else 0
+        if head is None and not self._retries and not spooled:
             return None
-        if now < self.resume_at:
-            return self.resume_at
         candidates = []
-        if self._retries and self._retries[0][0] > now:
+        if now < self.resume_at:
+            candidates.append(self.resume_at)
+            if not self._spooling:
+                # Paused: only the end of the pause (or starting to spool) matters.
+                head = None
+        if self._retries:
             candidates.append(self._retries[0][0])
         if head is not None and not self._due(head, now):
             candidates.append(head.started + self.max_wait)
-        return min(candidates, default=None)
+        if self._failing_since is not None and self.spool is not None and not self._spooling:
+            candidates.append(self._failing_since + self.spool_after)
+        return min((c for c in candidates if c > now), default=None)
 
     def _retry(self, batch: Batch, delay: float) -> None:
         heapq.heappush(
@@ -147,11 +179,12 @@ class Batcher(Service):
 
     @property
     def waiting_docs(self) -> int:
-        """Documents accepted and not yet sent or given up on."""
+        """Documents accepted and not yet sent or given up on (spooled ones too)."""
         return (
             self.buffer.queued_docs
             + sum(len(entry[2]) for entry in self._retries)
             + sum(len(b) for b in self.in_flight.values())
+            + (self.spool.ready_docs if self.spool is not None else 0)
         )
 
     def oldest_waiting_since(self) -> float | None:
@@ -171,6 +204,64 @@ class Batcher(Service):
         self._timer = None
         self._dispatch()
 
+    # -- the spool ---------------------------------------------------------
+
+    def _should_spool(self, now: float) -> bool:
+        """Whether uploads have failed long enough to park batches on disk."""
+        if self._spooling or self.spool is None or self._failing_since is None:
+            return self._spooling
+        if now < self._failing_since + self.spool_after:
+            return False
+        self._spooling = True
+        parked = self._park_all()
+        self.log.warn(
+            "Uploads have failed for {seconds:.0f} seconds: writing batches to the spool "
+            "{directory} until X-Ray answers again ({count} segments written now)",
+            seconds=now - self._failing_since,
+            directory=self.spool.directory,
+            count=parked,
+        )
+        return True
+
+    def _park(self, batch: Batch) -> None:
+        """Move an in-memory batch to the spool (which counts it, or its loss)."""
+        assert self.spool is not None
+        self.spool.append(batch.docs)
+        self.buffer.release(batch)
+
+    def _park_all(self) -> int:
+        """Move every waiting in-memory batch to the spool; how many documents."""
+        batches = [entry[2] for entry in self._retries] + self.buffer.drain()
+        self._retries.clear()
+        # The spool sends back in the order written: oldest data first.
+        batches.sort(key=lambda batch: batch.started)
+        for batch in batches:
+            self._park(batch)
+        return sum(map(len, batches))
+
+    def _park_due(self, now: float) -> None:
+        buffer = self.buffer
+        head = buffer.head()
+        while head is not None and self._due(head, now):
+            self._park(buffer.pop())
+            head = buffer.head()
+
+    def _probe(self) -> None:
+        """While spooling: one upload at a time tells when X-Ray answers again."""
+        assert self.spool is not None
+        spooled = self.spool.take()
+        if spooled is not None:
+            self._send_spooled(spooled)
+        elif self.buffer.head() is not None:
+            self._send(self.buffer.pop())
+
+    def _send_spooled(self, spooled: SpooledBatch) -> None:
+        # Not charged to the memory budget: at most `concurrency` are read in.
+        batch = Batch(self._clock.seconds())
+        batch.docs = spooled.docs
+        self._replays[batch] = spooled
+        self._send(batch)
+
     def _send(self, batch: Batch) -> None:
         batch.attempts += 1
         if batch.attempts > 1:
@@ -183,7 +274,7 @@ class Batcher(Service):
         del self.in_flight[d]
         if self._abandoned:
             # Cancelled at the shutdown deadline (or finished just then).
-            self._lose(batch)
+            self._keep_or_lose(batch)
             self._check_stopped()
             return
         if isinstance(result, Failure):
@@ -201,6 +292,16 @@ class Batcher(Service):
     def _succeeded(self, batch: Batch, outcome: Outcome) -> None:
         counters = self._counters
         self._failures = 0
+        self._failing_since = None
+        if self._spooling:
+            self._spooling = False
+            self.log.info(
+                "Uploads work again: sending {count} spooled segments, oldest first",
+                count=self.spool.ready_docs if self.spool is not None else 0,
+            )
+        spooled = self._replays.pop(batch, None)
+        if spooled is not None and self.spool is not None:
+            self.spool.ack(spooled)
         self.limit.succeeded()
         counters.batches_ok += 1
         counters.last_success_at = self._clock.seconds()
@@ -259,8 +360,11 @@ class Batcher(Service):
         # invalid documents must not flood the log.
         suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
         note = f" ({suppressed} similar failures not logged)" if suppressed else ""
+        spooled = self._replays.pop(batch, None)
         if not error.retryable:
             counters.rejected += len(batch)
+            if spooled is not None and self.spool is not None:
+                self.spool.ack(spooled)  # done with it: X-Ray will never take it
             self.buffer.release(batch)
             if suppressed is not None:
                 self.log.error(
@@ -276,7 +380,14 @@ class Batcher(Service):
         # The batch waits by its own attempt count; consecutive failures with
         # no success in between (an outage) also pause everything.
         self._failures += 1
-        self._retry(batch, full_jitter(batch.attempts, self._random))
+        if self._failing_since is None:
+            self._failing_since = self._clock.seconds()
+        if spooled is not None and self.spool is not None:
+            self.spool.release(spooled)  # stays first in line on disk
+        elif self._spooling:
+            self._park(batch)
+        else:
+            self._retry(batch, full_jitter(batch.attempts, self._random))
         if self._failures > 1:
             pause = full_jitter(self._failures - 1, self._random)
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
@@ -295,10 +406,37 @@ class Batcher(Service):
         self._counters.lost += len(batch)
         self.buffer.release(batch)
 
+    def _keep_or_lose(self, batch: Batch) -> None:
+        """At the shutdown deadline: to the spool if there is one, else lost."""
+        spooled = self._replays.pop(batch, None)
+        if spooled is not None and self.spool is not None:
+            self.spool.release(spooled)  # never left the disk
+        elif self.spool is not None:
+            self._park(batch)
+        else:
+            self._lose(batch)
+
     # -- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.spool is not None and self.spool.ready_docs:
+            self.log.info(
+                "Sending {count} segments spooled by an earlier run, oldest first",
+                count=self.spool.ready_docs,
+            )
+            self._dispatch()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._should_spool(self._clock.seconds()):
+            # X-Ray has been unreachable for a while: do not spend the whole
+            # deadline retrying, put everything on disk for the next start.
+            self._flushing = True
+            self._stopped = Deferred()
+            stopped = self._stopped
+            self._give_up()
+            return stopped
         self._flushing = True
         self._stopped = Deferred()
         waiting = self.waiting_docs
@@ -328,22 +466,33 @@ class Batcher(Service):
         stopped.callback(None)
 
     def _give_up(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         self._deadline = None
         self._abandoned = True
-        before = self._counters.lost
-        for batch in self.buffer.drain():
-            self._lose(batch)
-        for _, _, batch in self._retries:
-            self._lose(batch)
+        counters = self._counters
+        lost, spooled = counters.lost, counters.spooled
+        batches = self.buffer.drain() + [entry[2] for entry in self._retries]
         self._retries.clear()
+        for batch in batches:
+            self._keep_or_lose(batch)
         for d in list(self.in_flight):
-            d.cancel()  # _finished counts them as lost
-        self.log.error(
-            "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
-            "sent and are lost",
-            timeout=self.shutdown_timeout,
-            count=self._counters.lost - before,
-        )
+            d.cancel()  # _finished keeps (spool) or loses them
+        if self.spool is not None:
+            self.spool.flush()
+            self.log.warn(
+                "Shutting down with X-Ray not reachable: {count} segments were written to "
+                "the spool {directory} and will be sent by the next start",
+                count=counters.spooled - spooled,
+                directory=self.spool.directory,
+            )
+        if counters.lost > lost:
+            self.log.error(
+                "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
+                "sent and are lost",
+                timeout=self.shutdown_timeout,
+                count=counters.lost - lost,
+            )
         self._check_stopped()
 
 

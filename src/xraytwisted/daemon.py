@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 
 from xraytwisted import __version__, endpoints, metadata, sockets
@@ -26,11 +26,14 @@ from xraytwisted.batcher import Batcher
 from xraytwisted.buffer import SegmentBuffer
 from xraytwisted.config import Settings
 from xraytwisted.credentials import CredentialsService
-from xraytwisted.httpclient import make_client, make_pool
+from xraytwisted.httpclient import make_http, outbound_info, outbound_warnings
 from xraytwisted.ingest import Ingest
 from xraytwisted.ingest.udp import UDPIngestService
+from xraytwisted.kernel import UdpDropMonitor, socket_inode
 from xraytwisted.memory import Budget, buffer_budget
+from xraytwisted.proxyconfig import ProxyConfigError
 from xraytwisted.region import NO_REGION
+from xraytwisted.spool import Spool, SpoolError
 from xraytwisted.stats import Counters
 from xraytwisted.uploader import CredentialSource, Uploader
 
@@ -57,6 +60,9 @@ class Parts:
     region: str
     credentials: CredentialSource
     identity: metadata.Identity
+    spool: Spool | None = None
+    # (level, text) lines for the startup banner, e.g. the outbound proxy in use.
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 class XRayDaemon(MultiService):
@@ -136,6 +142,8 @@ class XRayDaemon(MultiService):
             self.log.info("Using region: {region}", region=parts.region)
             self.log.debug("Using Endpoint: {url}", url=parts.endpoint.url)
             self.log.debug("Batch size: {size}", size=parts.buffer.batch_size)
+            for level, note in parts.notes:
+                self.log.emit(LogLevel.levelWithName(level), "{note}", note=note)
             self.log.info(
                 "Effective configuration: {summary}", summary=summarize(s, parts.endpoint.url)
             )
@@ -224,6 +232,7 @@ def build(
     counters = Counters()
     budget = buffer_budget(settings.buffer_memory_mb)
     buffer = SegmentBuffer(budget.bytes, reactor, counters)
+    notes: list[tuple[str, str]] = []
 
     daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
     if credentials is None:
@@ -232,9 +241,23 @@ def build(
         service.setServiceParent(daemon)
         credentials = service
     if http_client is None:
-        pool = make_pool(reactor, settings.concurrency)
-        http_client = make_client(reactor, pool)
+        try:
+            http_client, pool = make_http(reactor, settings, env, settings.concurrency)
+        except ProxyConfigError as e:
+            raise StartupError(str(e)) from None
         daemon.cleanups.append(pool.closeCachedConnections)
+        notes += [("info", line) for line in outbound_info(settings, env)]
+        notes += [("warn", line) for line in outbound_warnings(settings, env)]
+    spool = None
+    if settings.spool_dir:
+        try:
+            spool = Spool.open(
+                settings.spool_dir, settings.spool_max_mb * 1024 * 1024, reactor, counters
+            )
+        except SpoolError as e:
+            raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
+        # After the batcher has stopped: what it could not send is on disk.
+        daemon.cleanups.append(spool.close)
     uploader = Uploader(
         client=http_client,
         endpoint=endpoint,
@@ -250,6 +273,8 @@ def build(
         counters,
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
+        spool=spool,
+        spool_after=settings.spool_after,
     )
     ingest = Ingest(buffer, counters, reactor)
 
@@ -262,8 +287,12 @@ def build(
         ) from None
     udp = UDPIngestService(reactor, udp_socket, ingest)
 
+    def udp_inodes() -> list[int]:
+        return [socket_inode(udp.port.socket.fileno())] if udp.port is not None else []
+
     batcher.setServiceParent(daemon)
     udp.setServiceParent(daemon)
+    UdpDropMonitor(reactor, counters, inodes=udp_inodes).setServiceParent(daemon)
     daemon.drain_services.append(batcher)
     daemon.ingest_services.append(udp)
     daemon.parts = daemon._banner_parts = Parts(
@@ -279,5 +308,7 @@ def build(
         region=region,
         credentials=credentials,
         identity=identity,
+        spool=spool,
+        notes=notes,
     )
     return daemon
