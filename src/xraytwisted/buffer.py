@@ -11,9 +11,11 @@ counted as spillover; nothing already accepted is pushed out.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from xraytwisted.stats import Counters
 
@@ -53,6 +55,8 @@ class BufferListener(Protocol):
 class SegmentBuffer:
     """Accepted documents waiting for (or in) an upload, within a byte budget."""
 
+    log = Logger()
+
     def __init__(
         self,
         capacity: int,
@@ -69,9 +73,49 @@ class SegmentBuffer:
         self._open: Batch | None = None  # the batch new documents go to
         self._listener: BufferListener | None = None
         self.queued_docs = 0
+        # Producers paused for lack of budget (the TCP segment stream), told
+        # once when some budget is given back.
+        self._space_waiters: list[Callable[[], object]] = []
+        self._space_call: IDelayedCall | None = None
 
     def attach(self, listener: BufferListener) -> None:
         self._listener = listener
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``offer`` would accept a document of ``size`` bytes now (nothing counted)."""
+        return self.used + size + DOC_OVERHEAD <= self.capacity
+
+    def notify_when_space(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once, soon after budget is next given back.
+
+        For producers that pause instead of dropping (backpressure).  Waiters
+        are called in the order they asked, from the reactor (never from
+        inside ``release``), so a waiter may offer documents straight away.
+        A waiter that still finds no room asks again.
+        """
+        self._space_waiters.append(callback)
+
+    def cancel_notify(self, callback: Callable[[], object]) -> None:
+        """Forget a waiter registered with ``notify_when_space`` (if still waiting)."""
+        waiters = self._space_waiters
+        while callback in waiters:
+            waiters.remove(callback)
+
+    def _space_freed(self) -> None:
+        # Deferred to the reactor: release() runs inside the batcher's
+        # bookkeeping, which must not see new documents arrive half-way.
+        if self._space_waiters and self._space_call is None:
+            self._space_call = self._clock.callLater(0, self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        self._space_call = None
+        waiters, self._space_waiters = self._space_waiters, []
+        for callback in waiters:
+            try:
+                callback()
+            except Exception:
+                # One broken waiter must not leave the others paused forever.
+                self.log.failure("Error while resuming a producer paused by a full buffer")
 
     def offer(self, doc: bytes) -> bool:
         """Accept ``doc`` if the budget allows; False means it was dropped (counted)."""
@@ -110,6 +154,8 @@ class SegmentBuffer:
     def release(self, batch: Batch) -> None:
         """The batch's upload is over: give its bytes back to the budget."""
         self.used -= batch.nbytes
+        if self._space_waiters:
+            self._space_freed()
 
     def shrink(self, batch: Batch, keep: list[bytes]) -> Batch | None:
         """Release every document of ``batch`` except ``keep``.
@@ -125,6 +171,8 @@ class SegmentBuffer:
         kept.nbytes = sum(len(doc) for doc in keep) + DOC_OVERHEAD * len(keep)
         kept.attempts = batch.attempts
         self.used -= batch.nbytes - kept.nbytes
+        if self._space_waiters:
+            self._space_freed()
         return kept
 
     def drain(self) -> list[Batch]:

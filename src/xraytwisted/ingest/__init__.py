@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from xraytwisted.buffer import SegmentBuffer
-from xraytwisted.header import KNOWN_GOOD_HEADERS, Verdict, split
+from xraytwisted.header import KNOWN_GOOD_HEADERS, Verdict, header_is_valid, split
 from xraytwisted.logs import Throttle, printable
 from xraytwisted.stats import Counters
 
@@ -71,6 +71,63 @@ class Ingest:
         )
         return False
 
+    # -- the TCP segment stream: one record is a header line and a body line --
+
+    def pair(self, header: bytes, body: bytes, header_ok: bool | None = None) -> bytes | None:
+        """Count and check one stream record; the body to buffer, or None if rejected.
+
+        The record is judged exactly like the datagram ``header\\nbody`` (same
+        counters, same rate-limited warnings).  ``header_ok`` is the caller's
+        verdict on ``header`` if it already has one.  The caller offers the
+        body with ``offer`` (or waits for room first: backpressure).
+        """
+        counters = self.counters
+        if not counters.received:
+            counters.first_received_at = self._clock.seconds()
+        counters.received += 1
+        counters.received_bytes += len(header) + 1 + len(body)
+        if header_ok is None:
+            header_ok = is_header(header)
+        if header_ok and body:
+            return body
+        verdict = Verdict.EMPTY_BODY if header_ok else Verdict.INVALID_HEADER
+        counters.rejected += 1
+        self._warn(verdict.value, _REJECT_MESSAGES[verdict], header + b"\n" + body)
+        return None
+
+    def invalid_header(self, line: bytes) -> None:
+        """Count a lone line where a header belonged as one rejected record."""
+        self.reject(Verdict.INVALID_HEADER.value, _REJECT_MESSAGES[Verdict.INVALID_HEADER], line)
+
+    def reject(self, reason: str, message: str, data: bytes, **extra: object) -> None:
+        """Count ``data`` as one received and rejected record, with a rate-limited warning.
+
+        For input that is not a record at all (a line that is no header, an
+        over-long line, junk on the TCP port).  ``reason`` must come from a
+        small fixed set; ``message`` is a format string whose ``{data}`` is
+        the escaped input.
+        """
+        counters = self.counters
+        if not counters.received:
+            counters.first_received_at = self._clock.seconds()
+        counters.received += 1
+        counters.received_bytes += len(data)
+        counters.rejected += 1
+        self._warn(reason, message, data, **extra)
+
+    def offer(self, body: bytes) -> bool:
+        """Offer an accepted body to the buffer; False if it was dropped (counted, warned)."""
+        if self.buffer.offer(body):
+            return True
+        self._warn(
+            "buffer full",
+            "Segment dropped: the buffer of {mb} MB is full. "
+            "Consider increasing memory limit (-m/--buffer-memory)",
+            None,
+            mb=self.buffer.capacity // (1024 * 1024),
+        )
+        return False
+
     def _warn(self, reason: str, message: str, data: bytes | None, **extra: object) -> None:
         suppressed = self._throttle.check(reason)
         if suppressed is None:
@@ -85,3 +142,8 @@ class Ingest:
             suppressed=suppressed,
             **extra,
         )
+
+
+def is_header(line: bytes) -> bool:
+    """Whether ``line`` is a valid segment header (the Go daemon's rules)."""
+    return line in KNOWN_GOOD_HEADERS or header_is_valid(line)
