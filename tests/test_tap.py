@@ -95,23 +95,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(message, match.group(3))
 
     def test_builds_the_daemon(self) -> None:
-        daemon = self.make("-n", "us-east-2", "-b", "127.0.0.1:0", "-e", "http://127.0.0.1:9")
+        daemon = self.make("-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9")
         assert daemon.parts is not None
         self.assertEqual(daemon.parts.region, "us-east-2")
         self.assertEqual(daemon.parts.endpoint.url, "http://127.0.0.1:9")
-        # The socket is bound already; close it.
+        # The sockets are bound already; close them.
         daemon.parts.udp.stopService()
+        daemon.parts.tcp.stopService()
 
     def test_region_from_environment(self) -> None:
         self.patch(os, "environ", {**os.environ, "AWS_REGION": "eu-west-1"})
-        daemon = self.make("-b", "127.0.0.1:0")
+        daemon = self.make("-b", "127.0.0.1:0", "-t", "127.0.0.1:0")
         assert daemon.parts is not None
         self.assertEqual(daemon.parts.endpoint.url, "https://xray.eu-west-1.amazonaws.com")
         self.assertEqual(daemon.parts.region, "eu-west-1")
         daemon.parts.udp.stopService()
+        daemon.parts.tcp.stopService()
 
     def test_no_region(self) -> None:
-        self.assert_fails_with(["-b", "127.0.0.1:0"], NO_REGION)
+        self.assert_fails_with(["-b", "127.0.0.1:0", "-t", "127.0.0.1:0"], NO_REGION)
 
     def test_missing_config_file(self) -> None:
         self.assert_fails_with(
@@ -175,7 +177,7 @@ class TwistdProcessTests(SynchronousTestCase):
         port = sink.getsockname()[1]
         sink.close()
         daemon = DaemonProcess(
-            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-e", f"http://127.0.0.1:{port}",
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", f"http://127.0.0.1:{port}",
              "--shutdown-timeout", "1"],
             self.env,
             str(self.workdir),
@@ -195,7 +197,7 @@ class TwistdProcessTests(SynchronousTestCase):
         logfile = self.workdir / "xray.log"
         result = run_twistd(
             [f"--pidfile={pidfile}", "xray", "-n", "us-east-2", "-b", "127.0.0.1:0",
-             "-f", str(logfile)],
+             "-t", "127.0.0.1:0", "-f", str(logfile)],
             self.env,
             str(self.workdir),
         )  # fmt: skip
@@ -218,7 +220,9 @@ class TwistdProcessTests(SynchronousTestCase):
     def test_daemonized_start_failure_is_reported_by_the_parent(self) -> None:
         pidfile = self.workdir / "xray.pid"
         result = run_twistd(
-            [f"--pidfile={pidfile}", "xray", "-b", "127.0.0.1:0"], self.env, str(self.workdir)
+            [f"--pidfile={pidfile}", "xray", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0"],
+            self.env,
+            str(self.workdir),
         )
         self.assertEqual(result.returncode, 1)
         self.assertIn("Cannot fetch region variable", result.stderr)

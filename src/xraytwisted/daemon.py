@@ -19,23 +19,32 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
+from twisted.web.resource import Resource
 
 from xraytwisted import __version__, endpoints, metadata, sockets
 from xraytwisted import region as regions
 from xraytwisted.batcher import Batcher
 from xraytwisted.buffer import SegmentBuffer
 from xraytwisted.config import Settings
-from xraytwisted.credentials import CredentialsService
+from xraytwisted.credentials import CredentialsService, StaticCredentials
+from xraytwisted.health import HealthResource, HealthState, credentials_status, monitoring_site
 from xraytwisted.httpclient import make_http, outbound_info, outbound_warnings
 from xraytwisted.ingest import Ingest
+from xraytwisted.ingest.tcp import SniffingFactory, TCPPortService
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.kernel import UdpDropMonitor, socket_inode
+from xraytwisted.localsink import LocalSink, LocalSinkError
 from xraytwisted.memory import Budget, buffer_budget
+from xraytwisted.metrics import metrics_resource
+from xraytwisted.proxy import SamplingProxy
 from xraytwisted.proxyconfig import ProxyConfigError
 from xraytwisted.region import NO_REGION
+from xraytwisted.sampling import LocalSamplingResource
 from xraytwisted.spool import Spool, SpoolError
 from xraytwisted.stats import Counters
+from xraytwisted.telemetry import TelemetryService
 from xraytwisted.uploader import CredentialSource, Uploader
+from xraytwisted.web import SiteService, http_root, make_site
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -56,6 +65,7 @@ class Parts:
     uploader: Uploader
     ingest: Ingest
     udp: UDPIngestService
+    tcp: TCPPortService
     endpoint: endpoints.Endpoint
     region: str
     credentials: CredentialSource
@@ -82,6 +92,7 @@ class XRayDaemon(MultiService):
         self._reactor = reactor
         self._handle_signals = handle_signals
         self._stopping_on_signal = False
+        self._signals_taken = False
         self._banner_parts: Parts | None = None
         self.observer = observer
         self.ingest_services: list[IService] = []
@@ -100,15 +111,20 @@ class XRayDaemon(MultiService):
         # twistd calls this first (before dropping privileges); children bind
         # here, so the banner goes first.
         self._banner()
+        self._take_signals()
         super().privilegedStartService()
 
     def startService(self) -> None:
         self._banner()
+        self._take_signals()
         super().startService()
-        if self._handle_signals:
+
+    def _take_signals(self) -> None:
+        if self._handle_signals and not self._signals_taken:
             # Now, so a signal between here and reactor.run() still drains
             # (Python's default would kill the process, leaving the pidfile),
             # and again once the reactor has installed its own handlers.
+            self._signals_taken = True
             self._install_signal_handlers()
             self._reactor.callWhenRunning(self._install_signal_handlers)
 
@@ -139,14 +155,13 @@ class XRayDaemon(MultiService):
                 mb=parts.budget.megabytes,
                 source=parts.budget.source,
             )
-            self.log.info("Using region: {region}", region=parts.region)
+            if not s.local_sink:
+                self.log.info("Using region: {region}", region=parts.region)
             self.log.debug("Using Endpoint: {url}", url=parts.endpoint.url)
             self.log.debug("Batch size: {size}", size=parts.buffer.batch_size)
             for level, note in parts.notes:
                 self.log.emit(LogLevel.levelWithName(level), "{note}", note=note)
-            self.log.info(
-                "Effective configuration: {summary}", summary=summarize(s, parts.endpoint.url)
-            )
+            self.log.info("Effective configuration: {summary}", summary=summarize(s, parts))
 
     def stopService(self) -> Deferred[None]:
         # MultiService would stop every child at once; the order matters here:
@@ -169,34 +184,88 @@ class XRayDaemon(MultiService):
         return d.addCallback(lambda _: None)
 
 
-def summarize(s: Settings, endpoint: str) -> str:
-    """One line of the settings that matter, secrets masked."""
-    proxy = _mask_url_password(s.proxy_address) if s.proxy_address else "none"
+def summarize(s: Settings, parts: Parts) -> str:
+    """One line of the effective settings, secrets masked."""
+    target = f"local-sink={s.local_sink}" if s.local_sink else f"endpoint={parts.endpoint.url}"
     fields = [
         f"udp={s.udp_address}",
-        f"endpoint={endpoint}",
-        f"region={s.region or '(auto)'}",
+        f"tcp={s.tcp_address}",
+        target,
+        f"region={parts.region}",
         f"concurrency={s.concurrency}",
-        f"buffer-memory={s.buffer_memory_mb or 'auto'}",
+        f"buffer-memory={parts.budget.megabytes}MB",
         f"local-mode={str(s.local_mode).lower()}",
+        f"resource-arn={s.resource_arn or 'none'}",
         f"role-arn={s.role_arn or 'none'}",
-        f"proxy={proxy}",
+        f"proxy={mask_userinfo(s.proxy_address) if s.proxy_address else 'none'}",
         f"no-verify-ssl={str(s.no_verify_ssl).lower()}",
         f"log-level={s.log_level}",
+        f"log-file={s.log_path or 'stdout'}",
+        f"log-rotation={str(s.log_rotation).lower()}",
         f"request-timeout={s.request_timeout:g}s",
         f"shutdown-timeout={s.shutdown_timeout:g}s",
+        f"telemetry-interval={s.telemetry_interval:g}s",
+        f"monitoring-address={s.monitoring_address or 'none'}",
+        f"spool-dir={s.spool_dir or 'none'}",
         f"config={s.config_path or 'none'}",
     ]
     return " ".join(fields)
 
 
-def _mask_url_password(url: str) -> str:
+def mask_userinfo(url: str) -> str:
+    """A URL with any user name and password replaced by ***."""
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    _userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
+
+
+def _addresses(
+    settings: Settings,
+) -> tuple[sockets.Address, sockets.Address, sockets.Address | None]:
+    try:
+        udp = sockets.parse_address(settings.udp_address)
+        tcp = sockets.parse_address(settings.tcp_address, "tcp")
+        monitoring = (
+            sockets.parse_address(settings.monitoring_address, "tcp")
+            if settings.monitoring_address
+            else None
+        )
+    except sockets.AddressError as e:
+        raise StartupError(str(e)) from None
+    return udp, tcp, monitoring
+
+
+def _where_to(
+    settings: Settings, env: Mapping[str, str]
+) -> tuple[str, endpoints.Endpoint, metadata.Identity]:
+    """Region, X-Ray endpoint and identity (hostname, instance id)."""
+    log = XRayDaemon.log
+    if settings.local_sink:
+        # Nothing is uploaded: no metadata lookups, the region is only a label.
+        region = settings.region or env.get("AWS_REGION", "") or "us-east-1"
+        identity = metadata.Identity(env.get("AWS_HOSTNAME", ""), env.get("AWS_INSTANCE_ID", ""))
+    else:
+        meta = metadata.MetadataClient(env)
+        try:
+            region, source = regions.resolve_region(settings, env, meta)
+        except regions.RegionError as e:
+            raise StartupError(str(e)) from None
+        log.debug("Fetch region {region} from {source}", region=region, source=source)
+        identity = metadata.identity(settings, env, meta)
+    try:
+        endpoint = endpoints.resolve(region, configured=settings.endpoint, env=dict(env))
+    except endpoints.EndpointError as e:
+        raise StartupError(str(e)) from None
+    return region, endpoint, identity
+
+
+def _bind(address: sockets.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
+    try:
+        if kind == "udp":
+            return sockets.bind_udp(address, rcvbuf)
+        return sockets.bind_tcp(address)
+    except sockets.AddressError as e:
+        raise StartupError(f"{e} (set it with {flags} or {key})") from None
 
 
 def build(
@@ -213,34 +282,31 @@ def build(
 
     Region and identity lookups may ask instance/task metadata services:
     blocking, bounded to about 2 s in all, and done here, before the
-    reactor runs.
+    reactor runs.  Sockets are bound last, so nothing after them can fail.
     """
     env = os.environ if env is None else env
-    log = XRayDaemon.log
-    meta = metadata.MetadataClient(env)
-    try:
-        region, source = regions.resolve_region(settings, env, meta)
-        endpoint = endpoints.resolve(region, configured=settings.endpoint, env=dict(env))
-        udp_address = sockets.parse_address(settings.udp_address)
-    except regions.RegionError as e:
-        raise StartupError(str(e)) from None
-    except (sockets.AddressError, endpoints.EndpointError) as e:
-        raise StartupError(str(e)) from None
-    log.debug("Fetch region {region} from {source}", region=region, source=source)
-    identity = metadata.identity(settings, env, meta)
+    local = bool(settings.local_sink)
+    udp_address, tcp_address, monitoring_address = _addresses(settings)
+    region, endpoint, identity = _where_to(settings, env)
 
     counters = Counters()
     budget = buffer_budget(settings.buffer_memory_mb)
     buffer = SegmentBuffer(budget.bytes, reactor, counters)
+    daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
     notes: list[tuple[str, str]] = []
 
-    daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
+    # Credentials and the HTTP client: only needed when talking to X-Ray.
     if credentials is None:
-        service = CredentialsService(reactor, region=region, role_arn=settings.role_arn, env=env)
-        # A child before the batcher: the first lookup starts before any upload.
-        service.setServiceParent(daemon)
-        credentials = service
-    if http_client is None:
+        if local:
+            credentials = StaticCredentials(None)
+        else:
+            service = CredentialsService(
+                reactor, region=region, role_arn=settings.role_arn, env=env
+            )
+            # First child: the first lookup starts before any upload.
+            service.setServiceParent(daemon)
+            credentials = service
+    if http_client is None and not local:
         try:
             http_client, pool = make_http(reactor, settings, env, settings.concurrency)
         except ProxyConfigError as e:
@@ -248,16 +314,8 @@ def build(
         daemon.cleanups.append(pool.closeCachedConnections)
         notes += [("info", line) for line in outbound_info(settings, env)]
         notes += [("warn", line) for line in outbound_warnings(settings, env)]
-    spool = None
-    if settings.spool_dir:
-        try:
-            spool = Spool.open(
-                settings.spool_dir, settings.spool_max_mb * 1024 * 1024, reactor, counters
-            )
-        except SpoolError as e:
-            raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
-        # After the batcher has stopped: what it could not send is on disk.
-        daemon.cleanups.append(spool.close)
+
+    # Where batches go: X-Ray, or a JSON Lines file.
     uploader = Uploader(
         client=http_client,
         endpoint=endpoint,
@@ -266,9 +324,28 @@ def build(
         clock=reactor,
         timeout=settings.request_timeout,
     )
+    send: Any = uploader.put_trace_segments
+    if local:
+        try:
+            sink = LocalSink(settings.local_sink, reactor)
+        except LocalSinkError as e:
+            raise StartupError(str(e)) from None
+        daemon.cleanups.append(sink.close)
+        send = sink.put_trace_segments
+        notes.append(("info", f"Writing segments to {sink.path} (local sink: nothing is uploaded)"))
+    spool = None
+    if settings.spool_dir:
+        try:
+            spool = Spool.open(
+                settings.spool_dir, settings.spool_max_mb * 1024 * 1024, reactor, counters
+            )
+        except SpoolError as e:
+            raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
+        daemon.cleanups.append(spool.close)  # after the batcher: the rest is on disk
+
     batcher = Batcher(
         buffer,
-        uploader.put_trace_segments,
+        send,
         reactor,
         counters,
         concurrency=settings.concurrency,
@@ -277,24 +354,103 @@ def build(
         spool_after=settings.spool_after,
     )
     ingest = Ingest(buffer, counters, reactor)
+    drop_monitor = UdpDropMonitor(reactor, counters)
+
+    # The TCP port's HTTP side: sampling (signed and proxied, or answered
+    # locally), plus /health and /metrics, which are never proxied.
+    health = HealthResource(
+        HealthState(
+            clock=reactor,
+            counters=counters,
+            buffer=buffer,
+            waiting_docs=lambda: batcher.waiting_docs,
+            oldest_waiting_since=batcher.oldest_waiting_since,
+            credentials_status=(
+                (lambda: (True, "not needed (local sink)"))
+                if local
+                else credentials_status(credentials)
+            ),
+            endpoint_url=sink.path if local else endpoint.url,
+            started_at=reactor.seconds(),
+            unhealthy_after=settings.unhealthy_after,
+        )
+    )
+    metrics = metrics_resource(
+        counters,
+        buffer_used=lambda: buffer.used,
+        buffer_capacity=buffer.capacity,
+        waiting_docs=lambda: batcher.waiting_docs,
+        kernel_drops=(lambda: counters.kernel_drops) if drop_monitor.available() else None,
+        extra_info={"region": region, "mode": "local-sink" if local else "xray"},
+    )
+    max_body = settings.proxy_max_body_kb * 1024
+    sampling: Resource
+    if local:
+        sampling = LocalSamplingResource(reactor, counters, max_body=max_body)
+    else:
+        sampling = SamplingProxy(
+            client=http_client,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            clock=reactor,
+            counters=counters,
+            max_body=max_body,
+            timeout=settings.proxy_timeout,
+            max_concurrent=settings.proxy_max_concurrent,
+        )
+    local_pages: dict[bytes, Resource] = {b"health": health, b"metrics": metrics}
+    site = make_site(
+        http_root(sampling, local_pages, counters),
+        timeout=settings.proxy_client_timeout,
+        max_body=max_body,
+        counters=counters,
+        reactor=reactor,
+    )
+    stream = SniffingFactory(ingest, site, settings.stream_max_line_kb * 1024, reactor)
+    telemetry = TelemetryService(
+        send=uploader.call,
+        counters=counters,
+        clock=reactor,
+        interval=0 if local else settings.telemetry_interval,
+        hostname=identity.hostname,
+        instance_id=identity.instance_id,
+        resource_arn=settings.resource_arn,
+    )
 
     # Bind last: nothing above can fail after a socket is open.
+    opened: list[Any] = []
     try:
-        udp_socket = sockets.bind_udp(udp_address, settings.udp_receive_buffer_kb * 1024)
-    except sockets.AddressError as e:
-        raise StartupError(
-            f"{e} (set the UDP address with -b/--bind or Socket.UDPAddress)"
-        ) from None
-    udp = UDPIngestService(reactor, udp_socket, ingest)
+        opened.append(
+            _bind(udp_address, "udp", "-b/--bind", "Socket.UDPAddress",
+                  settings.udp_receive_buffer_kb * 1024)
+        )  # fmt: skip
+        opened.append(_bind(tcp_address, "tcp", "-t/--bind-tcp", "Socket.TCPAddress"))
+        if monitoring_address is not None:
+            opened.append(
+                _bind(monitoring_address, "tcp", "--monitoring-address", "Monitoring.Address")
+            )
+    except StartupError:
+        for sock in opened:
+            sock.close()
+        raise
+    udp = UDPIngestService(reactor, opened[0], ingest)
+    tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
+    drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
 
-    def udp_inodes() -> list[int]:
-        return [socket_inode(udp.port.socket.fileno())] if udp.port is not None else []
-
-    batcher.setServiceParent(daemon)
-    udp.setServiceParent(daemon)
-    UdpDropMonitor(reactor, counters, inodes=udp_inodes).setServiceParent(daemon)
+    # Stop order (XRayDaemon.stopService): ingest, then the batcher drain,
+    # then the rest (telemetry sends its final record), then the cleanups.
+    for child in (batcher, udp, tcp, drop_monitor, telemetry):
+        child.setServiceParent(daemon)
+    if monitoring_address is not None:
+        monitor_site = monitoring_site(
+            health, metrics, timeout=settings.proxy_client_timeout, reactor=reactor
+        )
+        SiteService(reactor, opened[2], monitor_site, "/health and /metrics").setServiceParent(
+            daemon
+        )
+    daemon.ingest_services += [udp, tcp]
     daemon.drain_services.append(batcher)
-    daemon.ingest_services.append(udp)
     daemon.parts = daemon._banner_parts = Parts(
         settings=settings,
         counters=counters,
@@ -304,6 +460,7 @@ def build(
         uploader=uploader,
         ingest=ingest,
         udp=udp,
+        tcp=tcp,
         endpoint=endpoint,
         region=region,
         credentials=credentials,

@@ -142,6 +142,10 @@ class UdpDropMonitor(Service):
         self._loop: LoopingCall | None = None
         self.error = ""  # why no counters could be read, if so
 
+    def watch(self, inodes: Inodes) -> None:
+        """Count the drops of these sockets (asked at every check), not host-wide ones."""
+        self._inodes = inodes
+
     def sample(self) -> Sample | None:
         """The current counter from the best source available (None: none is)."""
         inodes = self._inodes() if self._inodes is not None else ()

@@ -95,8 +95,10 @@ def makeService(options: Options, reactor: Any = None) -> XRayDaemon:
     except config.ConfigError as e:
         raise fail(str(e), options.parsed.overrides.get("log_path")) from None
     log_path = settings.log_path or _twistd_log_path(options)
+    # With --local-sink - the segments own stdout; the log moves to stderr.
+    console = sys.stderr if settings.local_sink == "-" else sys.stdout
     try:
-        destination = open_destination(log_path, settings.log_rotation, sys.stdout)
+        destination = open_destination(log_path, settings.log_rotation, console)
     except LogSetupError as e:
         raise fail(str(e)) from None
     observer = GoFormatObserver(destination.write, settings.log_level, destination.flush)

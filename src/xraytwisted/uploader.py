@@ -56,6 +56,9 @@ class CredentialSource(Protocol):
     def when_loaded(self) -> Deferred[None]:
         """Fires once the first lookup has finished (at once if it has)."""
 
+    def status(self) -> str:
+        """One line for people: where the credentials come from, or what is wrong."""
+
 
 @dataclass(frozen=True)
 class Unprocessed:
