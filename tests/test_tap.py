@@ -95,7 +95,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(message, match.group(3))
 
     def test_builds_the_daemon(self) -> None:
-        daemon = self.make("-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9")
+        daemon = self.make(
+            "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9"
+        )
         assert daemon.parts is not None
         self.assertEqual(daemon.parts.region, "us-east-2")
         self.assertEqual(daemon.parts.endpoint.url, "http://127.0.0.1:9")
