@@ -493,3 +493,33 @@ class SpoolTests(Fixture):
             self.clock.advance(1)
         self.assertGreater(self.buffer.used, 0)
         self.assertEqual(self.counters.spooled, 0)
+
+    def test_full_memory_moves_the_oldest_batches_to_disk_instead_of_dropping(self) -> None:
+        from xraytwisted.spool import Spool
+
+        doc_cost = len(docs(1)[0]) + DOC_OVERHEAD
+        self.directory = self.mktemp()
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(doc_cost * 120, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer, self.uploads, self.clock, self.counters, concurrency=1,
+            random=lambda: 1.0, spool=self.spool, spool_after=1000,
+        )  # fmt: skip
+        self.batcher.startService()
+        self.offer(docs(400))  # X-Ray is slow: one upload hangs, memory fills up
+        self.assertEqual(self.counters.spillover, 0)
+        self.assertGreater(self.counters.spooled, 0)
+        self.assertLessEqual(self.buffer.used, self.buffer.capacity)
+        for _ in range(40):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(set(self.sent_docs())), sorted(docs(400)))
+        self.assertEqual(self.counters.lost, 0)
+
+    def test_full_memory_without_spool_still_drops_the_newest(self) -> None:
+        doc_cost = len(docs(1)[0]) + DOC_OVERHEAD
+        self.make(capacity=doc_cost * 60, concurrency=1)
+        for doc in docs(100):
+            self.buffer.offer(doc)
+        self.assertEqual(self.counters.spillover, 40)

@@ -101,6 +101,35 @@ class Batcher(Service):
     def batch_filled(self) -> None:
         self._dispatch()
 
+    def make_room(self, size: int) -> bool:
+        """The memory budget is spent: with a spool, move the oldest waiting batches there.
+
+        Down to half the budget, so this happens once in a while rather than
+        for every document; what is in flight stays in memory.
+        """
+        spool, buffer = self.spool, self.buffer
+        if spool is None or self._abandoned:
+            return False
+        moved = 0
+        while buffer.used + size > buffer.capacity // 2:
+            if self._retries:
+                batch = heapq.heappop(self._retries)[2]
+            elif buffer.head() is not None:
+                batch = buffer.pop()
+            else:
+                break
+            self._park(batch)
+            moved += len(batch)
+        if moved and self._error_throttle.check("memory full: spooling") is not None:
+            self.log.warn(
+                "The memory buffer of {mb} MB is full: wrote {count} waiting segments to the "
+                "spool {directory}; they are sent when uploads catch up",
+                mb=buffer.capacity // (1024 * 1024),
+                count=moved,
+                directory=spool.directory,
+            )
+        return buffer.used + size <= buffer.capacity
+
     # -- sending ----------------------------------------------------------
 
     def _dispatch(self) -> None:

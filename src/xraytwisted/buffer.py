@@ -51,6 +51,9 @@ class BufferListener(Protocol):
     def batch_filled(self) -> None:
         """A batch reached ``batch_size`` documents."""
 
+    def make_room(self, size: int) -> bool:
+        """The budget cannot take ``size`` more bytes: free some if possible (True if so)."""
+
 
 class SegmentBuffer:
     """Accepted documents waiting for (or in) an upload, within a byte budget."""
@@ -82,8 +85,16 @@ class SegmentBuffer:
         self._listener = listener
 
     def has_room(self, size: int) -> bool:
-        """Whether ``offer`` would accept a document of ``size`` bytes now (nothing counted)."""
-        return self.used + size + DOC_OVERHEAD <= self.capacity
+        """Whether ``offer`` would accept a document of ``size`` bytes now (nothing counted).
+
+        Like ``offer``, a full buffer first asks its listener to make room (a
+        spool moves waiting batches to disk), so a paused stream only waits
+        when there is really nowhere to put its documents.
+        """
+        cost = size + DOC_OVERHEAD
+        if self.used + cost <= self.capacity:
+            return True
+        return self._listener is not None and self._listener.make_room(cost)
 
     def notify_when_space(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` once, soon after budget is next given back.
@@ -120,7 +131,10 @@ class SegmentBuffer:
     def offer(self, doc: bytes) -> bool:
         """Accept ``doc`` if the budget allows; False means it was dropped (counted)."""
         cost = len(doc) + DOC_OVERHEAD
-        if self.used + cost > self.capacity:
+        if self.used + cost > self.capacity and (
+            # Full: the listener may move waiting batches elsewhere (a disk spool).
+            self._listener is None or not self._listener.make_room(cost)
+        ):
             self._counters.spillover += 1
             return False
         self.used += cost
