@@ -60,7 +60,9 @@ class IngestTests(SynchronousTestCase):
     def test_bad_input_is_logged_escaped_and_throttled(self) -> None:
         with capturedLogs() as events:
             for _ in range(5):
-                self.ingest.datagram(b'{"format":"json","version":2}\n\x1b[31mred\nforged line')
+                self.ingest.datagram(
+                    b'{"format":"json","version":2}\n\x1b[31mred\nforged line', ("10.1.2.3", 4567)
+                )
             self.clock.advance(10)
             self.ingest.datagram(b'{"format":"json","version":2}\nx')
         lines = [formatEvent(e) for e in events]
@@ -69,6 +71,7 @@ class IngestTests(SynchronousTestCase):
         self.assertNotIn("\n", lines[0])
         self.assertNotIn("\x1b", lines[0])
         self.assertIn("\\x1b", lines[0])
+        self.assertIn("(from 10.1.2.3:4567)", lines[0])
         self.assertIn("(4 more like this suppressed)", lines[1])
 
     def test_full_buffer_drops_newest_and_warns_once_per_interval(self) -> None:

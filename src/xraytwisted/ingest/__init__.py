@@ -42,8 +42,8 @@ class Ingest:
     def datagram(self, data: bytes, addr: object = None) -> bool:
         """One ``header\\nbody`` record; True if its body was accepted.
 
-        ``addr`` (the sender) is unused; it is there so a DatagramProtocol
-        can call this directly as its datagramReceived.
+        ``addr`` is the sender, named in warnings about bad input; the
+        signature lets a DatagramProtocol use this as its datagramReceived.
         """
         counters = self.counters
         if not counters.received:
@@ -58,17 +58,11 @@ class Ingest:
             verdict, body = split(data)
             if verdict is not Verdict.OK:
                 counters.rejected += 1
-                self._warn(verdict.value, _REJECT_MESSAGES[verdict], data)
+                self._warn(verdict.value, _REJECT_MESSAGES[verdict], data, sender=addr)
                 return False
         if self.buffer.offer(body):
             return True
-        self._warn(
-            "buffer full",
-            "Segment dropped: the buffer of {mb} MB is full. "
-            "Consider increasing memory limit (-m/--buffer-memory)",
-            None,
-            mb=self.buffer.capacity // (1024 * 1024),
-        )
+        self._buffer_full()
         return False
 
     # -- the TCP segment stream: one record is a header line and a body line --
@@ -119,6 +113,10 @@ class Ingest:
         """Offer an accepted body to the buffer; False if it was dropped (counted, warned)."""
         if self.buffer.offer(body):
             return True
+        self._buffer_full()
+        return False
+
+    def _buffer_full(self) -> None:
         self._warn(
             "buffer full",
             "Segment dropped: the buffer of {mb} MB is full. "
@@ -126,12 +124,22 @@ class Ingest:
             None,
             mb=self.buffer.capacity // (1024 * 1024),
         )
-        return False
 
-    def _warn(self, reason: str, message: str, data: bytes | None, **extra: object) -> None:
+    def _warn(
+        self,
+        reason: str,
+        message: str,
+        data: bytes | None,
+        sender: object = None,
+        **extra: object,
+    ) -> None:
         suppressed = self._throttle.check(reason)
         if suppressed is None:
             return
+        if isinstance(sender, tuple) and len(sender) >= 2:
+            message += " (from {sender})"
+            host, port = sender[0], sender[1]
+            extra["sender"] = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
         if suppressed:
             message += " ({suppressed} more like this suppressed)"
         # Raw input goes in as a format *argument*, escaped and truncated, so
