@@ -1,0 +1,257 @@
+"""The processes a benchmark runs: the sink, the daemon under test, the sender."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from benchmarks import procstat
+from benchmarks.sender import SendResult
+
+# The daemon under test; placeholders are filled in by Daemon (see PLACEHOLDERS).
+# twistd: -n stays in the foreground; --pidfile= writes no twistd.pid (so runs
+# in parallel do not fight over one; twistd writes it even with -n otherwise).
+DEFAULT_COMMAND = (
+    "{twistd} -n --pidfile= xray --region us-east-2 -e {endpoint} -b {udp_address} -t {tcp_address}"
+)
+PLACEHOLDERS = {
+    "python": "this Python interpreter",
+    "twistd": "the twistd script next to this Python interpreter",
+    "endpoint": "the sink's URL, http://127.0.0.1:<port>",
+    "udp_port": "a free UDP port the daemon must listen on",
+    "udp_address": "127.0.0.1:{udp_port}",
+    "tcp_port": "a free TCP port (for daemons that also listen on TCP)",
+    "tcp_address": "127.0.0.1:{tcp_port}",
+    "config": "the --config-template file, rendered with these placeholders",
+    "workdir": "the run's output directory",
+}
+# Dummy credentials: the sink does not check signatures.
+DAEMON_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDBENCHMARK",
+    "AWS_SECRET_ACCESS_KEY": "benchmark-secret",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+# Where ``python -m benchmarks.<module>`` works from, wherever the runner was started.
+REPO = Path(__file__).resolve().parent.parent
+_BANNER = re.compile(r"Effective configuration|Listening on|buffer memory|Using buffer")
+_LOG_PROBLEM = re.compile(r"\[(Warn|Warning|Error|Critical)\]|Traceback|Unhandled", re.IGNORECASE)
+
+
+def set_priority(nice: int) -> None:
+    """Run this process, and every process it starts from now on, at ``nice``.
+
+    On a machine shared with other work a negative value (root only) keeps
+    the benchmark's processes from waiting behind it; CPU time per segment
+    is not changed by it, only how soon the daemon gets a core.  With the
+    kernel's autogroup scheduling on, ``nice`` only ranks processes within
+    one session, so a session leader (start the runner with ``setsid``) also
+    sets its session's autogroup nice, which covers the benchmark alone.
+    """
+    if not nice:
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            autogroup = f.read().strip() == "1"
+    except OSError:
+        autogroup = False
+    if not autogroup:
+        return
+    if os.getsid(0) == os.getpid():
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    else:
+        print(
+            "warning: autogroup scheduling is on; start this with setsid for --nice to "
+            "rank the benchmark ahead of other sessions' work",
+            file=sys.stderr,
+        )
+
+
+def free_port(kind: int) -> int:
+    """A port that is free right now (``kind`` is SOCK_DGRAM or SOCK_STREAM)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _Managed:
+    """A child process stopped with SIGTERM when the context exits."""
+
+    proc: subprocess.Popen[Any]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then wait up to ``timeout`` s (SIGKILL after); the exit status."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        return self.proc.returncode
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.terminate()
+
+
+class Sink(_Managed):
+    """``benchmarks.sink`` in its own process."""
+
+    def __init__(self, verify: bool = False) -> None:
+        args = [sys.executable, "-m", "benchmarks.sink", "--port", "0"]
+        if verify:
+            args.append("--verify")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"sink did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def _call(self, method: str, path: str) -> bytes:
+        self._conn.request(method, path)
+        return self._conn.getresponse().read()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the last ``take``: requests, docs, bytes, other, mismatches."""
+        result: dict[str, int] = json.loads(self._call("GET", "/_bench/stats"))
+        return result
+
+    def take(self) -> list[tuple[float, int, float]]:
+        """Every (arrival, id, sent) recorded since the last take; resets the sink."""
+        records = []
+        for line in self._call("POST", "/_bench/take").splitlines():
+            arrival, doc_id, sent = line.split()
+            records.append((float(arrival), int(doc_id, 16), float(sent)))
+        return records
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        self._conn.close()
+        return super().terminate(timeout)
+
+
+class Daemon(_Managed):
+    """The daemon under test: any command, with placeholders filled in."""
+
+    def __init__(
+        self,
+        command: str,
+        endpoint: str,
+        workdir: Path,
+        *,
+        name: str = "daemon",
+        config_template: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.udp_port = free_port(socket.SOCK_DGRAM)
+        tcp_port = free_port(socket.SOCK_STREAM)
+        values = {
+            "python": sys.executable,
+            "twistd": str(Path(sys.executable).parent / "twistd"),
+            "endpoint": endpoint,
+            "udp_port": str(self.udp_port),
+            "udp_address": f"127.0.0.1:{self.udp_port}",
+            "tcp_port": str(tcp_port),
+            "tcp_address": f"127.0.0.1:{tcp_port}",
+            "workdir": str(workdir),
+            "config": "",
+        }
+        if config_template is not None:
+            config = workdir / f"{name}.cfg.yaml"
+            config.write_text(config_template.read_text().format_map(values))
+            values["config"] = str(config)
+        self.argv = [arg.format_map(values) for arg in shlex.split(command)]
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env={**os.environ, **DAEMON_ENV, **(env or {})},
+        )
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the daemon listens on its UDP port; raises if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while not procstat.udp_port_bound(self.udp_port):
+            if not self.alive():
+                raise RuntimeError(f"daemon exited ({self.proc.returncode}); see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not listening after {timeout} s; see {self.log_path}")
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        status = super().terminate(timeout)
+        self._log.close()
+        return status
+
+    def banner(self) -> list[str]:
+        """The log lines that say how the daemon is configured (xraytwisted and Go)."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if _BANNER.search(line)]
+
+    def problems(self, limit: int = 20) -> tuple[int, list[str]]:
+        """Warning/error lines in the log: (how many, the first ``limit``)."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        bad = [line for line in lines if _LOG_PROBLEM.search(line)]
+        return len(bad), bad[:limit]
+
+
+class Sender(_Managed):
+    """``benchmarks.sender`` in its own process (so pacing never waits on us)."""
+
+    def __init__(
+        self, port: int, rate: float, duration: float, first_seq: int, size: int = 1024
+    ) -> None:
+        args = [
+            sys.executable, "-m", "benchmarks.sender", "--port", str(port),
+            "--rate", str(rate), "--duration", str(duration),
+            "--first-seq", str(first_seq), "--size", str(size),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def result(self) -> SendResult:
+        """Wait for the sender to finish and return what it reports."""
+        out, _ = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"sender failed with status {self.proc.returncode}")
+        data = json.loads(out)
+        data.pop("rate", None)
+        return SendResult(**data)
