@@ -161,6 +161,9 @@ class Batcher(Service):
                     break
                 self._send(buffer.pop())
         self._reschedule(now)
+        if self._stopped is not None:
+            # Stopping: parking everything on disk may have been the last step.
+            self._check_stopped()
 
     def _due(self, batch: Batch, now: float) -> bool:
         return (
@@ -320,14 +323,20 @@ class Batcher(Service):
 
     def _succeeded(self, batch: Batch, outcome: Outcome) -> None:
         counters = self._counters
-        self._failures = 0
-        self._failing_since = None
         if self._spooling:
             self._spooling = False
             self.log.info(
                 "Uploads work again: sending {count} spooled segments, oldest first",
                 count=self.spool.ready_docs if self.spool is not None else 0,
             )
+        elif self._failures:
+            self.log.info(
+                "Uploads work again after {failures} failed attempts ({waiting} segments waiting)",
+                failures=self._failures,
+                waiting=self.waiting_docs,
+            )
+        self._failures = 0
+        self._failing_since = None
         spooled = self._replays.pop(batch, None)
         if spooled is not None and self.spool is not None:
             self.spool.ack(spooled)
