@@ -126,8 +126,16 @@ def _encode(raw: bytes) -> str:
     return quote_from_bytes(raw, safe="")
 
 
+# A path that is already canonical: unreserved characters only, no empty,
+# "." or ".." segments.  Every X-Ray API path is one; checking is much
+# cheaper than normalising (this runs for every upload).
+_CANONICAL_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~]+)*/?")
+
+
 def canonical_uri(path: str) -> str:
     """Normalise and percent-encode a request path (non-S3 rules)."""
+    if path.startswith("/") and _CANONICAL_PATH.fullmatch(path):
+        return path
     segments: list[str] = []
     for segment in path.split("/"):
         if segment in ("", "."):
