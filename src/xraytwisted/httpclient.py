@@ -36,9 +36,11 @@ from urllib.parse import urlsplit
 
 import treq.client
 from cryptography import x509
+from hyperlink import EncodedURL
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
@@ -187,6 +189,11 @@ def _openssl_reasons(exc: SSL.Error) -> str:
     return ", ".join(reasons) or str(exc)
 
 
+def _explain_tls_failure_of(failure: Failure, url: str) -> Failure:
+    # Only parsed when a request failed: urlsplit costs more than it looks.
+    return explain_tls_failure(failure, urlsplit(url).netloc)
+
+
 def explain_tls_failure(failure: Failure, netloc: str) -> Failure:
     """``failure``, or a TLSError saying what went wrong if TLS is why the request failed.
 
@@ -233,8 +240,34 @@ def _is_ip_address(host: str) -> bool:
 
 def _chooser(proxy: ProxySpec | ProxyRules | None) -> ProxyChooser:
     if isinstance(proxy, ProxyRules):
-        return proxy.proxy_for
+        return _memoized_by_origin(proxy.proxy_for)
     return lambda _url: proxy
+
+
+def _memoized_by_origin(choose: ProxyChooser) -> ProxyChooser:
+    """``choose``, asked once per scheme://host:port (the NO_PROXY rules only look there).
+
+    Every upload asks twice (agent and endpoint factory); the daemon talks
+    to a handful of origins, so the cache stays tiny.
+    """
+    cache: dict[str, ProxySpec | None] = {}
+
+    def chosen(url: str) -> ProxySpec | None:
+        start = url.find("//") + 2
+        end = url.find("/", start)
+        origin = url if end < 0 else url[:end]
+        try:
+            return cache[origin]
+        except KeyError:
+            if len(cache) > _MAX_CACHED_ORIGINS:
+                cache.clear()
+            result = cache[origin] = choose(url)
+            return result
+
+    return chosen
+
+
+_MAX_CACHED_ORIGINS = 64
 
 
 @implementer(IAgentEndpointFactory)
@@ -252,8 +285,20 @@ class ProxyEndpointFactory:
         self._choose = choose
         self._tls = tls
         self._timeout = connect_timeout
+        # Endpoints are reusable; making one per request costs IDNA host
+        # encoding (and a TLS creator lookup) for every upload.
+        self._endpoints: dict[tuple[bytes, bytes], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.netloc)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) > _MAX_CACHED_ORIGINS:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._make_endpoint(uri)
+        return endpoint
+
+    def _make_endpoint(self, uri: URI) -> IStreamClientEndpoint:
         scheme = uri.scheme.decode("ascii").lower()
         if scheme not in ("http", "https"):
             raise SchemeNotSupported(f"unsupported scheme: {scheme!r}")
@@ -314,12 +359,11 @@ class ProxyRoutingAgent:
         try:
             url = uri.decode("ascii")
             proxy = self._choose(url)
-            parts = urlsplit(url)
-            if proxy is None or parts.scheme.lower() != "http":
+            if proxy is None or url[:5].lower() != "http:":
                 result: Deferred[IResponse] = self._agent.request(
                     method, uri, headers, bodyProducer
                 )
-                return result.addErrback(explain_tls_failure, parts.netloc)
+                return result.addErrback(_explain_tls_failure_of, url)
             return self._forward(proxy, method, uri, headers, bodyProducer)
         except Exception:
             return defer.fail()
@@ -382,7 +426,17 @@ def _client(
     # Cached per host name: building a context loads the whole trust store.
     tls = HostnameCachingHTTPSPolicy(TLSPolicy(verify=verify, extra_cas=extra_cas))
     agent = ProxyRoutingAgent(reactor, pool, choose, tls, connect_timeout)
-    return treq.client.HTTPClient(agent)
+    return treq.client.HTTPClient(agent, cookiejar=_NoCookies())
+
+
+class _NoCookies(IndexableCookieJar):
+    """X-Ray sets no cookies; skipping the jar saves work on every request."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
 
 def ca_bundle_path(env: Mapping[str, str]) -> str:
@@ -449,3 +503,29 @@ def outbound_info(settings: Settings, env: Mapping[str, str]) -> list[str]:
     if ca_bundle:
         lines.append(f"Trusting the CA certificates in AWS_CA_BUNDLE={ca_bundle} too")
     return lines
+
+
+class FixedURL(EncodedURL):
+    """An ASCII URL already in URI form, for requests sent again and again.
+
+    treq turns every URL it is given into URI text with
+    ``url.to_uri().to_text()``, which re-validates the URL and IDNA-encodes
+    its host each time; for the fixed X-Ray endpoint that was a tenth of the
+    cost of an upload.  This URL is its own URI and remembers its text.
+    """
+
+    _text: str
+
+    @classmethod
+    def of(cls, text: str) -> FixedURL:
+        text.encode("ascii")  # UnicodeEncodeError: not for non-ASCII URLs
+        url = cls.from_text(text)
+        assert isinstance(url, FixedURL)  # from_text builds a cls
+        url._text = text
+        return url
+
+    def to_uri(self) -> FixedURL:
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        return self._text

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from hyperlink import EncodedURL
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 
 from xraytwisted import __version__, sigv4
 from xraytwisted.endpoints import Endpoint
+from xraytwisted.httpclient import FixedURL
 from xraytwisted.logs import printable
 
 SERVICE = "xray"
@@ -94,15 +96,32 @@ class Outcome:
 # Pure parts: request body and outcome classification
 
 
-def trace_segments_body(docs: Sequence[bytes]) -> bytes:
-    """The PutTraceSegments JSON body, each document as one JSON string.
+_CONTROL_BYTES = bytes(range(0x20))
+
+
+def json_string_content(doc: bytes) -> bytes:
+    """``doc`` escaped for the inside of a JSON string (no surrounding quotes).
 
     Invalid UTF-8 is replaced with U+FFFD, as the Go daemon's JSON encoder
     does, so a stray byte cannot fail the whole batch.
     """
-    texts = [d.decode("utf-8", "replace") for d in docs]
-    inner = json.dumps(texts, ensure_ascii=False, separators=(",", ":"))
-    return b'{"TraceSegmentDocuments":' + inner.encode("utf-8") + b"}"
+    # Nearly every document is ASCII without control characters (SDKs send
+    # compact JSON): then escaping quotes and backslashes is all there is to
+    # do, and bytes.replace does it several times faster than json.dumps.
+    if doc.isascii() and len(doc.translate(None, _CONTROL_BYTES)) == len(doc):
+        return doc.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    text = json.dumps(doc.decode("utf-8", "replace"), ensure_ascii=False)
+    return text[1:-1].encode("utf-8")
+
+
+def trace_segments_body(docs: Sequence[bytes]) -> bytes:
+    """The PutTraceSegments JSON body, each document as one JSON string."""
+    inner = b'","'.join([json_string_content(doc) for doc in docs])
+    return (
+        b'{"TraceSegmentDocuments":["' + inner + b'"]}'
+        if docs
+        else (b'{"TraceSegmentDocuments":[]}')
+    )
 
 
 def parse_unprocessed(body: bytes) -> tuple[Unprocessed, ...]:
@@ -213,7 +232,7 @@ def user_agent() -> str:
 class HTTPClient(Protocol):
     """The part of treq.client.HTTPClient we use."""
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def request(self, method: str, url: str | EncodedURL, **kwargs: Any) -> Deferred[Any]: ...
 
 
 class Uploader:
@@ -237,6 +256,7 @@ class Uploader:
         self.clock = clock
         self.timeout = timeout
         self.user_agent = agent_name or user_agent()
+        self._urls: dict[str, FixedURL] = {}  # one per API path
 
     def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
         return self.call("/TraceSegments", trace_segments_body(docs)).addCallback(
@@ -274,9 +294,12 @@ class Uploader:
                 )
             )
         headers = self.signed_headers("POST", path, body, creds, start)
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = FixedURL.of(self.endpoint.url_for(path))
         d: Deferred[Any] = self.client.request(
             "POST",
-            self.endpoint.url_for(path),
+            url,
             data=body,
             headers=headers,
             allow_redirects=False,
