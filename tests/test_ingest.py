@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -146,3 +148,94 @@ class UDPTests(TestCase):
         self.sender.sendto(HEADER + b"late", ("127.0.0.1", self.port))
         yield deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(len(self.buffer.accepted), 20)
+
+
+class _FakePort:
+    """The parts of a twisted UDP port the CoalescingReader uses, on a real socket."""
+
+    def __init__(self, protocol: object) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+        self.protocol = protocol
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr: object) -> None:
+        if data == b"boom":
+            raise RuntimeError("bug in the handler")
+        self.seen.append(data)
+
+
+class CoalescingReaderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from xraytwisted.ingest.udp import READ_INTERVAL, CoalescingReader
+
+        self.clock = Clock()
+        self.protocol = _Recorder()
+        self.port = _FakePort(self.protocol)
+        self.addCleanup(self.port.socket.close)
+        self.reader = CoalescingReader(self.clock, self.port)
+        self.interval = READ_INTERVAL
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sender.close)
+
+    def send(self, *payloads: bytes) -> None:
+        for payload in payloads:
+            self.sender.sendto(payload, self.port.socket.getsockname())
+        # Loopback delivery is immediate, but be sure the kernel queued them.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            if select.select([self.port.socket], [], [], 0.01)[0]:
+                break
+
+    def test_readable_reads_everything_then_polls_until_quiet(self) -> None:
+        self.assertEqual(self.port.doRead, self.reader.readable)  # hooked into the port
+        self.send(b"1", b"2", b"3")
+        self.port.doRead()  # what the reactor calls
+        self.assertEqual(self.protocol.seen, [b"1", b"2", b"3"])
+        self.assertFalse(self.port.reading)  # no wakeup per datagram now
+        self.send(b"4", b"5")
+        self.assertEqual(len(self.protocol.seen), 3)
+        self.clock.advance(self.interval)
+        self.assertEqual(self.protocol.seen[3:], [b"4", b"5"])
+        self.assertFalse(self.port.reading)
+        self.clock.advance(self.interval)  # nothing came: back to epoll
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_busy_socket_is_read_again_at_once(self) -> None:
+        from xraytwisted.ingest import udp
+
+        self.patch(udp, "READ_LIMIT", 2)
+        self.send(b"1", b"2", b"3")
+        self.port.doRead()
+        self.assertEqual(len(self.protocol.seen), 2)
+        (call,) = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), self.clock.seconds())  # no pause: more waiting
+        self.clock.advance(0)
+        self.assertEqual(len(self.protocol.seen), 3)
+
+    def test_handler_errors_are_logged_and_reading_goes_on(self) -> None:
+        self.send(b"1", b"boom", b"2")
+        self.port.doRead()
+        self.assertEqual(self.protocol.seen, [b"1", b"2"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stop_reads_what_is_waiting_and_cancels_the_timer(self) -> None:
+        self.send(b"1")
+        self.port.doRead()
+        self.send(b"2", b"3")
+        self.assertEqual(self.reader.stop(), 2)
+        self.assertEqual(self.protocol.seen, [b"1", b"2", b"3"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
