@@ -30,12 +30,8 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import botocore.session
-from botocore.config import Config
-from botocore.credentials import RefreshableCredentials
-from botocore.exceptions import BotoCoreError, ClientError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
@@ -44,6 +40,12 @@ from twisted.python.failure import Failure
 
 from xraytwisted.region import profile_name
 from xraytwisted.sigv4 import Credentials
+
+if TYPE_CHECKING:
+    import botocore.session
+
+# botocore is imported only where a lookup runs (in a thread): it costs about
+# 8 MB of memory, and with keys in the environment it is never needed.
 
 __all__ = [
     "ASSUME_ROLE_SECONDS",
@@ -80,9 +82,18 @@ SESSION_NAME = "xray-daemon"
 ASSUME_ROLE_SECONDS = 3600
 # STS calls run in a thread that nothing waits for, but keep them short so a
 # refresh failure is noticed and retried well before the old credentials expire.
-_STS_CONFIG = Config(
-    connect_timeout=5, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3}
-)
+_STS_TIMEOUTS = {
+    "connect_timeout": 5,
+    "read_timeout": 10,
+    "retries": {"mode": "standard", "total_max_attempts": 3},
+}
+
+def new_session() -> botocore.session.Session:
+    """A fresh botocore session (imports botocore on first use)."""
+    import botocore.session
+
+    return botocore.session.Session()
+
 
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
@@ -233,6 +244,9 @@ def lookup(
     env: Mapping[str, str],
 ) -> Found:
     """Run the provider chain (and AssumeRole); BLOCKING, call it in a thread."""
+    from botocore.credentials import RefreshableCredentials
+    from botocore.exceptions import BotoCoreError, ClientError
+
     session = session_factory()
     if region:
         # Web identity and profile roles call STS: in the daemon's region.
@@ -261,6 +275,9 @@ def assume_role(
     session: botocore.session.Session, source: Found, *, region: str, role_arn: str
 ) -> Found:
     """STS AssumeRole as ``source``, session name ``xray-daemon``; BLOCKING."""
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
     creds = source.credentials
     try:
         sts = session.create_client(
@@ -269,7 +286,7 @@ def assume_role(
             aws_access_key_id=creds.access_key,
             aws_secret_access_key=creds.secret_key,
             aws_session_token=creds.token,
-            config=_STS_CONFIG,
+            config=Config(**_STS_TIMEOUTS),
         )
         answer = sts.assume_role(
             RoleArn=role_arn, RoleSessionName=SESSION_NAME, DurationSeconds=ASSUME_ROLE_SECONDS
@@ -359,7 +376,7 @@ class CredentialsService(Service):
         self.role_arn = role_arn
         self._env: Mapping[str, str] = os.environ if env is None else env
         if fetch is None:
-            fetch = self._default_fetch(session_factory or botocore.session.Session)
+            fetch = self._default_fetch(session_factory or new_session)
         self._fetch: Callable[[], Found] = fetch
         self._run: Runner[Any] = run_in_thread or thread_runner(cast(IReactorFromThreads, reactor))
         self._first_load_timeout = first_load_timeout
