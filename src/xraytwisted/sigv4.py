@@ -14,6 +14,7 @@ Path and query semantics:
   space, so callers should send spaces as ``%20``.
 """
 
+import functools
 import hashlib
 import hmac
 import re
@@ -233,8 +234,13 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
 
 
+@functools.lru_cache(maxsize=16)
 def signing_key(secret_key: str, datestamp: str, region: str, service: str) -> bytes:
-    """Derive the per-day, per-region, per-service signing key."""
+    """Derive the per-day, per-region, per-service signing key.
+
+    Memoized: it changes once a day (or with the credentials), and deriving
+    it was nearly half the cost of signing a request.
+    """
     k_date = _hmac(f"AWS4{secret_key}".encode(), datestamp)
     k_region = _hmac(k_date, region)
     k_service = _hmac(k_region, service)
