@@ -113,7 +113,7 @@ KEYS: tuple[Key, ...] = (
     Key("ShutdownTimeoutSeconds", "shutdown_timeout", "float", 20.0,
         "Seconds to keep uploading buffered segments after SIGTERM/SIGINT before exiting.",
         None, "shutdown-timeout", go=False, metavar="SECONDS"),
-    Key("Socket.UDPReceiveBufferKB", "udp_receive_buffer_kb", "int", 8192,
+    Key("Socket.UDPReceiveBufferKB", "udp_receive_buffer_kb", "int", 16384,
         "Kernel receive buffer (SO_RCVBUF) asked for the UDP socket, in KiB.",
         None, "udp-receive-buffer", go=False, metavar="KB"),
     Key("Socket.StreamMaxLineKB", "stream_max_line_kb", "int", 1024,
@@ -203,7 +203,7 @@ class Settings:
     version: int = 1
     request_timeout: float = 5.0
     shutdown_timeout: float = 20.0
-    udp_receive_buffer_kb: int = 8192
+    udp_receive_buffer_kb: int = 16384
     stream_max_line_kb: int = 1024
     proxy_max_body_kb: int = 1024
     proxy_timeout: float = 10.0

@@ -8,7 +8,7 @@ turns about a thousand reactor wakeups a second (each costing more than
 the segment itself: measured at 150-300 us of CPU per wakeup on a small VM)
 into fifty timer ticks of twenty datagrams, for at most 20 ms of added
 latency while segments already wait up to 1 s to fill a batch; the kernel
-receive buffer (8 MiB by default) holds a 20 ms pause even at 40 000/s.
+receive buffer (16 MiB asked by default) holds a 20 ms pause even at 40 000/s.
 The first datagram after a quiet spell is read at once, so a lone segment
 is not delayed.
 """
