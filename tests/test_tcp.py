@@ -670,7 +670,7 @@ class MotoTests(TestCase):
         )
         await threads.deferToThread(docs_emitter(), documents, ("127.0.0.1", tcp.address.port))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(HEADER + b"\n" + via_udp.encode(), ("127.0.0.1", udp.address[1]))
+            s.sendto(HEADER + b"\n" + via_udp.encode(), ("127.0.0.1", udp.address.port))
 
         def complete(stored: list[dict[str, Any]]) -> bool:
             return len(stored) == 8

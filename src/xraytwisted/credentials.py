@@ -88,6 +88,7 @@ _STS_TIMEOUTS = {
     "retries": {"mode": "standard", "total_max_attempts": 3},
 }
 
+
 def new_session() -> botocore.session.Session:
     """A fresh botocore session (imports botocore on first use)."""
     import botocore.session

@@ -48,7 +48,7 @@ from xraytwisted.endpoints import Endpoint
 from xraytwisted.logs import Throttle, printable
 from xraytwisted.stats import Counters
 from xraytwisted.uploader import SERVICE, CredentialSource, HTTPClient, classify_exception
-from xraytwisted.web import DEFAULT_MAX_BODY, json_error
+from xraytwisted.web import DEFAULT_MAX_BODY, body_too_large, json_error, read_body
 
 DEFAULT_TIMEOUT = 10.0  # SamplingProxy.TimeoutSeconds
 DEFAULT_MAX_CONCURRENT = 64  # SamplingProxy.MaxConcurrentRequests
@@ -252,16 +252,10 @@ class SamplingProxy(Resource):
                 f"{operation.name} takes {operation.method.decode()}, not "
                 f"{printable(request.method)}",
             )
-        content = request.content
-        body = content.read(self.max_body + 1) if content is not None else b""
-        if len(body) > self.max_body:
+        body = read_body(request, self.max_body)
+        if body is None:
             self._count("too_large")
-            return json_error(
-                request,
-                413,
-                "InvalidRequestException",
-                f"request body larger than {self.max_body} bytes (SamplingProxy.MaxBodyKB)",
-            )
+            return body_too_large(request, self.max_body)
         if self.in_flight >= self.max_concurrent:
             self._count("overloaded")
             self._warn(

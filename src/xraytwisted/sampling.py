@@ -26,7 +26,7 @@ from twisted.web.server import Request
 
 from xraytwisted.logs import printable
 from xraytwisted.stats import Counters
-from xraytwisted.web import DEFAULT_MAX_BODY, json_error
+from xraytwisted.web import DEFAULT_MAX_BODY, body_too_large, json_error, read_body
 
 RULES_PATH = b"/GetSamplingRules"
 TARGETS_PATH = b"/SamplingTargets"
@@ -155,16 +155,10 @@ class LocalSamplingResource(Resource):
                 "MethodNotAllowedException",
                 f"use POST for {path.decode('ascii')}, not {printable(request.method)}",
             )
-        content = request.content
-        body = content.read(self._max_body + 1) if content is not None else b""
-        if len(body) > self._max_body:
+        body = read_body(request, self._max_body)
+        if body is None:
             self._count("too_large")
-            return json_error(
-                request,
-                413,
-                "InvalidRequestException",
-                f"request body larger than {self._max_body} bytes (SamplingProxy.MaxBodyKB)",
-            )
+            return body_too_large(request, self._max_body)
         self._count("local")
         if path == RULES_PATH:
             answer = rule_records(self.modified_at)

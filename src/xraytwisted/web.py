@@ -18,14 +18,13 @@ from collections.abc import Mapping
 from io import BytesIO
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from xraytwisted.listening import AdoptedPortService
 from xraytwisted.stats import Counters
 
 DEFAULT_MAX_BODY = 1024 * 1024  # SamplingProxy.MaxBodyKB default
@@ -45,6 +44,23 @@ def json_error(request: Request, status: int, code: str, message: str) -> bytes:
     request.setHeader(b"content-length", b"%d" % len(body))
     # twisted.web would drop a HEAD answer's body itself, with a log line.
     return b"" if request.method == b"HEAD" else body
+
+
+def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is longer than ``limit`` bytes."""
+    content = request.content
+    body = content.read(limit + 1) if content is not None else b""
+    return None if len(body) > limit else body
+
+
+def body_too_large(request: Request, limit: int) -> bytes:
+    """The 413 answer for a body ``read_body`` refused."""
+    return json_error(
+        request,
+        413,
+        "InvalidRequestException",
+        f"request body larger than {limit} bytes (SamplingProxy.MaxBodyKB)",
+    )
 
 
 class _Root(Resource):
@@ -214,39 +230,16 @@ def make_site(
     return QuietSite(root, timeout=timeout, max_body=max_body, counters=counters, reactor=reactor)
 
 
-class SiteService(Service):
+class SiteService(AdoptedPortService):
     """Serves an already-bound, listening TCP socket with a Site (e.g. Monitoring.Address)."""
 
-    log = Logger()
-
     def __init__(self, reactor: Any, sock: socket.socket, site: Site, what: str) -> None:
-        self._reactor = reactor
-        self._socket: socket.socket | None = sock
+        super().__init__(reactor, sock)
         self.site = site
         self.what = what  # for the log line, e.g. "/health and /metrics"
-        self.port: Any = None
-        host, port = sock.getsockname()[:2]
-        self.address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        sock = self._socket
-        if sock is None or self.port is not None:
-            return
-        self.port = self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.site)
-        sock.close()  # the reactor has its own duplicate now
-        self._socket = None
-        self.log.info("Serving {what} on {address}", what=self.what, address=self.address)
+    def adopt(self, sock: socket.socket) -> Any:
+        return self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.site)
 
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        return maybeDeferred(port.stopListening) if port is not None else None
+    def listening(self) -> None:
+        self.log.info("Serving {what} on {address}", what=self.what, address=str(self.address))

@@ -24,8 +24,7 @@ import enum
 import socket
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -36,6 +35,7 @@ from twisted.web.server import Site
 
 from xraytwisted.buffer import DOC_OVERHEAD
 from xraytwisted.ingest import Ingest, is_header
+from xraytwisted.listening import AdoptedPortService
 from xraytwisted.sockets import Address
 
 # Longest HTTP method token we wait for before deciding (RFC 9110's
@@ -451,10 +451,8 @@ class SniffingFactory(Factory):
         return d.addCallback(lambda _: None)
 
 
-class TCPPortService(Service):
+class TCPPortService(AdoptedPortService):
     """Serves an already-bound, listening TCP socket with a ``SniffingFactory``."""
-
-    log = Logger()
 
     def __init__(
         self,
@@ -465,41 +463,19 @@ class TCPPortService(Service):
         stop_grace: float = STOP_GRACE,
         endpoint_url: str = "",
     ) -> None:
-        self._reactor = reactor
-        self._socket: socket.socket | None = sock
+        super().__init__(reactor, sock)
         self.factory = factory
         self.stop_grace = stop_grace
         self.endpoint_url = endpoint_url
-        self.port: Any = None
-        host, port = sock.getsockname()[:2]
-        self.address = Address(str(host), int(port))
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        sock = self._socket
-        if sock is None or self.port is not None:
-            return
-        self.port = self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
-        # The reactor has its own duplicate of the descriptor now.
-        sock.close()
-        self._socket = None
+    def adopt(self, sock: socket.socket) -> Any:
+        return self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+
+    def listening(self) -> None:
         if self.endpoint_url:
             self.log.info("HTTP Proxy server using X-Ray Endpoint : {url}", url=self.endpoint_url)
         self.log.info("Starting proxy http server on {address}", address=str(self.address))
 
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            if self._socket is not None:
-                self._socket.close()
-                self._socket = None
-            return None
-        d: Deferred[Any] = maybeDeferred(port.stopListening)
-        d.addCallback(lambda _: self.factory.stop(self.stop_grace))
-        return d.addCallback(lambda _: None)
+    def closed(self) -> Deferred[Any] | None:
+        # Open streams may finish the record they are sending.
+        return self.factory.stop(self.stop_grace)

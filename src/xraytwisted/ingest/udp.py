@@ -18,12 +18,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from xraytwisted.ingest import Ingest
+from xraytwisted.listening import AdoptedPortService
 from xraytwisted.sockets import receive_buffer_size
 
 # Twisted reads datagrams into buffers of 8192 bytes by default and silently
@@ -101,60 +100,33 @@ class CoalescingReader:
         return self.read(100_000)
 
 
-class UDPIngestService(Service):
+class UDPIngestService(AdoptedPortService):
     """Serves an already-bound UDP socket; drains it before closing on stop."""
 
-    log = Logger()
-
     def __init__(self, reactor: Any, sock: socket.socket, ingest: Ingest) -> None:
-        self._reactor = reactor
-        self._socket: socket.socket | None = sock
+        super().__init__(reactor, sock)
         self.protocol = UDPIngest(ingest)
-        self.port: Any = None
         self.reader: CoalescingReader | None = None
-        self.address = sock.getsockname()
         self.receive_buffer = 0
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        sock = self._socket
-        if sock is None or self.port is not None:
-            return
-        self.port = self._reactor.adoptDatagramPort(
+    def adopt(self, sock: socket.socket) -> Any:
+        port = self._reactor.adoptDatagramPort(
             sock.fileno(), sock.family, self.protocol, maxPacketSize=MAX_DATAGRAM
         )
-        self.reader = CoalescingReader(self._reactor, self.port)
+        self.reader = CoalescingReader(self._reactor, port)
         self.receive_buffer = receive_buffer_size(sock)
-        # The reactor has its own duplicate of the descriptor now.
-        sock.close()
-        self._socket = None
+        return port
+
+    def listening(self) -> None:
         self.log.info(
             "Listening on UDP {address} (kernel receive buffer {kb} KiB)",
-            address=_format(self.address),
+            address=str(self.address),
             kb=self.receive_buffer // 1024,
         )
 
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            if self._socket is not None:
-                self._socket.close()
-                self._socket = None
-            return None
+    def closing(self, port: Any) -> None:
         # Datagrams already in the kernel buffer were sent before we were
         # told to stop: take them in too, so they are uploaded with the rest.
         if self.reader is not None:
             self.reader.stop()
             self.reader = None
-        return maybeDeferred(port.stopListening)
-
-
-def _format(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
