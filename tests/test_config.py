@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xraytwisted import cli, config
+from xraytwisted import cfgfile, cli, config
 from xraytwisted.config import (
     KEYS,
     KEYS_BY_ATTR,
@@ -156,9 +156,9 @@ class GoSampleFileTests(ConfigTestCase):
             self.assertEqual(settings.config_path, values["config_path"])
 
     def test_sample_flattens_to_the_go_keys(self) -> None:
-        document = config.read_document(self.write(GO_SAMPLE_CFG_YAML))
+        document = cfgfile.read_document(self.write(GO_SAMPLE_CFG_YAML))
         self.assertEqual(
-            config.flatten(document),
+            cfgfile.flatten(document),
             [
                 "TotalBufferSizeMB",
                 "Concurrency",
@@ -592,7 +592,7 @@ class FileAndSyntaxErrorTests(ConfigTestCase):
         )
 
     def test_huge_file(self) -> None:
-        self.patch(config, "MAX_FILE_BYTES", 100)
+        self.patch(cfgfile, "MAX_FILE_BYTES", 100)
         path = self.write("#" * 101)
         self.assertConfigError(
             lambda: load(path, search=()), f"{PREFIX}read {path}: file is larger than 100 bytes"
@@ -602,7 +602,7 @@ class FileAndSyntaxErrorTests(ConfigTestCase):
         self.assertEqual(load(at_limit, search=())["version"], 2)
 
     def test_default_size_limit(self) -> None:
-        self.assertEqual(config.MAX_FILE_BYTES, 1024 * 1024)
+        self.assertEqual(cfgfile.MAX_FILE_BYTES, 1024 * 1024)
 
 
 class SearchPathTests(ConfigTestCase):

@@ -36,7 +36,6 @@ from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.kernel import UdpDropMonitor, socket_inode
 from xraytwisted.localsink import LocalSink, LocalSinkError
 from xraytwisted.memory import Budget, buffer_budget
-from xraytwisted.metrics import metrics_resource
 from xraytwisted.proxy import SamplingProxy
 from xraytwisted.proxyconfig import ProxyConfigError
 from xraytwisted.region import NO_REGION
@@ -45,7 +44,7 @@ from xraytwisted.spool import Spool, SpoolError
 from xraytwisted.stats import Counters
 from xraytwisted.telemetry import TelemetryService
 from xraytwisted.uploader import CredentialSource, Uploader
-from xraytwisted.web import SiteService, http_root, make_site
+from xraytwisted.web import LazyResource, SiteService, http_root, make_site
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -380,14 +379,21 @@ def build(
             unhealthy_after=settings.unhealthy_after,
         )
     )
-    metrics = metrics_resource(
-        counters,
-        buffer_used=lambda: buffer.used,
-        buffer_capacity=buffer.capacity,
-        waiting_docs=lambda: batcher.waiting_docs,
-        kernel_drops=(lambda: counters.kernel_drops) if drop_monitor.available() else None,
-        extra_info={"region": region, "mode": "local-sink" if local else "xray"},
-    )
+
+    def build_metrics() -> Resource:
+        # Imported on the first scrape: see LazyResource.
+        from xraytwisted.metrics import metrics_resource
+
+        return metrics_resource(
+            counters,
+            buffer_used=lambda: buffer.used,
+            buffer_capacity=buffer.capacity,
+            waiting_docs=lambda: batcher.waiting_docs,
+            kernel_drops=(lambda: counters.kernel_drops) if drop_monitor.available() else None,
+            extra_info={"region": region, "mode": "local-sink" if local else "xray"},
+        )
+
+    metrics = LazyResource(build_metrics)
     max_body = settings.proxy_max_body_kb * 1024
     sampling: Resource
     if local:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any
 
@@ -83,6 +83,28 @@ class _Root(Resource):
         if self._counters is not None:
             self._counters.proxy_requests["local"] += 1
         return target.render(request)
+
+
+class LazyResource(Resource):
+    """A leaf resource built by ``factory`` on its first request.
+
+    For pages whose module is costly to import and rarely asked for: /metrics
+    pulls in prometheus_client (~1 MB of resident memory), which a daemon
+    nobody scrapes should not carry.
+    """
+
+    isLeaf = True
+
+    def __init__(self, factory: Callable[[], IResource]) -> None:
+        super().__init__()
+        self._factory: Callable[[], IResource] | None = factory
+        self._resource: IResource | None = None
+
+    def render(self, request: Request) -> Any:
+        if self._resource is None:
+            assert self._factory is not None
+            self._resource, self._factory = self._factory(), None
+        return self._resource.render(request)
 
 
 def http_root(
