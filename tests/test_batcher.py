@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from xraytwisted.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
@@ -43,7 +44,11 @@ def docs(n: int, start: int = 0) -> list[bytes]:
 
 REFUSED = UploadError("ConnectionRefusedCount", True, False, "connection refused")
 THROTTLED = UploadError("HTTPCode4XXCount", True, True, "HTTP 429 ThrottledException", 429)
-INVALID = UploadError("HTTPCode4XXCount", False, False, "HTTP 400 InvalidRequestException", 400)
+INVALID = UploadError(
+    "HTTPCode4XXCount", False, False, "HTTP 400 InvalidRequestException", 400,
+    "InvalidRequestException",
+)  # fmt: skip
+NOT_FOUND = UploadError("HTTPCode4XXCount", False, False, "HTTP 404 UnknownOperation", 404)
 
 
 class Fixture(SynchronousTestCase):
@@ -72,6 +77,18 @@ class Fixture(SynchronousTestCase):
     def offer(self, items: list[bytes]) -> None:
         for item in items:
             self.assertTrue(self.buffer.offer(item))
+
+    def refuse_when(self, bad: set[bytes], rounds: int = 500) -> None:
+        """Answer every upload: 400 if it holds a document of ``bad``, else OK."""
+        for _ in range(rounds):
+            pending = [i for i, (_, d) in enumerate(self.uploads.calls) if not d.called]
+            if not pending and not self.batcher.waiting_docs:
+                return
+            for index in pending:
+                refused = bad.intersection(self.uploads.calls[index][0])
+                self.uploads.finish(index, Outcome(0.0, error=INVALID) if refused else None)
+            self.clock.advance(1)
+        self.fail("uploads did not settle")
 
 
 class BufferTests(Fixture):
@@ -102,6 +119,20 @@ class BufferTests(Fixture):
         self.assertFalse(self.buffer.offer(one))
         self.uploads.finish(0)
         self.assertTrue(self.buffer.offer(one))
+
+    def test_split_keeps_the_charge_and_the_attempts(self) -> None:
+        self.offer(docs(5))
+        batch = self.buffer.pop()
+        batch.attempts = 2
+        first, second = self.buffer.split(batch)
+        self.assertEqual((first.docs, second.docs), (docs(2), docs(3, 2)))
+        self.assertEqual(first.nbytes + second.nbytes, batch.nbytes)
+        self.assertEqual(first.nbytes, sum(map(len, docs(2))) + 2 * DOC_OVERHEAD)
+        self.assertEqual((first.attempts, second.attempts), (2, 2))
+        self.assertEqual(first.started, batch.started)
+        self.buffer.release(first)
+        self.buffer.release(second)
+        self.assertEqual(self.buffer.used, 0)
 
 
 class DeadlineTests(Fixture):
@@ -249,13 +280,51 @@ class RetryTests(Fixture):
         sent_docs = {d for call_docs, dd in self.uploads.calls for d in call_docs}
         self.assertEqual(sent_docs, set(docs(total)))
 
-    def test_validation_error_drops_the_batch_as_rejected(self) -> None:
+    def test_a_refused_batch_is_halved_until_only_the_bad_documents_are_dropped(self) -> None:
+        batch = docs(50)
+        bad = {batch[7], batch[31]}
+        self.offer(batch)
+        with capturedLogs() as events:
+            self.refuse_when(bad)
+        self.assertEqual(self.counters.rejected, 2)
+        self.assertEqual(self.counters.sent, 48)
+        outcomes = self.uploads.outcomes
+        sent = [
+            doc for i, (b, _) in enumerate(self.uploads.calls) for doc in b if not outcomes[i].error
+        ]
+        self.assertEqual(sorted(sent), sorted(set(batch) - bad))
+        self.assertEqual(self.buffer.used, 0)
+        # Halving costs a few requests per bad document, not one per document.
+        self.assertLessEqual(len(self.uploads.calls), 1 + 2 * 2 * 6)
+        # Found a few seconds apart: the second line is rate-limited (10 s per kind).
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(
+            lines[0],
+            r"^Refused segment 0{14}(07|1f) of trace 1-00000000-0{22}(07|1f): HTTP 400 "
+            r"InvalidRequestException; X-Ray will not accept it, so it is dropped$",
+        )
+
+    def test_a_batch_refused_in_every_half_costs_2n_minus_1_requests(self) -> None:
+        batch = docs(50)
+        self.offer(batch)
+        self.refuse_when(set(batch))
+        self.assertEqual(self.counters.rejected, 50)
+        self.assertEqual(self.counters.sent, 0)
+        self.assertEqual(len(self.uploads.calls), 99)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_a_wrong_endpoint_refusal_is_not_split(self) -> None:
         self.offer(docs(50))
-        self.uploads.finish(0, Outcome(0.0, error=INVALID))
+        with capturedLogs() as events:
+            self.uploads.finish(0, Outcome(0.0, error=NOT_FOUND))
         self.clock.advance(60)
         self.assertEqual(len(self.uploads.calls), 1)
         self.assertEqual(self.counters.rejected, 50)
         self.assertEqual(self.buffer.used, 0)
+        refused = [formatEvent(e) for e in events if "Refused segment" in formatEvent(e)]
+        self.assertEqual(len(refused), 10)  # ids of the first ten, then the batch line says 50
+        self.assertIn(f"Refused segment {0:016x} of trace 1-00000000-{0:024x}: 404", refused[0])
 
     def test_unprocessed_retryable_documents_are_sent_again(self) -> None:
         batch = docs(3)
@@ -273,6 +342,23 @@ class RetryTests(Fixture):
         self.assertEqual(self.uploads.calls[1][0], [batch[1]])
         self.uploads.finish(1)
         self.assertEqual(self.counters.sent, 2)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_throttled_unprocessed_documents_are_never_given_up_and_slow_uploads(self) -> None:
+        self.offer(docs(1))
+        self.clock.advance(1)
+        before = self.batcher.limit.value
+        for attempt in range(3 * MAX_DOC_ATTEMPTS):
+            self.uploads.finish(
+                attempt,
+                Outcome(0.1, unprocessed=(Unprocessed(f"{0:016x}", "ThrottledException", ""),)),
+            )
+            self.clock.advance(30)
+        self.assertEqual(len(self.uploads.calls), 3 * MAX_DOC_ATTEMPTS + 1)
+        self.assertEqual(self.counters.rejected, 0)
+        self.assertLess(self.batcher.limit.value, before)
+        self.uploads.finish(3 * MAX_DOC_ATTEMPTS)
+        self.assertEqual(self.counters.sent, 1)
         self.assertEqual(self.buffer.used, 0)
 
     def test_unprocessed_retries_are_bounded(self) -> None:
@@ -471,19 +557,21 @@ class SpoolTests(Fixture):
         self.assertEqual(self.counters.lost, 0)
         self.assertEqual(self.spool.pending_docs, 120)
 
-    def test_replayed_batch_that_xray_refuses_is_dropped_from_the_spool(self) -> None:
+    def test_replayed_batch_that_xray_refuses_is_halved_and_leaves_the_spool(self) -> None:
         self.make_spooled(spool_after=1)
-        self.offer(docs(50))
+        batch = docs(50)
+        self.offer(batch)
         self.fail_pending()
         self.clock.advance(1)
         self.fail_pending()
         self.clock.advance(1)
         self.assertEqual(self.counters.spooled, 50)
         self.clock.advance(5)
-        (index,) = [i for i, (_, d) in enumerate(self.uploads.calls) if not d.called]
-        self.uploads.finish(index, Outcome(0.0, error=INVALID))
-        self.assertEqual(self.counters.rejected, 50)
+        self.refuse_when({batch[3]})
+        self.assertEqual(self.counters.rejected, 1)
+        self.assertEqual(self.counters.sent, 49)
         self.assertEqual(self.spool.pending_docs, 0)
+        self.assertEqual(self.buffer.used, 0)
 
     def test_without_spool_after_spooling_never_starts(self) -> None:
         self.make()  # no spool

@@ -187,6 +187,7 @@ class GoSampleFileTests(ConfigTestCase):
                 "RequestTimeoutSeconds",
                 "ShutdownTimeoutSeconds",
                 "Socket.UDPReceiveBufferKB",
+                "Socket.UDPReadIntervalMS",
                 "Socket.StreamMaxLineKB",
                 "SamplingProxy.MaxBodyKB",
                 "SamplingProxy.TimeoutSeconds",
@@ -787,6 +788,13 @@ class ValidateTests(SynchronousTestCase):
             self.assertEqual(resolve({}, {"udp_receive_buffer_kb": ok}).udp_receive_buffer_kb, ok)
         for bad in (-1, config.MAX_UDP_RECEIVE_BUFFER_KB + 1):
             self.invalid("Invalid Socket.UDPReceiveBufferKB", udp_receive_buffer_kb=bad)
+
+    def test_udp_read_interval(self) -> None:
+        self.assertEqual(resolve({}, {}).udp_read_interval_ms, 20.0)
+        for ok in (0.0, 2.5, 1000.0):
+            self.assertEqual(resolve({}, {"udp_read_interval_ms": ok}).udp_read_interval_ms, ok)
+        for bad in (-1.0, 1000.5, math.nan, math.inf):
+            self.invalid("Invalid Socket.UDPReadIntervalMS", udp_read_interval_ms=bad)
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(

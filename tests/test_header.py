@@ -66,6 +66,14 @@ CASES: list[tuple[bytes, Verdict, bytes]] = [
     (b'{"format":"json","version":1,"version":"x"}\nx', OK, b"x"),
     (b'{"format":"json","version":1,"version":null}\nx', OK, b"x"),
     (b'{"format":"json","Format":"xml","version":1}\nx', INVALID, b""),
+    # Go's decoder takes UTF-8 only and knows no NaN/Infinity; it replaces
+    # invalid UTF-8 inside strings instead of failing.
+    (b'{"format":"json","version":1,"x":NaN}\nx', INVALID, b""),
+    (b'{"format":"json","version":1,"x":-Infinity}\nx', INVALID, b""),
+    (b'\xef\xbb\xbf{"format":"json","version":1}\nx', INVALID, b""),
+    ('{"format":"json","version":1}'.encode("utf-16-le") + b"\nx", INVALID, b""),
+    (b'{"format":"json","version":1,"x":"\xff\xfe"}\nx', OK, b"x"),
+    (b'{"format":"json","version":1,\xff:1}\nx', INVALID, b""),
 ]
 
 

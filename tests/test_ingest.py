@@ -226,6 +226,22 @@ class CoalescingReaderTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.protocol.seen), 3)
 
+    def test_interval_zero_reads_again_on_the_next_turn(self) -> None:
+        from xraytwisted.ingest.udp import CoalescingReader
+
+        port = _FakePort(self.protocol)
+        self.addCleanup(port.socket.close)
+        reader = CoalescingReader(self.clock, port, 0)
+        self.assertEqual(port.doRead, reader.readable)
+        self.sender.sendto(b"1", port.socket.getsockname())
+        select.select([port.socket], [], [], 2)
+        port.doRead()
+        (call,) = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), self.clock.seconds())
+        self.clock.advance(0)  # nothing more came: back to epoll
+        self.assertTrue(port.reading)
+        self.assertEqual(self.protocol.seen, [b"1"])
+
     def test_handler_errors_are_logged_and_reading_goes_on(self) -> None:
         self.send(b"1", b"boom", b"2")
         self.port.doRead()

@@ -96,14 +96,38 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_builds_the_daemon(self) -> None:
         daemon = self.make(
-            "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9"
-        )
+            "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9",
+            "--udp-read-interval", "2.5",
+        )  # fmt: skip
         assert daemon.parts is not None
         self.assertEqual(daemon.parts.region, "us-east-2")
+        self.assertEqual(daemon.parts.udp.read_interval, 0.0025)
         self.assertEqual(daemon.parts.endpoint.url, "http://127.0.0.1:9")
         # The sockets are bound already; close them.
         daemon.parts.udp.stopService()
         daemon.parts.tcp.stopService()
+
+    def test_startup_line_shows_every_setting_and_masks_the_proxy_password(self) -> None:
+        from xraytwisted.config import KEYS
+        from xraytwisted.daemon import summarize
+
+        daemon = self.make(
+            "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+            "-p", "http://user:s3cret@127.0.0.1:3128", "--spool-max-mb", "7",
+        )  # fmt: skip
+        assert daemon.parts is not None
+        self.addCleanup(daemon.parts.udp.stopService)
+        self.addCleanup(daemon.parts.tcp.stopService)
+        line = summarize(daemon.parts.settings, daemon.parts)
+        self.assertNotIn("s3cret", line)
+        self.assertIn("proxy-address=http://user:***@127.0.0.1:3128", line)
+        self.assertIn("spool-max-mb=7 ", line)
+        self.assertIn("request-timeout=5s ", line)
+        self.assertIn("endpoint=https://xray.us-east-2.amazonaws.com ", line)
+        names = [field.split("=", 1)[0] for field in line.split()]
+        self.assertEqual(
+            names, [k.long or k.attr for k in KEYS if k.attr != "version"] + ["config"]
+        )
 
     def test_region_from_environment(self) -> None:
         self.patch(os, "environ", {**os.environ, "AWS_REGION": "eu-west-1"})
@@ -136,6 +160,27 @@ class MakeServiceTests(SynchronousTestCase):
             ["-n", "us-east-2", "-b", f"127.0.0.1:{port}"],
             f"listen udp 127.0.0.1:{port}: bind: address already in use",
         )
+
+    def test_tcp_port_in_use_is_fatal_too(self) -> None:
+        # The Go daemon only logs this and runs on without its sampling proxy;
+        # we refuse to start (docs/stream-format.md), and the UDP socket
+        # bound just before is released.
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        free_udp = udp.getsockname()[1]
+        udp.close()
+        self.assert_fails_with(
+            ["-n", "us-east-2", "-b", f"127.0.0.1:{free_udp}", "-t", f"127.0.0.1:{port}"],
+            f"listen tcp 127.0.0.1:{port}: bind: address already in use",
+        )
+        again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(again.close)
+        again.bind(("127.0.0.1", free_udp))  # not left bound by the failed start
 
     def test_bad_address(self) -> None:
         self.assert_fails_with(["-n", "us-east-2", "-b", "nonsense"], "missing port in address")

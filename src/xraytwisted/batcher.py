@@ -35,14 +35,20 @@ from xraytwisted.buffer import Batch, SegmentBuffer
 from xraytwisted.logs import Throttle, printable
 from xraytwisted.spool import Spool, SpooledBatch
 from xraytwisted.stats import Counters
-from xraytwisted.uploader import Outcome, Unprocessed, UploadError
+from xraytwisted.uploader import THROTTLING_CODES, Outcome, Unprocessed, UploadError
 
 MAX_WAIT = 1.0  # seconds the oldest document of a batch may wait
 MAX_UNPROCESSED_LINES = 10  # per batch; the rest are summarised
-# A document X-Ray keeps returning as unprocessed with a "try again" code is
-# given up on after this many attempts (whole-batch failures such as an
-# outage are retried for as long as the daemon runs: memory bounds them).
+# A document X-Ray keeps returning as unprocessed with an internal-error code
+# is given up on after this many attempts: it may be the document that makes
+# X-Ray fail.  Throttled documents (and whole-batch failures such as an
+# outage) are retried for as long as the daemon runs: memory bounds them.
 MAX_DOC_ATTEMPTS = 8
+# Statuses that refuse the request for its content: a batch refused with one
+# is split in two and each half sent again, so one bad document (too large,
+# not a JSON string) costs only itself.  Other refusals (404, 405, ...) say
+# the endpoint is wrong, and splitting would only multiply requests.
+SPLIT_STATUSES = frozenset({400, 413})
 
 Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
 
@@ -366,25 +372,33 @@ class Batcher(Service):
         retry: list[bytes] = []
         matched = match_unprocessed(batch.docs, unprocessed)
         may_retry = batch.attempts < MAX_DOC_ATTEMPTS
+        throttled = False
         for index, (item, doc) in enumerate(matched):
-            if item.retryable and doc is not None and may_retry:
-                retry.append(doc)
-                continue
+            if item.retryable and doc is not None:
+                if item.error_code in THROTTLING_CODES:
+                    throttled = True
+                    retry.append(doc)
+                    continue
+                if may_retry:
+                    retry.append(doc)
+                    continue
             counters.rejected += 1
             if index < MAX_UNPROCESSED_LINES:
                 # Everything here came from X-Ray or from a sender: escaped.
                 self.log.error(
-                    "Unprocessed segment {id} of trace {trace}: {code}: {message}",
+                    "Unprocessed segment {id} of trace {trace}: {code}: {detail}",
                     id=printable(item.id.encode(), 64) or "(no id)",
                     trace=printable(trace_id_of(doc).encode(), 64) if doc else "(unknown)",
                     code=printable(item.error_code.encode(), 64) or "(no code)",
-                    message=printable(item.message.encode(), 200) or "(no message)",
+                    detail=printable(item.message.encode(), 200) or "(no message)",
                 )
         if len(matched) > MAX_UNPROCESSED_LINES:
             self.log.error(
                 "... and {more} more unprocessed segments in this batch",
                 more=len(matched) - MAX_UNPROCESSED_LINES,
             )
+        if throttled:
+            self.limit.throttled()  # X-Ray is asking for fewer requests
         remaining = self.buffer.shrink(batch, retry)
         if remaining is not None:
             self._retry(remaining, full_jitter(remaining.attempts, self._random))
@@ -394,23 +408,52 @@ class Batcher(Service):
         counters.batches_failed += 1
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
+        spooled = self._replays.pop(batch, None)
+        if not error.retryable and len(batch) > 1 and error.status in SPLIT_STATUSES:
+            # Find the documents X-Ray refuses by halving: the others go.
+            # (A replayed batch leaves the disk: its halves live in memory.)
+            if spooled is not None and self.spool is not None:
+                self.spool.ack(spooled)
+            for half in self.buffer.split(batch):
+                if self._spooling:
+                    self._park(half)  # probed from the spool one at a time
+                else:
+                    self._retry(half, 0.0)
+            return
         # One line per kind of failure per interval: an outage or a sender of
         # invalid documents must not flood the log.
         suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
         note = f" ({suppressed} similar failures not logged)" if suppressed else ""
-        spooled = self._replays.pop(batch, None)
         if not error.retryable:
-            counters.rejected += len(batch)
             if spooled is not None and self.spool is not None:
                 self.spool.ack(spooled)  # done with it: X-Ray will never take it
+            counters.rejected += len(batch)
             self.buffer.release(batch)
-            if suppressed is not None:
+            if suppressed is None:
+                return
+            if len(batch) == 1:  # what halving a refused batch ends with
                 self.log.error(
-                    "Sending segment batch failed with: {message}; X-Ray will not accept it, "
-                    "so its {count} segments are dropped{note}",
-                    message=error.message,
-                    count=len(batch),
+                    "Refused segment {id} of trace {trace}: {detail}; X-Ray will not accept "
+                    "it, so it is dropped{note}",
+                    id=_log_id(segment_id_of(batch.docs[0])),
+                    trace=_log_id(trace_id_of(batch.docs[0])),
+                    detail=error.message,
                     note=note,
+                )
+                return
+            self.log.error(
+                "Sending segment batch failed with: {detail}; X-Ray will not accept it, "
+                "so its {count} segments are dropped{note}",
+                detail=error.message,
+                count=len(batch),
+                note=note,
+            )
+            for doc in batch.docs[:MAX_UNPROCESSED_LINES]:
+                self.log.error(
+                    "Refused segment {id} of trace {trace}: {code}",
+                    id=_log_id(segment_id_of(doc)),
+                    trace=_log_id(trace_id_of(doc)),
+                    code=printable((error.code or str(error.status)).encode(), 64),
                 )
             return
         if error.throttled:
@@ -431,9 +474,9 @@ class Batcher(Service):
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
         if suppressed is not None:
             self.log.error(
-                "Sending segment batch failed with: {message}; will retry {count} segments "
+                "Sending segment batch failed with: {detail}; will retry {count} segments "
                 "(attempt {attempt}, {waiting} segments waiting){note}",
-                message=error.message,
+                detail=error.message,
                 count=len(batch),
                 attempt=batch.attempts,
                 waiting=self.waiting_docs,
@@ -539,6 +582,7 @@ class Batcher(Service):
 # segments, so the hot path never looks inside a document).
 
 _TRACE_ID = re.compile(rb'"trace_id"\s*:\s*"([^"\\]{1,64})"')
+_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,64})"')
 
 
 def match_unprocessed(
@@ -553,6 +597,17 @@ def match_unprocessed(
             found = next((d for d in docs if pattern.search(d)), None)
         result.append((item, found))
     return result
+
+
+def _log_id(text: str) -> str:
+    # Ids come from senders: escaped for the log like any other input.
+    return printable(text.encode(), 64)
+
+
+def segment_id_of(doc: bytes) -> str:
+    """The first "id" in a document (the segment's own in SDK output), for log lines."""
+    match = _ID.search(doc)
+    return match.group(1).decode("ascii", "replace") if match else "(unknown)"
 
 
 def trace_id_of(doc: bytes) -> str:

@@ -189,6 +189,18 @@ class SegmentBuffer:
             self._space_freed()
         return kept
 
+    def split(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Two halves of ``batch`` (at least 2 documents), charged together as it was."""
+        half = len(batch.docs) // 2
+        first, second = Batch(batch.started), Batch(batch.started)
+        first.docs, second.docs = batch.docs[:half], batch.docs[half:]
+        # A batch replayed from the spool is not charged (nbytes 0): nor are its halves.
+        if batch.nbytes:
+            first.nbytes = sum(len(doc) for doc in first.docs) + DOC_OVERHEAD * half
+            second.nbytes = batch.nbytes - first.nbytes
+        first.attempts = second.attempts = batch.attempts
+        return first, second
+
     def drain(self) -> list[Batch]:
         """Remove every waiting batch (shutdown); their bytes stay charged."""
         batches = list(self._batches)

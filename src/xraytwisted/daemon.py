@@ -26,7 +26,7 @@ from xraytwisted import __version__, endpoints, metadata, sockets
 from xraytwisted import region as regions
 from xraytwisted.batcher import Batcher
 from xraytwisted.buffer import SegmentBuffer
-from xraytwisted.config import Settings
+from xraytwisted.config import KEYS, Settings
 from xraytwisted.credentials import CredentialsService, StaticCredentials
 from xraytwisted.health import HealthResource, HealthState, credentials_status, monitoring_site
 from xraytwisted.httpclient import make_http, outbound_info, outbound_warnings
@@ -37,7 +37,7 @@ from xraytwisted.kernel import UdpDropMonitor, socket_inode
 from xraytwisted.localsink import LocalSink, LocalSinkError
 from xraytwisted.memory import Budget, buffer_budget
 from xraytwisted.proxy import SamplingProxy
-from xraytwisted.proxyconfig import ProxyConfigError
+from xraytwisted.proxyconfig import ProxyConfigError, mask_password
 from xraytwisted.region import NO_REGION
 from xraytwisted.sampling import LocalSamplingResource
 from xraytwisted.spool import Spool, SpoolError
@@ -188,39 +188,41 @@ class XRayDaemon(MultiService):
         return d.addCallback(lambda _: None)
 
 
+# cfg.yaml key suffix -> unit shown after the value in the summary line.
+_UNITS = (("Seconds", "s"), ("MS", "ms"), ("KB", "KB"), ("MB", "MB"))
+
+
 def summarize(s: Settings, parts: Parts) -> str:
-    """One line of the effective settings, secrets masked."""
-    target = f"local-sink={s.local_sink}" if s.local_sink else f"endpoint={parts.endpoint.url}"
-    fields = [
-        f"udp={s.udp_address}",
-        f"tcp={s.tcp_address}",
-        target,
-        f"region={parts.region}",
-        f"concurrency={s.concurrency}",
-        f"buffer-memory={parts.budget.megabytes}MB",
-        f"local-mode={str(s.local_mode).lower()}",
-        f"resource-arn={s.resource_arn or 'none'}",
-        f"role-arn={s.role_arn or 'none'}",
-        f"proxy={mask_userinfo(s.proxy_address) if s.proxy_address else 'none'}",
-        f"no-verify-ssl={str(s.no_verify_ssl).lower()}",
-        f"log-level={s.log_level}",
-        f"log-file={s.log_path or 'stdout'}",
-        f"log-rotation={str(s.log_rotation).lower()}",
-        f"request-timeout={s.request_timeout:g}s",
-        f"shutdown-timeout={s.shutdown_timeout:g}s",
-        f"telemetry-interval={s.telemetry_interval:g}s",
-        f"monitoring-address={s.monitoring_address or 'none'}",
-        f"spool-dir={s.spool_dir or 'none'}",
-        f"config={s.config_path or 'none'}",
-    ]
+    """One line with every setting (flag name=value) as the daemon uses it.
+
+    Values the daemon worked out are shown resolved (region, endpoint,
+    buffer size); a proxy password is masked.
+    """
+    resolved: dict[str, object] = {
+        "region": parts.region,
+        "endpoint": "none" if s.local_sink else parts.endpoint.url,
+        "buffer_memory_mb": parts.budget.megabytes,
+        "proxy_address": mask_password(s.proxy_address) if s.proxy_address else "none",
+        "log_path": s.log_path or "stdout",
+    }
+    fields = []
+    for key in KEYS:
+        if key.attr == "version":
+            continue
+        value = resolved.get(key.attr, getattr(s, key.attr))
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = str(value) if value != "" else "none"
+        name = key.long or key.attr
+        unit = next((u for suffix, u in _UNITS if key.name.endswith(suffix)), "")
+        if name.endswith("-" + unit.lower()):
+            unit = ""  # spool-max-mb=1024, not 1024MB
+        fields.append(f"{name}={text}{unit}")
+    fields.append(f"config={s.config_path or 'none'}")
     return " ".join(fields)
-
-
-def mask_userinfo(url: str) -> str:
-    """A URL with any user name and password replaced by ***."""
-    scheme, sep, rest = url.partition("://")
-    _userinfo, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}***@{host}" if at else url
 
 
 def _addresses(
@@ -445,7 +447,9 @@ def build(
         for sock in opened:
             sock.close()
         raise
-    udp = UDPIngestService(reactor, opened[0], ingest)
+    udp = UDPIngestService(
+        reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
+    )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
 

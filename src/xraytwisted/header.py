@@ -56,10 +56,17 @@ def header_is_valid(header: bytes) -> bool:
     folding), lets a later duplicate key win, skips a value of the wrong type
     (keeping what an earlier key set) and treats ``null`` as "leave as is".
     Leading/trailing JSON whitespace (including ``\\r``) is fine; anything
-    after the object is a syntax error, which rejects the whole header.
+    after the object is a syntax error, which rejects the whole header.  Like
+    Go, the bytes are UTF-8 only (no BOM, no UTF-16/32 detection), invalid
+    UTF-8 inside a string is replaced rather than an error, and ``NaN`` or
+    ``Infinity`` are not JSON.
     """
     try:
-        pairs = json.loads(header, object_pairs_hook=_pairs)
+        pairs = json.loads(
+            header.decode("utf-8", "replace"),
+            object_pairs_hook=_pairs,
+            parse_constant=_not_json,
+        )
     except (ValueError, RecursionError):
         return False
     if not isinstance(pairs, _Pairs):
@@ -75,6 +82,10 @@ def header_is_valid(header: bytes) -> bool:
         elif folded == "version" and _is_go_int(value):
             version = value
     return fmt.casefold() == "json" and version == 1
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _Pairs(list[tuple[str, Any]]):
