@@ -47,9 +47,11 @@ from xraytwisted.credentials import (
     Found,
     NoCredentialsError,
     StaticCredentials,
+    assume_role,
     duration,
     from_environment,
     missing_message,
+    new_session,
     refresh_delay,
     retry_delay,
     thread_runner,
@@ -949,3 +951,47 @@ class STSTests(TestCase):
         self.addCleanup(service.stopService)
         yield service.when_loaded()
         return service
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **kwargs: Any) -> Any:
+        yield self.data
+
+
+class STSEndpointTests(SynchronousTestCase):
+    """Which STS host AssumeRole calls (nothing leaves the process)."""
+
+    def assume_role_url(self, region: str, env: dict[str, str | None]) -> str:
+        from botocore.awsrequest import AWSResponse
+
+        aws_environment(self, env)
+        session = new_session()
+        urls: list[str] = []
+
+        def answer(request: Any, **kwargs: Any) -> AWSResponse:
+            urls.append(request.url)
+            body = (
+                b"<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+                b"<Message>no</Message></Error></ErrorResponse>"
+            )
+            return AWSResponse(request.url, 403, {}, _Body(body))
+
+        session.register("before-send.sts.AssumeRole", answer)
+        source = Found(Credentials("AKIDEXAMPLE", "secret"), "environment")
+        with self.assertRaises(NoCredentialsError):
+            assume_role(session, source, region=region, role_arn="arn:aws:iam::1:role/r")
+        return urls[0]
+
+    def test_the_daemon_region_s_endpoint_like_the_go_daemon(self) -> None:
+        for region in ("us-east-1", "eu-west-1", "us-east-2"):
+            self.assertTrue(
+                self.assume_role_url(region, {}).startswith(f"https://sts.{region}.amazonaws.com/"),
+                region,
+            )
+
+    def test_an_explicit_setting_is_respected(self) -> None:
+        url = self.assume_role_url("eu-west-1", {"AWS_STS_REGIONAL_ENDPOINTS": "legacy"})
+        self.assertTrue(url.startswith("https://sts.amazonaws.com/"), url)

@@ -339,12 +339,16 @@ class DocsTests(SynchronousTestCase):
         self.assertGreaterEqual(checked, 4)
 
     def test_command_examples_use_real_flags(self) -> None:
-        for name in MY_DOCS:
-            for block in fenced_blocks((DOCS / name).read_text(), "sh"):
-                for command in block.replace("\\\n", " ").splitlines():
-                    words = shlex.split(command, comments=True)
-                    if words[:1] == ["xray"]:
-                        cli.parse(words[1:])  # raises on a bad flag
+        checked = 0
+        for path in [ROOT / "README.md"] + [DOCS / name for name in MY_DOCS]:
+            for block in fenced_blocks(path.read_text(), "sh"):
+                for line in block.replace("\\\n", " ").splitlines():
+                    for command in line.split("&&"):
+                        words = shlex.split(command, comments=True)
+                        if words and Path(words[0]).name == "xray":
+                            cli.parse(words[1:])  # raises on a bad flag
+                            checked += 1
+        self.assertGreaterEqual(checked, 3)
 
     def test_relative_links_resolve(self) -> None:
         for name in MY_DOCS:

@@ -280,6 +280,11 @@ def assume_role(
     from botocore.exceptions import BotoCoreError, ClientError
 
     creds = source.credentials
+    if "AWS_STS_REGIONAL_ENDPOINTS" not in os.environ:
+        # The Go daemon calls the daemon region's STS endpoint; botocore
+        # before 1.40 sends us-east-1, eu-west-1 and other old regions to the
+        # global sts.amazonaws.com unless told otherwise.
+        session.set_config_variable("sts_regional_endpoints", "regional")
     try:
         sts = session.create_client(
             "sts",
