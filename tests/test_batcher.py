@@ -49,6 +49,8 @@ INVALID = UploadError(
     "InvalidRequestException",
 )  # fmt: skip
 NOT_FOUND = UploadError("HTTPCode4XXCount", False, False, "HTTP 404 UnknownOperation", 404)
+# What a web server in front of X-Ray says to a plain-HTTP request on its TLS port.
+HTML_400 = UploadError("HTTPCode4XXCount", False, False, "HTTP 400: <html>...", 400)
 
 
 class Fixture(SynchronousTestCase):
@@ -288,6 +290,7 @@ class RetryTests(Fixture):
             self.refuse_when(bad)
         self.assertEqual(self.counters.rejected, 2)
         self.assertEqual(self.counters.sent, 48)
+        self.assertEqual(self.counters.retried, 0)  # halves are new requests, not retries
         outcomes = self.uploads.outcomes
         sent = [
             doc for i, (b, _) in enumerate(self.uploads.calls) for doc in b if not outcomes[i].error
@@ -313,6 +316,13 @@ class RetryTests(Fixture):
         self.assertEqual(self.counters.sent, 0)
         self.assertEqual(len(self.uploads.calls), 99)
         self.assertEqual(self.buffer.used, 0)
+
+    def test_a_400_that_is_not_from_x_ray_is_not_split(self) -> None:
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=HTML_400))
+        self.clock.advance(60)
+        self.assertEqual(len(self.uploads.calls), 1)
+        self.assertEqual(self.counters.rejected, 50)
 
     def test_a_wrong_endpoint_refusal_is_not_split(self) -> None:
         self.offer(docs(50))
@@ -567,6 +577,12 @@ class SpoolTests(Fixture):
         self.clock.advance(1)
         self.assertEqual(self.counters.spooled, 50)
         self.clock.advance(5)
+        before = self.counters.spooled
+        (index,) = [i for i, (_, d) in enumerate(self.uploads.calls) if not d.called]
+        self.uploads.finish(index, Outcome(0.0, error=INVALID))
+        # The halves are written back before the refused record is let go.
+        self.assertEqual(self.counters.spooled, before + 50)
+        self.assertEqual(self.spool.pending_docs, 50)
         self.refuse_when({batch[3]})
         self.assertEqual(self.counters.rejected, 1)
         self.assertEqual(self.counters.sent, 49)

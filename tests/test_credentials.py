@@ -962,7 +962,11 @@ class _Body:
 
 
 class STSEndpointTests(SynchronousTestCase):
-    """Which STS host AssumeRole calls (nothing leaves the process)."""
+    """Which STS host AssumeRole calls (nothing leaves the process).
+
+    botocore 1.40 and later default to the regional endpoint already; these
+    pin the behaviour for the older botocore versions pyproject.toml allows.
+    """
 
     def assume_role_url(self, region: str, env: dict[str, str | None]) -> str:
         from botocore.awsrequest import AWSResponse
@@ -994,4 +998,11 @@ class STSEndpointTests(SynchronousTestCase):
 
     def test_an_explicit_setting_is_respected(self) -> None:
         url = self.assume_role_url("eu-west-1", {"AWS_STS_REGIONAL_ENDPOINTS": "legacy"})
+        self.assertTrue(url.startswith("https://sts.amazonaws.com/"), url)
+
+    def test_a_profile_setting_is_respected(self) -> None:
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write("[default]\nsts_regional_endpoints = legacy\n")
+        url = self.assume_role_url("eu-west-1", {"AWS_CONFIG_FILE": config})
         self.assertTrue(url.startswith("https://sts.amazonaws.com/"), url)

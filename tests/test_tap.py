@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -114,6 +115,7 @@ class MakeServiceTests(SynchronousTestCase):
         daemon = self.make(
             "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
             "-p", "http://user:s3cret@127.0.0.1:3128", "--spool-max-mb", "7",
+            "-f", "/tmp/my logs/xray.log",
         )  # fmt: skip
         assert daemon.parts is not None
         self.addCleanup(daemon.parts.udp.stopService)
@@ -123,8 +125,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn("proxy-address=http://user:***@127.0.0.1:3128", line)
         self.assertIn("spool-max-mb=7 ", line)
         self.assertIn("request-timeout=5s ", line)
+        self.assertIn('log-file="/tmp/my logs/xray.log" ', line)
         self.assertIn("endpoint=https://xray.us-east-2.amazonaws.com ", line)
-        names = [field.split("=", 1)[0] for field in line.split()]
+        names = [field.split("=", 1)[0] for field in shlex.split(line)]
         self.assertEqual(
             names, [k.long or k.attr for k in KEYS if k.attr != "version"] + ["config"]
         )

@@ -44,11 +44,15 @@ MAX_UNPROCESSED_LINES = 10  # per batch; the rest are summarised
 # X-Ray fail.  Throttled documents (and whole-batch failures such as an
 # outage) are retried for as long as the daemon runs: memory bounds them.
 MAX_DOC_ATTEMPTS = 8
-# Statuses that refuse the request for its content: a batch refused with one
-# is split in two and each half sent again, so one bad document (too large,
-# not a JSON string) costs only itself.  Other refusals (404, 405, ...) say
-# the endpoint is wrong, and splitting would only multiply requests.
-SPLIT_STATUSES = frozenset({400, 413})
+# Refusals of a request for its content: a batch refused with one is split in
+# two and each half sent again, so one bad document (too large, not a JSON
+# string) costs only itself.  A 400 counts only with an AWS error code that
+# is about the request (an HTML 400 from something in front of X-Ray, or a
+# 404/405 from a wrong endpoint, would just multiply requests by 2n - 1).
+SPLIT_STATUSES = frozenset({413})
+SPLIT_CODES = frozenset(
+    {"InvalidRequestException", "SerializationException", "ValidationException"}
+)
 
 Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
 
@@ -409,16 +413,20 @@ class Batcher(Service):
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
         spooled = self._replays.pop(batch, None)
-        if not error.retryable and len(batch) > 1 and error.status in SPLIT_STATUSES:
+        if not error.retryable and len(batch) > 1 and _refused_for_content(error):
             # Find the documents X-Ray refuses by halving: the others go.
-            # (A replayed batch leaves the disk: its halves live in memory.)
-            if spooled is not None and self.spool is not None:
-                self.spool.ack(spooled)
             for half in self.buffer.split(batch):
-                if self._spooling:
-                    self._park(half)  # probed from the spool one at a time
+                # Not a retry: the halves are new requests (their attempt
+                # counts and the `retried` counter stay as they were).
+                half.attempts -= 1
+                if self._spooling or spooled is not None:
+                    # While spooling they are probed from the disk one at a
+                    # time; a replayed batch's halves stay on disk too.
+                    self._park(half)
                 else:
                     self._retry(half, 0.0)
+            if spooled is not None and self.spool is not None:
+                self.spool.ack(spooled)  # after its halves were written
             return
         # One line per kind of failure per interval: an outage or a sender of
         # invalid documents must not flood the log.
@@ -597,6 +605,10 @@ def match_unprocessed(
             found = next((d for d in docs if pattern.search(d)), None)
         result.append((item, found))
     return result
+
+
+def _refused_for_content(error: UploadError) -> bool:
+    return error.status in SPLIT_STATUSES or (error.status == 400 and error.code in SPLIT_CODES)
 
 
 def _log_id(text: str) -> str:

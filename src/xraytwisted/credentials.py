@@ -272,6 +272,13 @@ def lookup(
     return found
 
 
+def _profile_sets_sts_endpoints(session: botocore.session.Session) -> bool:
+    try:
+        return "sts_regional_endpoints" in session.get_scoped_config()
+    except Exception:  # no such profile: the credential lookup has said so already
+        return False
+
+
 def assume_role(
     session: botocore.session.Session, source: Found, *, region: str, role_arn: str
 ) -> Found:
@@ -280,7 +287,7 @@ def assume_role(
     from botocore.exceptions import BotoCoreError, ClientError
 
     creds = source.credentials
-    if "AWS_STS_REGIONAL_ENDPOINTS" not in os.environ:
+    if "AWS_STS_REGIONAL_ENDPOINTS" not in os.environ and not _profile_sets_sts_endpoints(session):
         # The Go daemon calls the daemon region's STS endpoint; botocore
         # before 1.40 sends us-east-1, eu-west-1 and other old regions to the
         # global sts.amazonaws.com unless told otherwise.

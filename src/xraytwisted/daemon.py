@@ -10,6 +10,7 @@ it ends the start with one clear line.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 from collections.abc import Mapping
@@ -216,6 +217,8 @@ def summarize(s: Settings, parts: Parts) -> str:
             text = f"{value:g}"
         else:
             text = str(value) if value != "" else "none"
+        if not text or any(c.isspace() or c in '"\\' for c in text):
+            text = json.dumps(text)  # one field per name=value, whatever the value
         name = key.long or key.attr
         unit = next((u for suffix, u in _UNITS if key.name.endswith(suffix)), "")
         if name.endswith("-" + unit.lower()):
