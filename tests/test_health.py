@@ -21,7 +21,7 @@ from xraytwisted.health import (
     credentials_status,
     monitoring_site,
 )
-from xraytwisted.metrics import metrics_resource
+from xraytwisted.metrics import MetricsResource, make_registry
 from xraytwisted.sigv4 import Credentials
 from xraytwisted.stats import Counters
 
@@ -254,8 +254,10 @@ class HealthHTTPTests(TestCase):
 
     @defer.inlineCallbacks
     def test_monitoring_site_serves_two_paths_quietly(self) -> None:
-        metrics = metrics_resource(
-            self.counters, buffer_used=lambda: 0, buffer_capacity=1, waiting_docs=lambda: 0
+        metrics = MetricsResource(
+            make_registry(
+                self.counters, buffer_used=lambda: 0, buffer_capacity=1, waiting_docs=lambda: 0
+            )
         )
         self.counters.received = 77
         site = monitoring_site(self.health, metrics, timeout=5, reactor=reactor)

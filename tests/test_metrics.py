@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
 from xraytwisted import __version__
-from xraytwisted.metrics import ERROR_CLASS_LABELS, make_registry, metrics_resource
+from xraytwisted.metrics import ERROR_CLASS_LABELS, MetricsResource, make_registry
 from xraytwisted.stats import ERROR_CLASSES, PROXY_OUTCOMES, Counters
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -184,8 +184,10 @@ class CollectorTests(SynchronousTestCase):
         # registry must not grow: each gets its own CollectorRegistry.
         registry_for(self.counters, self.state)
         registry_for(Counters(), State())
-        metrics_resource(
-            Counters(), buffer_used=lambda: 0, buffer_capacity=1, waiting_docs=lambda: 0
+        MetricsResource(
+            make_registry(
+                Counters(), buffer_used=lambda: 0, buffer_capacity=1, waiting_docs=lambda: 0
+            )
         )
         names = {m.name for m in prometheus_client.REGISTRY.collect()}
         self.assertFalse([n for n in names if n.startswith("xray_daemon")])
@@ -199,12 +201,14 @@ class HTTPScrapeTests(TestCase):
     def setUp(self) -> None:
         self.counters = busy_counters()
         self.state = State()
-        resource = metrics_resource(
-            self.counters,
-            buffer_used=lambda: self.state.used,
-            buffer_capacity=1 << 20,
-            waiting_docs=lambda: self.state.waiting,
-            kernel_drops=lambda: self.state.drops,
+        resource = MetricsResource(
+            make_registry(
+                self.counters,
+                buffer_used=lambda: self.state.used,
+                buffer_capacity=1 << 20,
+                waiting_docs=lambda: self.state.waiting,
+                kernel_drops=lambda: self.state.drops,
+            )
         )
         port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
         self.addCleanup(port.stopListening)

@@ -387,9 +387,9 @@ def build(
 
     def build_metrics() -> Resource:
         # Imported on the first scrape: see LazyResource.
-        from xraytwisted.metrics import metrics_resource
+        from xraytwisted.metrics import MetricsResource, make_registry
 
-        return metrics_resource(
+        registry = make_registry(
             counters,
             buffer_used=lambda: buffer.used,
             buffer_capacity=buffer.capacity,
@@ -397,6 +397,7 @@ def build(
             kernel_drops=(lambda: counters.kernel_drops) if drop_monitor.available() else None,
             extra_info={"region": region, "mode": "local-sink" if local else "xray"},
         )
+        return MetricsResource(registry)
 
     metrics = LazyResource(build_metrics)
     max_body = settings.proxy_max_body_kb * 1024

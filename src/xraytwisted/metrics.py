@@ -230,27 +230,3 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", content_type.encode("latin-1"))
         request.setHeader(b"cache-control", b"no-store")
         return body
-
-
-def metrics_resource(
-    counters: Counters,
-    *,
-    buffer_used: Callable[[], int],
-    buffer_capacity: int,
-    waiting_docs: Callable[[], int],
-    kernel_drops: Callable[[], int | None] | None = None,
-    extra_info: Mapping[str, str] = MappingProxyType({}),
-    process_metrics: bool = True,
-) -> MetricsResource:
-    """The /metrics resource over a private registry reading ``counters`` at scrape time."""
-    return MetricsResource(
-        make_registry(
-            counters,
-            buffer_used=buffer_used,
-            buffer_capacity=buffer_capacity,
-            waiting_docs=waiting_docs,
-            kernel_drops=kernel_drops,
-            extra_info=extra_info,
-            process_metrics=process_metrics,
-        )
-    )
