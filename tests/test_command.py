@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import daemon as support
-from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_metadata import closed_port  # a free loopback TCP port
 from xraytwisted import __version__, cli, command
 
@@ -347,17 +346,7 @@ class LocalSinkTests(SynchronousTestCase):
     def run_app(self, source: str, *args: str) -> object:
         script = self.workdir / "app.py"
         script.write_text(source)
-        result = subprocess.run(
-            [sys.executable, str(script), *args],
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"SDK app failed:\n{result.stdout}\n{result.stderr}")
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        return run_json_script(script, *args)
 
     def test_sdk_segments_become_json_lines(self) -> None:
         daemon = self.start()

@@ -21,7 +21,7 @@ from treq.testing import StubTreq
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -37,6 +37,7 @@ from tests.support.fake_metadata import (
     isolated_environ,
     start_fake_process,
 )
+from tests.support.logs import capture_logs
 from tests.support.moto import MotoServer, start_moto_server
 from xraytwisted import endpoints
 from xraytwisted.credentials import (
@@ -61,14 +62,6 @@ from xraytwisted.uploader import Outcome, Uploader
 
 NOW = 1_795_304_085.0
 REGION = "us-east-2"
-
-
-def capture_logs(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 def logged(events: list[LogEvent], level: LogLevel) -> list[LogEvent]:

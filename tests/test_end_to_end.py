@@ -8,15 +8,13 @@ a wrong secret key.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.daemon import DaemonProcess, clean_env
+from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.moto import MotoServer, SharedMotoServer
 
 # Run by a separate Python process: the SDK's recorder is global state.
@@ -50,17 +48,7 @@ print(json.dumps(trace_ids))
 def run_sdk_app(workdir: Path, port: int, count: int, prefix: str) -> list[str]:
     script = workdir / "app.py"
     script.write_text(SDK_APP)
-    result = subprocess.run(
-        [sys.executable, str(script), str(port), str(count), prefix],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"SDK app failed:\n{result.stdout}\n{result.stderr}")
-    ids: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    ids: list[str] = run_json_script(script, str(port), str(count), prefix)
     return ids
 
 

@@ -29,9 +29,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.buffers import CollectingBuffer
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
 from tests.support.fake_sink import FakeSink, fake_credentials
-from xraytwisted.buffer import SegmentBuffer
 from xraytwisted.header import Verdict, header_is_valid, split
 from xraytwisted.ingest import Ingest
 from xraytwisted.ingest.tcp import SegmentStream
@@ -64,20 +64,6 @@ fragments = st.one_of(
     ),
 )
 datagrams = st.lists(fragments, max_size=12).map(b"".join)
-
-
-class CollectingBuffer(SegmentBuffer):
-    """A real buffer that also remembers what it accepted, in order."""
-
-    def __init__(self, capacity: int, clock: Clock, counters: Counters) -> None:
-        super().__init__(capacity, clock, counters)
-        self.accepted: list[bytes] = []
-
-    def offer(self, doc: bytes) -> bool:
-        ok = super().offer(doc)
-        if ok:
-            self.accepted.append(doc)
-        return ok
 
 
 # ---------------------------------------------------------------------------

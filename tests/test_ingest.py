@@ -13,27 +13,14 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from xraytwisted.buffer import DOC_OVERHEAD, SegmentBuffer
+from tests.support.buffers import CollectingBuffer
+from xraytwisted.buffer import DOC_OVERHEAD
 from xraytwisted.ingest import Ingest
 from xraytwisted.ingest.udp import MAX_DATAGRAM, UDPIngestService
 from xraytwisted.sockets import Address, bind_udp
 from xraytwisted.stats import Counters
 
 HEADER = b'{"format":"json","version":1}\n'
-
-
-class CollectingBuffer(SegmentBuffer):
-    """A real buffer that also remembers what it accepted."""
-
-    def __init__(self, capacity: int, clock: Clock | object, counters: Counters) -> None:
-        super().__init__(capacity, clock, counters)  # type: ignore[arg-type]
-        self.accepted: list[bytes] = []
-
-    def offer(self, doc: bytes) -> bool:
-        ok = super().offer(doc)
-        if ok:
-            self.accepted.append(doc)
-        return ok
 
 
 class IngestTests(SynchronousTestCase):

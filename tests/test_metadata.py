@@ -11,11 +11,11 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fake_metadata import (
@@ -27,6 +27,7 @@ from tests.support.fake_metadata import (
     silent_listener,
     start_fake_process,
 )
+from tests.support.logs import capture_logs
 from xraytwisted.config import Settings
 from xraytwisted.metadata import (
     HOSTNAME_MAX,
@@ -60,14 +61,6 @@ def timed(call: Callable[[], T]) -> Callable[[], tuple[float, T | MetadataError]
         return time.monotonic() - start, result
 
     return run
-
-
-def capture_logs(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 class IMDSTests(TestCase):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fake_metadata import FakeECS, FakeIMDS, isolated_environ
+from tests.support.logs import capture_logs
 from xraytwisted.config import Settings
 from xraytwisted.metadata import MetadataClient, MetadataError
 from xraytwisted.region import (
@@ -58,14 +59,6 @@ class Sources:
 
     def ec2_region(self) -> str:
         return self._answer("ec2")  # type: ignore[no-any-return]
-
-
-def capture_logs(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 class OrderTests(SynchronousTestCase):

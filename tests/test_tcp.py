@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.static import Data
 
+from tests.support import buffers as support_buffers
 from tests.support.fake_xray import parse_response, raw_http
 from tests.support.moto import SharedMotoServer
 from xraytwisted import endpoints
@@ -68,19 +69,12 @@ def doc(i: int, size: int = 0) -> bytes:
     return body + b"}"
 
 
-class CollectingBuffer(SegmentBuffer):
-    """A real buffer that also remembers what it accepted, in order."""
+class CollectingBuffer(support_buffers.CollectingBuffer):
+    """Also counts backpressure waits, and can pretend every batch was uploaded."""
 
     def __init__(self, capacity: int, clock: Any, counters: Counters) -> None:
         super().__init__(capacity, clock, counters)
-        self.accepted: list[bytes] = []
         self.waits = 0
-
-    def offer(self, doc: bytes) -> bool:
-        ok = super().offer(doc)
-        if ok:
-            self.accepted.append(doc)
-        return ok
 
     def notify_when_space(self, callback: Any) -> None:
         self.waits += 1

@@ -8,6 +8,7 @@ with its output instead of hanging the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 HEADER = b'{"format":"json","version":1}\n'
@@ -42,6 +44,21 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def run_json_script(script: Path, *args: str) -> Any:
+    """Run a Python script (an SDK app) in a clean environment; its last stdout line, as JSON."""
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"SDK app failed:\n{result.stdout}\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_twistd(
