@@ -19,10 +19,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_metadata import closed_port  # a free loopback TCP port
-from xraytwisted import __version__, cli, command
+from xraytwisted import __version__, command
+from xraytwisted.settings import go_flags
 
 GO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d) \[(\w+)\] (.*)$")
-USAGE = cli.usage_text("X-Ray")
+USAGE = go_flags.usage_text("X-Ray")
 MODULE = [sys.executable, "-m", "xraytwisted"]
 # DaemonProcess runs "<TWISTD> xray ARGS"; this stand-in drops the "xray"
 # word and runs the xray command instead, with the same waiting helpers.

@@ -32,10 +32,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.buffers import CollectingBuffer
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
 from tests.support.fake_sink import FakeSink, fake_credentials
-from xraytwisted.header import Verdict, header_is_valid, split
-from xraytwisted.ingest import Ingest
-from xraytwisted.ingest.tcp import SegmentStream
-from xraytwisted.stats import Counters
+from xraytwisted.ingest.core import Ingest
+from xraytwisted.ingest.header import Verdict, header_is_valid, split
+from xraytwisted.ingest.stream import SegmentStream
+from xraytwisted.observe.counters import Counters
 
 GOOD_HEADERS = [b'{"format":"json","version":1}', b'{"format": "json", "version": 1}']
 

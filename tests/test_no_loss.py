@@ -42,11 +42,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
 from tests.support.fake_sink import FakeSink, fake_credentials
-from xraytwisted.batcher import Batcher
-from xraytwisted.buffer import SegmentBuffer
-from xraytwisted.spool import Spool, inspect
-from xraytwisted.stats import Counters
-from xraytwisted.uploader import Outcome, UploadError
+from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.batcher import Batcher
+from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.spool import Spool, inspect
+from xraytwisted.pipeline.uploader import Outcome, UploadError
 
 log = Logger()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xraytwisted import cli, config
+from xraytwisted.settings import go_flags, loader, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -119,7 +119,7 @@ class DockerfileTests(SynchronousTestCase):
         argv = exec_form(entrypoint.args)
         self.assertEqual(argv, ["xray", "-t", "0.0.0.0:2000", "-b", "0.0.0.0:2000"])
         assert argv is not None
-        parsed = cli.parse(argv[1:])
+        parsed = go_flags.parse(argv[1:])
         self.assertEqual(
             parsed.overrides, {"tcp_address": "0.0.0.0:2000", "udp_address": "0.0.0.0:2000"}
         )
@@ -204,7 +204,7 @@ class SystemdUnitTests(SynchronousTestCase):
     def test_exec_start_is_a_valid_xray_command(self) -> None:
         argv = shlex.split(self.unit["Service"]["ExecStart"])
         self.assertTrue(argv[0].startswith("/") and argv[0].endswith("/xray"), argv)
-        parsed = cli.parse(argv[1:])
+        parsed = go_flags.parse(argv[1:])
         log_path = parsed.overrides["log_path"]
         self.assertEqual(log_path, "/var/log/xray/xray.log")
         # The log directory is one systemd creates for the xray user.
@@ -212,7 +212,7 @@ class SystemdUnitTests(SynchronousTestCase):
 
     def test_stop_timeout_outlasts_the_drain(self) -> None:
         stop = float(self.unit["Service"]["TimeoutStopSec"])
-        self.assertGreater(stop, config.Settings().shutdown_timeout)
+        self.assertGreater(stop, table.Settings().shutdown_timeout)
 
     def test_systemd_analyze_verify(self) -> None:
         analyze = shutil.which("systemd-analyze")
@@ -234,12 +234,12 @@ class SystemdUnitTests(SynchronousTestCase):
 
 class SampleConfigTests(SynchronousTestCase):
     def test_loads_strictly_with_default_values(self) -> None:
-        values = config.load(str(SAMPLE_CFG))
-        self.assertEqual(config.resolve(values, {}), config.Settings(version=2))
+        values = loader.load(str(SAMPLE_CFG))
+        self.assertEqual(loader.resolve(values, {}), table.Settings(version=2))
 
     def test_documents_every_key(self) -> None:
         text = SAMPLE_CFG.read_text()
-        for key in config.KEYS:
+        for key in table.KEYS:
             self.assertRegex(text, rf"(?m)^[ #]*{re.escape(key.name.split('.')[-1])}:", key.name)
 
     def test_commented_keys_are_valid_when_enabled(self) -> None:
@@ -248,15 +248,15 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertNotEqual(enabled, SAMPLE_CFG.read_text())
         copy = Path(self.mktemp())
         copy.write_text(enabled)
-        settings = config.resolve(config.load(str(copy)), {})
-        self.assertEqual(settings, config.Settings(version=2))
+        settings = loader.resolve(loader.load(str(copy)), {})
+        self.assertEqual(settings, table.Settings(version=2))
 
 
 DOCS = ROOT / "docs"
 MY_DOCS = ("configuration.md", "migration.md", "operations.md")
 
 
-def default_cell(key: config.Key) -> str:
+def default_cell(key: table.Key) -> str:
     value = key.default
     if isinstance(value, bool):
         text = "true" if value else "false"
@@ -269,7 +269,7 @@ def default_cell(key: config.Key) -> str:
     return f"`{text}`"
 
 
-def flag_cell(key: config.Key) -> str:
+def flag_cell(key: table.Key) -> str:
     flags = [f"`-{key.short}`"] if key.short else []
     if key.long:
         flags.append(f"`--{key.long}`")
@@ -297,17 +297,17 @@ class DocsTests(SynchronousTestCase):
 
     def test_every_setting_is_documented_with_its_flags_type_and_default(self) -> None:
         rows = settings_rows(self.configuration)
-        for key in config.KEYS:
+        for key in table.KEYS:
             self.assertIn(key.name, rows, f"{key.name} is missing from docs/configuration.md")
             _, flags, kind, default, meaning, _go = rows[key.name]
             self.assertEqual(
                 (flags, kind, default), (flag_cell(key), key.kind, default_cell(key)), key.name
             )
             self.assertEqual("*xraytwisted only.*" in meaning, not key.go, key.name)
-        self.assertEqual(set(rows), {k.name for k in config.KEYS}, "rows for unknown keys")
+        self.assertEqual(set(rows), {k.name for k in table.KEYS}, "rows for unknown keys")
 
     def test_every_flag_is_documented(self) -> None:
-        for flag in cli.FLAGS:
+        for flag in go_flags.FLAGS:
             self.assertIn(f"`--{flag.long}`", self.configuration, flag.long)
 
     def test_every_environment_variable_read_is_documented(self) -> None:
@@ -334,7 +334,7 @@ class DocsTests(SynchronousTestCase):
                     # A cfg.yaml example: it must pass the -c validation.
                     path = Path(self.mktemp())
                     path.write_text(block)
-                    config.resolve(config.load(str(path)), {})
+                    loader.resolve(loader.load(str(path)), {})
                 checked += 1
         self.assertGreaterEqual(checked, 4)
 
@@ -346,7 +346,7 @@ class DocsTests(SynchronousTestCase):
                     for command in line.split("&&"):
                         words = shlex.split(command, comments=True)
                         if words and Path(words[0]).name == "xray":
-                            cli.parse(words[1:])  # raises on a bad flag
+                            go_flags.parse(words[1:])  # raises on a bad flag
                             checked += 1
         self.assertGreaterEqual(checked, 3)
 

@@ -109,8 +109,8 @@ class MakeServiceTests(SynchronousTestCase):
         daemon.parts.tcp.stopService()
 
     def test_startup_line_shows_every_setting_and_masks_the_proxy_password(self) -> None:
-        from xraytwisted.config import KEYS
         from xraytwisted.daemon import summarize
+        from xraytwisted.settings.table import KEYS
 
         daemon = self.make(
             "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",

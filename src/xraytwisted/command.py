@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from xraytwisted import cli
+from xraytwisted.settings import go_flags
 
 PROGRAM = "X-Ray"  # what the Go daemon's usage line calls itself
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -29,7 +29,7 @@ def _usage_error(message: str) -> int:
     # Go's flag package: the complaint on stderr, then the usage on stdout.
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
-    sys.stdout.write(cli.usage_text(PROGRAM))
+    sys.stdout.write(go_flags.usage_text(PROGRAM))
     sys.stdout.flush()
     return 2
 
@@ -63,11 +63,11 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
     """Run the daemon until it is told to stop; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        parsed = cli.parse(args)
-    except cli.UsageError as e:
+        parsed = go_flags.parse(args)
+    except go_flags.UsageError as e:
         return _usage_error(str(e))
     if parsed.help:
-        sys.stdout.write(cli.usage_text(PROGRAM))
+        sys.stdout.write(go_flags.usage_text(PROGRAM))
         return 0
     # Imported only now: building the daemon pulls in treq and botocore, which
     # -h and usage errors should not wait for.

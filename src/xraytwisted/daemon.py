@@ -23,29 +23,37 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 from twisted.web.resource import Resource
 
-from xraytwisted import __version__, endpoints, metadata, sockets
-from xraytwisted import region as regions
-from xraytwisted.batcher import Batcher
-from xraytwisted.buffer import SegmentBuffer
-from xraytwisted.config import KEYS, Settings
-from xraytwisted.credentials import CredentialsService, StaticCredentials
-from xraytwisted.health import HealthResource, HealthState, credentials_status, monitoring_site
-from xraytwisted.httpclient import make_http, outbound_info, outbound_warnings
-from xraytwisted.ingest import Ingest
-from xraytwisted.ingest.tcp import SniffingFactory, TCPPortService
+from xraytwisted import __version__
+from xraytwisted.aws import endpoints, instance_metadata
+from xraytwisted.aws import region as regions
+from xraytwisted.aws.credentials import CredentialsService, StaticCredentials
+from xraytwisted.aws.region import NO_REGION
+from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.udp import UDPIngestService
-from xraytwisted.kernel import UdpDropMonitor, socket_inode
-from xraytwisted.localsink import LocalSink, LocalSinkError
-from xraytwisted.memory import Budget, buffer_budget
-from xraytwisted.proxy import SamplingProxy
-from xraytwisted.proxyconfig import ProxyConfigError, mask_password
-from xraytwisted.region import NO_REGION
-from xraytwisted.sampling import LocalSamplingResource
-from xraytwisted.spool import Spool, SpoolError
-from xraytwisted.stats import Counters
-from xraytwisted.telemetry import TelemetryService
-from xraytwisted.uploader import CredentialSource, Uploader
-from xraytwisted.web import LazyResource, SiteService, http_root, make_site
+from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
+from xraytwisted.listen import bind
+from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.telemetry import TelemetryService
+from xraytwisted.outbound.http_client import make_http, outbound_info, outbound_warnings
+from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
+from xraytwisted.pipeline.batcher import Batcher
+from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError
+from xraytwisted.pipeline.spool import Spool, SpoolError
+from xraytwisted.pipeline.uploader import CredentialSource, Uploader
+from xraytwisted.settings import addresses
+from xraytwisted.settings.budget import Budget, buffer_budget
+from xraytwisted.settings.table import KEYS, Settings
+from xraytwisted.tcpport.health import (
+    HealthResource,
+    HealthState,
+    credentials_status,
+    monitoring_site,
+)
+from xraytwisted.tcpport.local_sampling import LocalSamplingResource
+from xraytwisted.tcpport.sampling_proxy import SamplingProxy
+from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
+from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -70,7 +78,7 @@ class Parts:
     endpoint: endpoints.Endpoint
     region: str
     credentials: CredentialSource
-    identity: metadata.Identity
+    identity: instance_metadata.Identity
     spool: Spool | None = None
     # (level, text) lines for the startup banner, e.g. the outbound proxy in use.
     notes: list[tuple[str, str]] = field(default_factory=list)
@@ -230,37 +238,39 @@ def summarize(s: Settings, parts: Parts) -> str:
 
 def _addresses(
     settings: Settings,
-) -> tuple[sockets.Address, sockets.Address, sockets.Address | None]:
+) -> tuple[addresses.Address, addresses.Address, addresses.Address | None]:
     try:
-        udp = sockets.parse_address(settings.udp_address)
-        tcp = sockets.parse_address(settings.tcp_address, "tcp")
+        udp = addresses.parse_address(settings.udp_address)
+        tcp = addresses.parse_address(settings.tcp_address, "tcp")
         monitoring = (
-            sockets.parse_address(settings.monitoring_address, "tcp")
+            addresses.parse_address(settings.monitoring_address, "tcp")
             if settings.monitoring_address
             else None
         )
-    except sockets.AddressError as e:
+    except addresses.AddressError as e:
         raise StartupError(str(e)) from None
     return udp, tcp, monitoring
 
 
 def _where_to(
     settings: Settings, env: Mapping[str, str]
-) -> tuple[str, endpoints.Endpoint, metadata.Identity]:
+) -> tuple[str, endpoints.Endpoint, instance_metadata.Identity]:
     """Region, X-Ray endpoint and identity (hostname, instance id)."""
     log = XRayDaemon.log
     if settings.local_sink:
         # Nothing is uploaded: no metadata lookups, the region is only a label.
         region = settings.region or env.get("AWS_REGION", "") or "us-east-1"
-        identity = metadata.Identity(env.get("AWS_HOSTNAME", ""), env.get("AWS_INSTANCE_ID", ""))
+        identity = instance_metadata.Identity(
+            env.get("AWS_HOSTNAME", ""), env.get("AWS_INSTANCE_ID", "")
+        )
     else:
-        meta = metadata.MetadataClient(env)
+        meta = instance_metadata.MetadataClient(env)
         try:
             region, source = regions.resolve_region(settings, env, meta)
         except regions.RegionError as e:
             raise StartupError(str(e)) from None
         log.debug("Fetch region {region} from {source}", region=region, source=source)
-        identity = metadata.identity(settings, env, meta)
+        identity = instance_metadata.identity(settings, env, meta)
     try:
         endpoint = endpoints.resolve(region, configured=settings.endpoint, env=dict(env))
     except endpoints.EndpointError as e:
@@ -268,12 +278,12 @@ def _where_to(
     return region, endpoint, identity
 
 
-def _bind(address: sockets.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
+def _bind(address: addresses.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
     try:
         if kind == "udp":
-            return sockets.bind_udp(address, rcvbuf)
-        return sockets.bind_tcp(address)
-    except sockets.AddressError as e:
+            return bind.bind_udp(address, rcvbuf)
+        return bind.bind_tcp(address)
+    except addresses.AddressError as e:
         raise StartupError(f"{e} (set it with {flags} or {key})") from None
 
 
@@ -387,7 +397,7 @@ def build(
 
     def build_metrics() -> Resource:
         # Imported on the first scrape: see LazyResource.
-        from xraytwisted.metrics import MetricsResource, make_registry
+        from xraytwisted.tcpport.metrics import MetricsResource, make_registry
 
         registry = make_registry(
             counters,

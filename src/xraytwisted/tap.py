@@ -1,7 +1,7 @@
 """``twistd xray``: command-line options and makeService.
 
-Flags follow the Go daemon (see xraytwisted.cli); settings merge as
-defaults < cfg.yaml < command line (xraytwisted.config); daemon.build wires
+Flags follow the Go daemon (see xraytwisted.settings.go_flags); settings merge as
+defaults < cfg.yaml < command line (xraytwisted.settings.loader); daemon.build wires
 the services.  Every startup problem is one line on stderr and exit status 1.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 
 from twisted.python import usage
 
-from xraytwisted import __version__, cli, config
+from xraytwisted import __version__
 from xraytwisted.daemon import StartupError, XRayDaemon, build
-from xraytwisted.logs import GoFormatObserver, LogSetupError, go_timestamp, open_destination
+from xraytwisted.observe.logs import GoFormatObserver, LogSetupError, go_timestamp, open_destination
+from xraytwisted.settings import go_flags, loader, table
 
 VERSION_LINE = f"AWS X-Ray daemon version: {__version__}"
 
@@ -33,13 +34,13 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parsed = cli.Parsed()
+        self.parsed = go_flags.Parsed()
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = sys.argv[1:] if options is None else list(options)
         try:
-            self.parsed = cli.parse(argv)
-        except cli.UsageError as e:
+            self.parsed = go_flags.parse(argv)
+        except go_flags.UsageError as e:
             raise usage.UsageError(str(e)) from None
         if self.parsed.help:
             sys.stdout.write(self.getUsage())
@@ -49,13 +50,13 @@ class Options(usage.Options):
             sys.exit(0)
 
     def getUsage(self, width: int | None = None) -> str:
-        return cli.usage_text("twistd xray")
+        return go_flags.usage_text("twistd xray")
 
 
-def load_settings(parsed: cli.Parsed) -> config.Settings:
+def load_settings(parsed: go_flags.Parsed) -> table.Settings:
     """defaults < cfg.yaml (-c, else the search path) < command line."""
-    file_values = config.load(parsed.config)
-    return config.resolve(file_values, parsed.overrides)
+    file_values = loader.load(parsed.config)
+    return loader.resolve(file_values, parsed.overrides)
 
 
 def _twistd_log_path(options: usage.Options) -> str | None:
@@ -92,7 +93,7 @@ def makeService(options: Options, reactor: Any = None) -> XRayDaemon:
         reactor = default_reactor
     try:
         settings = load_settings(options.parsed)
-    except config.ConfigError as e:
+    except table.ConfigError as e:
         raise fail(str(e), options.parsed.overrides.get("log_path")) from None
     log_path = settings.log_path or _twistd_log_path(options)
     # With --local-sink - the segments own stdout; the log moves to stderr.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from xraytwisted.buffer import SegmentBuffer
-from xraytwisted.stats import Counters
+from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.buffer import SegmentBuffer
 
 
 class CollectingBuffer(SegmentBuffer):

@@ -14,7 +14,7 @@ everything else (STS, X-Ray) comes from a real moto server.
   task metadata endpoint v4 (``ECS_CONTAINER_METADATA_URI_V4`` and ``.../task``).
 
 In-process: ``url = fake.start(case)`` listens on 127.0.0.1 (free port) in the running
-reactor and stops listening at cleanup.  Blocking clients (``xraytwisted.metadata``,
+reactor and stops listening at cleanup.  Blocking clients (``xraytwisted.aws.instance_metadata``,
 botocore) must then run in a thread while the reactor runs, e.g. with
 ``threads.deferToThread``.  When the code under test blocks the reactor thread itself
 (for example ``daemon.build`` in-process), use :func:`start_fake_process`, which runs

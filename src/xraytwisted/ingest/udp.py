@@ -22,9 +22,9 @@ from typing import Any
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from xraytwisted.ingest import Ingest
-from xraytwisted.listening import AdoptedPortService
-from xraytwisted.sockets import receive_buffer_size
+from xraytwisted.ingest.core import Ingest
+from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.bind import receive_buffer_size
 
 # Twisted reads datagrams into buffers of 8192 bytes by default and silently
 # truncates longer ones; segments can be up to 64 KiB.

@@ -1,0 +1,627 @@
+"""The batcher: when a batch leaves, how many are in flight, what happens after.
+
+A batch leaves the buffer as soon as it holds 50 documents, or when its
+oldest document has waited ``max_wait`` seconds (a true per-batch deadline,
+not the Go daemon's free-running 1 s tick), provided fewer than
+``concurrency`` uploads are in flight.  Failed uploads that can succeed later
+wait in a retry queue, each with its own backoff, ahead of fresh batches;
+consecutive failures also pause all sending for a while, and throttling
+lowers how many uploads run at once.
+
+With a spool, batches go to disk instead of waiting in memory once uploads
+have failed for ``spool_after`` seconds (one probe at a time then finds out
+when X-Ray answers again), and spooled batches are sent again, oldest
+first, before fresh ones when uploads work.  On stop, everything is sent
+immediately and the returned Deferred fires once all of it is done or the
+shutdown deadline has passed (what is left then is counted as lost).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random as _random
+import re
+from collections.abc import Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.logs import Throttle, printable
+from xraytwisted.pipeline.backoff import ConcurrencyLimit, full_jitter
+from xraytwisted.pipeline.buffer import Batch, SegmentBuffer
+from xraytwisted.pipeline.spool import Spool, SpooledBatch
+from xraytwisted.pipeline.uploader import THROTTLING_CODES, Outcome, Unprocessed, UploadError
+
+MAX_WAIT = 1.0  # seconds the oldest document of a batch may wait
+MAX_UNPROCESSED_LINES = 10  # per batch; the rest are summarised
+# A document X-Ray keeps returning as unprocessed with an internal-error code
+# is given up on after this many attempts: it may be the document that makes
+# X-Ray fail.  Throttled documents (and whole-batch failures such as an
+# outage) are retried for as long as the daemon runs: memory bounds them.
+MAX_DOC_ATTEMPTS = 8
+# Refusals of a request for its content: a batch refused with one is split in
+# two and each half sent again, so one bad document (too large, not a JSON
+# string) costs only itself.  A 400 counts only with an AWS error code that
+# is about the request (an HTML 400 from something in front of X-Ray, or a
+# 404/405 from a wrong endpoint, would just multiply requests by 2n - 1).
+SPLIT_STATUSES = frozenset({413})
+SPLIT_CODES = frozenset(
+    {"InvalidRequestException", "SerializationException", "ValidationException"}
+)
+
+Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
+
+
+class Batcher(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        buffer: SegmentBuffer,
+        send: Send,
+        clock: IReactorTime,
+        counters: Counters,
+        *,
+        concurrency: int = 8,
+        max_wait: float = MAX_WAIT,
+        shutdown_timeout: float = 20.0,
+        random: Callable[[], float] = _random.random,
+        spool: Spool | None = None,
+        spool_after: float = 10.0,
+    ) -> None:
+        self.buffer = buffer
+        self._send_docs = send
+        self._clock = clock
+        self._counters = counters
+        self.max_wait = max_wait
+        self.shutdown_timeout = shutdown_timeout
+        self.limit = ConcurrencyLimit(concurrency)
+        self._random = random
+        self.in_flight: dict[Deferred[Outcome], Batch] = {}
+        # (not before, tie-breaker, batch): failed batches waiting to go again.
+        self._retries: list[tuple[float, int, Batch]] = []
+        self._retry_order = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
+        self._failures = 0  # consecutive failed attempts, for the backoff
+        self.resume_at = 0.0  # no new attempts before this time (backoff)
+        self._flushing = False  # stopping: every batch is due now
+        self._abandoned = False  # past the shutdown deadline
+        self._stopped: Deferred[None] | None = None
+        self._deadline: IDelayedCall | None = None
+        self._error_throttle = Throttle(clock, 10.0)
+        self.spool = spool
+        self.spool_after = spool_after
+        self._failing_since: float | None = None  # first failure since the last success
+        self._spooling = False  # failing for spool_after: batches are parked on disk
+        self._replays: dict[Batch, SpooledBatch] = {}  # in flight, read from the spool
+        buffer.attach(self)
+
+    # -- BufferListener ---------------------------------------------------
+
+    def batch_opened(self, batch: Batch) -> None:
+        if self._timer is None:
+            self._schedule(batch.started + self.max_wait)
+
+    def batch_filled(self) -> None:
+        self._dispatch()
+
+    def make_room(self, size: int) -> bool:
+        """The memory budget is spent: with a spool, move the oldest waiting batches there.
+
+        Down to half the budget, so this happens once in a while rather than
+        for every document; what is in flight stays in memory.
+        """
+        spool, buffer = self.spool, self.buffer
+        if spool is None or self._abandoned:
+            return False
+        moved = 0
+        while buffer.used + size > buffer.capacity // 2:
+            if self._retries:
+                batch = heapq.heappop(self._retries)[2]
+            elif buffer.head() is not None:
+                batch = buffer.pop()
+            else:
+                break
+            self._park(batch)
+            moved += len(batch)
+        if moved and self._error_throttle.check("memory full: spooling") is not None:
+            self.log.warn(
+                "The memory buffer of {mb} MB is full: wrote {count} waiting segments to the "
+                "spool {directory}; they are sent when uploads catch up",
+                mb=buffer.capacity // (1024 * 1024),
+                count=moved,
+                directory=spool.directory,
+            )
+        return buffer.used + size <= buffer.capacity
+
+    # -- sending ----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._abandoned:
+            return
+        buffer = self.buffer
+        now = self._clock.seconds()
+        retries = self._retries
+        if self._should_spool(now):
+            self._park_due(now)
+            if not self.in_flight and now >= self.resume_at:
+                self._probe()
+        elif now >= self.resume_at:
+            spool = None if self._flushing else self.spool
+            # After consecutive failures (an outage), one upload at a time
+            # finds out whether X-Ray answers again.
+            limit = 1 if self._failures > 1 else self.limit.value
+            while len(self.in_flight) < limit:
+                if retries and retries[0][0] <= now:
+                    self._send(heapq.heappop(retries)[2])
+                    continue
+                if spool is not None and spool.ready_docs:
+                    spooled = spool.take()
+                    if spooled is not None:
+                        self._send_spooled(spooled)
+                        continue
+                head = buffer.head()
+                if head is None or not self._due(head, now):
+                    break
+                self._send(buffer.pop())
+        self._reschedule(now)
+        if self._stopped is not None:
+            # Stopping: parking everything on disk may have been the last step.
+            self._check_stopped()
+
+    def _due(self, batch: Batch, now: float) -> bool:
+        return (
+            self._flushing
+            or len(batch) >= self.buffer.batch_size
+            # A hair of tolerance: callLater may fire a few ns "early" by float rounding.
+            or now + 1e-6 >= batch.started + self.max_wait
+        )
+
+    def _reschedule(self, now: float) -> None:
+        wake = self._next_wake(now)
+        if wake is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif self._timer is None or wake != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._schedule(wake)
+
+    def _next_wake(self, now: float) -> float | None:
+        """When something not yet due becomes due (None: nothing, or only a free slot helps)."""
+        head = self.buffer.head()
+        spooled = self.spool.ready_docs if self.spool is not None and not self._flushing else 0
+        if head is None and not self._retries and not spooled:
+            return None
+        candidates = []
+        if now < self.resume_at:
+            candidates.append(self.resume_at)
+            if not self._spooling:
+                # Paused: only the end of the pause (or starting to spool) matters.
+                head = None
+        if self._retries:
+            candidates.append(self._retries[0][0])
+        if head is not None and not self._due(head, now):
+            candidates.append(head.started + self.max_wait)
+        if self._failing_since is not None and self.spool is not None and not self._spooling:
+            candidates.append(self._failing_since + self.spool_after)
+        return min((c for c in candidates if c > now), default=None)
+
+    def _retry(self, batch: Batch, delay: float) -> None:
+        heapq.heappush(
+            self._retries, (self._clock.seconds() + delay, next(self._retry_order), batch)
+        )
+
+    @property
+    def waiting_docs(self) -> int:
+        """Documents accepted and not yet sent or given up on (spooled ones too)."""
+        return (
+            self.buffer.queued_docs
+            + sum(len(entry[2]) for entry in self._retries)
+            + sum(len(b) for b in self.in_flight.values())
+            + (self.spool.ready_docs if self.spool is not None else 0)
+        )
+
+    def oldest_waiting_since(self) -> float | None:
+        """Arrival time of the oldest document not yet sent or given up on (None: none)."""
+        starts = [b.started for b in self.in_flight.values()]
+        starts.extend(entry[2].started for entry in self._retries)
+        head = self.buffer.head()
+        if head is not None:
+            starts.append(head.started)
+        return min(starts, default=None)
+
+    def _schedule(self, when: float) -> None:
+        self._timer_at = when
+        self._timer = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    # -- the spool ---------------------------------------------------------
+
+    def _should_spool(self, now: float) -> bool:
+        """Whether uploads have failed long enough to park batches on disk."""
+        if self._spooling or self.spool is None or self._failing_since is None:
+            return self._spooling
+        if now < self._failing_since + self.spool_after:
+            return False
+        self._spooling = True
+        parked = self._park_all()
+        self.log.warn(
+            "Uploads have failed for {seconds:.0f} seconds: writing batches to the spool "
+            "{directory} until X-Ray answers again ({count} segments written now)",
+            seconds=now - self._failing_since,
+            directory=self.spool.directory,
+            count=parked,
+        )
+        return True
+
+    def _park(self, batch: Batch) -> None:
+        """Move an in-memory batch to the spool (which counts it, or its loss)."""
+        assert self.spool is not None
+        self.spool.append(batch.docs)
+        self.buffer.release(batch)
+
+    def _park_all(self) -> int:
+        """Move every waiting in-memory batch to the spool; how many documents."""
+        batches = [entry[2] for entry in self._retries] + self.buffer.drain()
+        self._retries.clear()
+        # The spool sends back in the order written: oldest data first.
+        batches.sort(key=lambda batch: batch.started)
+        for batch in batches:
+            self._park(batch)
+        return sum(map(len, batches))
+
+    def _park_due(self, now: float) -> None:
+        buffer = self.buffer
+        head = buffer.head()
+        while head is not None and self._due(head, now):
+            self._park(buffer.pop())
+            head = buffer.head()
+
+    def _probe(self) -> None:
+        """While spooling: one upload at a time tells when X-Ray answers again."""
+        assert self.spool is not None
+        spooled = self.spool.take()
+        if spooled is not None:
+            self._send_spooled(spooled)
+        elif self.buffer.head() is not None:
+            self._send(self.buffer.pop())
+
+    def _send_spooled(self, spooled: SpooledBatch) -> None:
+        # Not charged to the memory budget: at most `concurrency` are read in.
+        batch = Batch(self._clock.seconds())
+        batch.docs = spooled.docs
+        self._replays[batch] = spooled
+        self._send(batch)
+
+    def _send(self, batch: Batch) -> None:
+        batch.attempts += 1
+        if batch.attempts > 1:
+            self._counters.retried += len(batch)
+        d = self._send_docs(batch.docs)
+        self.in_flight[d] = batch
+        d.addBoth(self._finished, d, batch)
+
+    def _finished(self, result: Outcome | Failure, d: Deferred[Outcome], batch: Batch) -> None:
+        del self.in_flight[d]
+        if self._abandoned:
+            # Cancelled at the shutdown deadline (or finished just then).
+            self._keep_or_lose(batch)
+            self._check_stopped()
+            return
+        if isinstance(result, Failure):
+            # The uploader reports problems as Outcomes; this is a bug, but
+            # the batch must not be lost over it.
+            self.log.failure("Unexpected error while uploading a batch", result)
+            result = Outcome(0.0, error=UploadError("OtherCount", True, False, str(result.value)))
+        if result.error is None:
+            self._succeeded(batch, result)
+        else:
+            self._failed(batch, result.error)
+        self._dispatch()
+        self._check_stopped()
+
+    def _succeeded(self, batch: Batch, outcome: Outcome) -> None:
+        counters = self._counters
+        if self._spooling:
+            self._spooling = False
+            self.log.info(
+                "Uploads work again: sending {count} spooled segments, oldest first",
+                count=self.spool.ready_docs if self.spool is not None else 0,
+            )
+        elif self._failures:
+            self.log.info(
+                "Uploads work again after {failures} failed attempts ({waiting} segments waiting)",
+                failures=self._failures,
+                waiting=self.waiting_docs,
+            )
+        self._failures = 0
+        self._failing_since = None
+        spooled = self._replays.pop(batch, None)
+        if spooled is not None and self.spool is not None:
+            self.spool.ack(spooled)
+        self.limit.succeeded()
+        counters.batches_ok += 1
+        counters.last_success_at = self._clock.seconds()
+        counters.upload_seconds.observe(outcome.seconds)
+        unprocessed = outcome.unprocessed
+        counters.sent += len(batch) - len(unprocessed)
+        counters.sent_bytes += sum(map(len, batch.docs))
+        if not unprocessed:
+            self.log.info(
+                "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",
+                count=len(batch),
+                seconds=outcome.seconds,
+            )
+            self.buffer.release(batch)
+            return
+        counters.unprocessed += len(unprocessed)
+        self.log.info(
+            "Sent batch of {count} segments but had {unprocessed} Unprocessed segments "
+            "({seconds:1.3f} seconds)",
+            count=len(batch),
+            unprocessed=len(unprocessed),
+            seconds=outcome.seconds,
+        )
+        retry: list[bytes] = []
+        matched = match_unprocessed(batch.docs, unprocessed)
+        may_retry = batch.attempts < MAX_DOC_ATTEMPTS
+        throttled = False
+        for index, (item, doc) in enumerate(matched):
+            if item.retryable and doc is not None:
+                if item.error_code in THROTTLING_CODES:
+                    throttled = True
+                    retry.append(doc)
+                    continue
+                if may_retry:
+                    retry.append(doc)
+                    continue
+            counters.rejected += 1
+            if index < MAX_UNPROCESSED_LINES:
+                # Everything here came from X-Ray or from a sender: escaped.
+                self.log.error(
+                    "Unprocessed segment {id} of trace {trace}: {code}: {detail}",
+                    id=printable(item.id.encode(), 64) or "(no id)",
+                    trace=printable(trace_id_of(doc).encode(), 64) if doc else "(unknown)",
+                    code=printable(item.error_code.encode(), 64) or "(no code)",
+                    detail=printable(item.message.encode(), 200) or "(no message)",
+                )
+        if len(matched) > MAX_UNPROCESSED_LINES:
+            self.log.error(
+                "... and {more} more unprocessed segments in this batch",
+                more=len(matched) - MAX_UNPROCESSED_LINES,
+            )
+        if throttled:
+            self.limit.throttled()  # X-Ray is asking for fewer requests
+        remaining = self.buffer.shrink(batch, retry)
+        if remaining is not None:
+            self._retry(remaining, full_jitter(remaining.attempts, self._random))
+
+    def _failed(self, batch: Batch, error: UploadError) -> None:
+        counters = self._counters
+        counters.batches_failed += 1
+        if error.error_class:
+            counters.backend_errors[error.error_class] += 1
+        spooled = self._replays.pop(batch, None)
+        if not error.retryable and len(batch) > 1 and _refused_for_content(error):
+            # Find the documents X-Ray refuses by halving: the others go.
+            for half in self.buffer.split(batch):
+                # Not a retry: the halves are new requests (their attempt
+                # counts and the `retried` counter stay as they were).
+                half.attempts -= 1
+                if self._spooling or spooled is not None:
+                    # While spooling they are probed from the disk one at a
+                    # time; a replayed batch's halves stay on disk too.
+                    self._park(half)
+                else:
+                    self._retry(half, 0.0)
+            if spooled is not None and self.spool is not None:
+                self.spool.ack(spooled)  # after its halves were written
+            return
+        # One line per kind of failure per interval: an outage or a sender of
+        # invalid documents must not flood the log.
+        suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
+        note = f" ({suppressed} similar failures not logged)" if suppressed else ""
+        if not error.retryable:
+            if spooled is not None and self.spool is not None:
+                self.spool.ack(spooled)  # done with it: X-Ray will never take it
+            counters.rejected += len(batch)
+            self.buffer.release(batch)
+            if suppressed is None:
+                return
+            if len(batch) == 1:  # what halving a refused batch ends with
+                self.log.error(
+                    "Refused segment {id} of trace {trace}: {detail}; X-Ray will not accept "
+                    "it, so it is dropped{note}",
+                    id=_log_id(segment_id_of(batch.docs[0])),
+                    trace=_log_id(trace_id_of(batch.docs[0])),
+                    detail=error.message,
+                    note=note,
+                )
+                return
+            self.log.error(
+                "Sending segment batch failed with: {detail}; X-Ray will not accept it, "
+                "so its {count} segments are dropped{note}",
+                detail=error.message,
+                count=len(batch),
+                note=note,
+            )
+            for doc in batch.docs[:MAX_UNPROCESSED_LINES]:
+                self.log.error(
+                    "Refused segment {id} of trace {trace}: {code}",
+                    id=_log_id(segment_id_of(doc)),
+                    trace=_log_id(trace_id_of(doc)),
+                    code=printable((error.code or str(error.status)).encode(), 64),
+                )
+            return
+        if error.throttled:
+            self.limit.throttled()
+        # The batch waits by its own attempt count; consecutive failures with
+        # no success in between (an outage) also pause everything.
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = self._clock.seconds()
+        if spooled is not None and self.spool is not None:
+            self.spool.release(spooled)  # stays first in line on disk
+        elif self._spooling:
+            self._park(batch)
+        else:
+            self._retry(batch, full_jitter(batch.attempts, self._random))
+        if self._failures > 1:
+            pause = full_jitter(self._failures - 1, self._random)
+            self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
+        if suppressed is not None:
+            self.log.error(
+                "Sending segment batch failed with: {detail}; will retry {count} segments "
+                "(attempt {attempt}, {waiting} segments waiting){note}",
+                detail=error.message,
+                count=len(batch),
+                attempt=batch.attempts,
+                waiting=self.waiting_docs,
+                note=note,
+            )
+
+    def _lose(self, batch: Batch) -> None:
+        self._counters.lost += len(batch)
+        self.buffer.release(batch)
+
+    def _keep_or_lose(self, batch: Batch) -> None:
+        """At the shutdown deadline: to the spool if there is one, else lost."""
+        spooled = self._replays.pop(batch, None)
+        if spooled is not None and self.spool is not None:
+            self.spool.release(spooled)  # never left the disk
+        elif self.spool is not None:
+            self._park(batch)
+        else:
+            self._lose(batch)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.spool is not None and self.spool.ready_docs:
+            self.log.info(
+                "Sending {count} segments spooled by an earlier run, oldest first",
+                count=self.spool.ready_docs,
+            )
+            self._dispatch()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._should_spool(self._clock.seconds()):
+            # X-Ray has been unreachable for a while: do not spend the whole
+            # deadline retrying, put everything on disk for the next start.
+            self._flushing = True
+            self._stopped = Deferred()
+            stopped = self._stopped
+            self._give_up()
+            return stopped
+        self._flushing = True
+        self._stopped = Deferred()
+        waiting = self.waiting_docs
+        if waiting:
+            self.log.info(
+                "Shutting down: sending {count} buffered segments (up to {timeout:g} seconds)",
+                count=waiting,
+                timeout=self.shutdown_timeout,
+            )
+        self._deadline = self._clock.callLater(self.shutdown_timeout, self._give_up)
+        self._dispatch()
+        stopped = self._stopped
+        self._check_stopped()
+        return stopped
+
+    def _check_stopped(self) -> None:
+        stopped = self._stopped
+        if stopped is None or stopped.called:
+            return
+        if self.in_flight or self._retries or len(self.buffer):
+            return
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        stopped.callback(None)
+
+    def _give_up(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._abandoned = True
+        counters = self._counters
+        lost, spooled = counters.lost, counters.spooled
+        batches = self.buffer.drain() + [entry[2] for entry in self._retries]
+        self._retries.clear()
+        for batch in batches:
+            self._keep_or_lose(batch)
+        for d in list(self.in_flight):
+            d.cancel()  # _finished keeps (spool) or loses them
+        if self.spool is not None:
+            self.spool.flush()
+            self.log.warn(
+                "Shutting down with X-Ray not reachable: {count} segments were written to "
+                "the spool {directory} and will be sent by the next start",
+                count=counters.spooled - spooled,
+                directory=self.spool.directory,
+            )
+        if counters.lost > lost:
+            self.log.error(
+                "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
+                "sent and are lost",
+                timeout=self.shutdown_timeout,
+                count=counters.lost - lost,
+            )
+        self._check_stopped()
+
+
+# ---------------------------------------------------------------------------
+# Finding documents by the id X-Ray reports (rare path: only for unprocessed
+# segments, so the hot path never looks inside a document).
+
+_TRACE_ID = re.compile(rb'"trace_id"\s*:\s*"([^"\\]{1,64})"')
+_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,64})"')
+
+
+def match_unprocessed(
+    docs: Sequence[bytes], unprocessed: Sequence[Unprocessed]
+) -> list[tuple[Unprocessed, bytes | None]]:
+    """Pair each unprocessed entry with the document whose "id" it names."""
+    result: list[tuple[Unprocessed, bytes | None]] = []
+    for item in unprocessed:
+        found: bytes | None = None
+        if item.id:
+            pattern = re.compile(rb'"id"\s*:\s*"' + re.escape(item.id.encode()) + rb'"')
+            found = next((d for d in docs if pattern.search(d)), None)
+        result.append((item, found))
+    return result
+
+
+def _refused_for_content(error: UploadError) -> bool:
+    return error.status in SPLIT_STATUSES or (error.status == 400 and error.code in SPLIT_CODES)
+
+
+def _log_id(text: str) -> str:
+    # Ids come from senders: escaped for the log like any other input.
+    return printable(text.encode(), 64)
+
+
+def segment_id_of(doc: bytes) -> str:
+    """The first "id" in a document (the segment's own in SDK output), for log lines."""
+    match = _ID.search(doc)
+    return match.group(1).decode("ascii", "replace") if match else "(unknown)"
+
+
+def trace_id_of(doc: bytes) -> str:
+    match = _TRACE_ID.search(doc)
+    return match.group(1).decode("ascii", "replace") if match else "(unknown)"

@@ -1,0 +1,1051 @@
+"""The disk spool: batches that cannot be uploaded yet, kept on disk, oldest first.
+
+A spool is a directory of append-only files ``spool-<16-digit seq>.xsp``.
+Each file is a sequence of records, one per batch::
+
+    header (24 bytes, little-endian)
+        magic        4s   b"XSPL"
+        version      B    1
+        kind         B    1 = a batch of segment documents
+        reserved     H    0
+        count        I    number of documents
+        length       I    payload length in bytes
+        payload_crc  I    CRC-32 of the payload
+        header_crc   I    CRC-32 of the 20 bytes before it
+    payload
+        count x u32       document lengths
+        the documents, concatenated
+
+A batch is written with one ``writev`` call; files are never rewritten
+(files from an earlier run are only read, new data always starts a new
+file, so a torn tail can never corrupt later records).  A new file starts
+when the current one reaches ``file_bytes``.
+
+Progress is kept per file in a 16-byte sidecar ``spool-<seq>.ack`` (magic,
+offset, CRC-32), overwritten in place when the acknowledged prefix of that
+file grows; a file is deleted once every record in it is acknowledged.
+Delivery is at least once: a batch sent but not yet acknowledged when the
+process dies (or acknowledged out of order behind one still in flight) is
+sent again by the next run.  X-Ray keys segments by id, so a repeated
+complete segment document is harmless.
+
+Data is written to the kernel at once (a kill -9 loses nothing that reached
+the spool) and made durable with fsync at most every ``flush_interval``
+seconds and when a file is finished (a power loss can cost the last
+``flush_interval`` seconds of spooled batches, and may resend some).
+
+Every document appended ends in exactly one of: acknowledged, or counted as
+lost (oldest data dropped when the spool is full, a write that failed,
+corruption found on disk).  The spool counts (``Counters.spooled``,
+``replayed``, ``lost``) and logs those itself.
+
+Everything runs on the reactor thread; a lock file (flock) keeps a second
+daemon out of the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import heapq
+import os
+import re
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.logs import Throttle
+
+MAGIC = b"XSPL"
+VERSION = 1
+KIND_BATCH = 1
+_HEAD = struct.Struct("<4sBBHIII")  # everything the header CRC covers
+HEADER = struct.Struct("<4sBBHIIII")
+HEADER_SIZE = HEADER.size  # 24
+ACK_MAGIC = b"XSPA"
+_ACK_HEAD = struct.Struct("<4sQ")
+ACK = struct.Struct("<4sQI")  # magic, acknowledged offset, CRC-32 of the first 12 bytes
+MAX_FIELD = 2**32 - 1
+
+DEFAULT_FILE_BYTES = 8 * 1024 * 1024
+MIN_FILE_BYTES = 64 * 1024
+FLUSH_INTERVAL = 1.0
+MAX_PROBLEMS = 100  # kept in Spool.problems (older ones are only in the log)
+LOCK_NAME = "lock"
+_DATA_NAME = re.compile(r"spool-(\d{16})\.xsp")
+_ACK_NAME = re.compile(r"spool-(\d{16})\.ack")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_RESYNC_CHUNK = 1024 * 1024
+
+
+class SpoolError(Exception):
+    """The spool cannot be used; str() is the one line to show."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong found in the spool (or done to it) that cost documents."""
+
+    kind: str  # "torn tail", "corrupt record", "spool full", "write failed", "bad ack file"
+    path: str
+    offset: int
+    nbytes: int  # bytes skipped or dropped
+    docs: int | None  # documents lost (None: unknown, the record header was unreadable)
+    detail: str = ""
+
+    def __str__(self) -> str:
+        docs = "an unknown number of" if self.docs is None else str(self.docs)
+        extra = f": {self.detail}" if self.detail else ""
+        return f"{self.kind} in {self.path} at offset {self.offset} ({docs} segments){extra}"
+
+
+class SpooledBatch:
+    """One batch read back from the spool; give it back with ``ack`` or ``release``."""
+
+    __slots__ = ("_file", "docs", "nbytes", "offset")
+
+    def __init__(self, file: _File, offset: int, nbytes: int, docs: list[bytes]) -> None:
+        self._file = file
+        self.offset = offset
+        self.nbytes = nbytes  # bytes of the record on disk
+        self.docs = docs
+
+    @property
+    def file_seq(self) -> int:
+        return self._file.seq
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __repr__(self) -> str:
+        return f"<SpooledBatch {len(self.docs)} docs at {self._file.seq}:{self.offset}>"
+
+
+class _File:
+    """One spool file and what is known about it (no I/O here)."""
+
+    __slots__ = (
+        "ack_fd",
+        "acked_at",
+        "dropped",
+        "end",
+        "outstanding",
+        "path",
+        "pending_bytes",
+        "pending_docs",
+        "read_at",
+        "rfd",
+        "seq",
+        "size",
+        "skips",
+        "wfd",
+    )
+
+    def __init__(self, directory: str, seq: int) -> None:
+        self.seq = seq
+        self.path = os.path.join(directory, f"spool-{seq:016d}.xsp")
+        self.wfd: int | None = None  # open for appending: the current write file only
+        self.rfd: int | None = None  # opened on first read
+        self.ack_fd: int | None = None
+        self.size = 0  # bytes on disk (with any torn tail)
+        self.end = 0  # end of the readable records
+        self.read_at = 0  # next record never handed out
+        self.acked_at = 0  # durable progress (what the .ack sidecar says)
+        self.pending_docs = 0  # in records neither acknowledged nor known lost
+        self.pending_bytes = 0
+        # offset -> (docs, record bytes, in flight?): handed out, not acknowledged.
+        self.outstanding: dict[int, tuple[int, int, bool]] = {}
+        self.skips: dict[int, int] = {}  # unreadable region start -> next good record
+        self.dropped = False
+
+    @property
+    def ack_path(self) -> str:
+        return self.path[: -len(".xsp")] + ".ack"
+
+    def done_prefix(self) -> int:
+        """Everything before this offset is acknowledged (or known lost)."""
+        return min(self.outstanding) if self.outstanding else self.read_at
+
+
+# ---------------------------------------------------------------------------
+# The record format (pure)
+
+
+def encode(docs: Sequence[bytes]) -> list[bytes]:
+    """One record for ``docs`` as buffers to write in order (header, lengths, documents)."""
+    count = len(docs)
+    table = struct.pack(f"<{count}I", *map(len, docs))
+    body = b"".join(docs)
+    length = len(table) + len(body)
+    if count > MAX_FIELD or length > MAX_FIELD:
+        raise ValueError(f"a batch of {length} bytes is too large for one spool record")
+    crc = zlib.crc32(body, zlib.crc32(table))
+    head = _HEAD.pack(MAGIC, VERSION, KIND_BATCH, 0, count, length, crc)
+    return [head + struct.pack("<I", zlib.crc32(head)), table, body]
+
+
+def parse_header(data: bytes) -> tuple[int, int, int] | None:
+    """(count, payload length, payload CRC) of a valid header, else None.
+
+    Raises SpoolError for a valid header of a format version this code does
+    not know (written by a newer daemon: skipping it would lose data).
+    """
+    if len(data) < HEADER_SIZE or data[:4] != MAGIC:
+        return None
+    _, version, kind, _, count, length, crc, head_crc = HEADER.unpack_from(data)
+    if zlib.crc32(data[: HEADER_SIZE - 4]) != head_crc:
+        return None
+    if version != VERSION or kind != KIND_BATCH:
+        raise SpoolError(
+            f"spool record format {version}/{kind} is not known to this daemon (it was written "
+            "by a newer version); run that version to send it, or move the spool directory away"
+        )
+    if length < 4 * count:
+        return None
+    return count, length, crc
+
+
+def decode(payload: bytes, count: int, crc: int) -> list[bytes] | None:
+    """The documents of a record's payload, or None when it is corrupt."""
+    if zlib.crc32(payload) != crc or len(payload) < 4 * count:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", payload)
+    pos = 4 * count
+    if pos + sum(lengths) != len(payload):
+        return None
+    docs = []
+    for length in lengths:
+        docs.append(payload[pos : pos + length])
+        pos += length
+    return docs
+
+
+def encode_ack(offset: int) -> bytes:
+    head = _ACK_HEAD.pack(ACK_MAGIC, offset)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def decode_ack(data: bytes) -> int | None:
+    if len(data) != ACK.size:
+        return None
+    magic, offset, crc = ACK.unpack(data)
+    if magic != ACK_MAGIC or zlib.crc32(data[:12]) != crc:
+        return None
+    return int(offset)
+
+
+Reader = Callable[[int, int], bytes]  # (offset, size) -> bytes (shorter at EOF)
+
+
+@dataclass
+class Walk:
+    """What a header-only pass over one file found."""
+
+    end: int  # end of the last readable record
+    pending_docs: int  # in records at or after the acknowledged offset
+    pending_bytes: int
+    acked_at: int  # the acknowledged offset, moved back to a record boundary if need be
+    skips: dict[int, int]
+    problems: list[Problem]
+    torn: bool  # unreadable bytes from ``end`` to the end of the file
+
+
+def walk(read: Reader, size: int, acked_at: int, path: str) -> Walk:
+    """Check every record header of a file without reading payloads.
+
+    Payload CRCs are checked later, when a record is read for upload, so
+    opening a large spool reads ~24 bytes per batch.
+    """
+    offset = 0
+    docs = nbytes = 0
+    boundary = 0  # last record boundary at or before acked_at
+    skips: dict[int, int] = {}
+    problems: list[Problem] = []
+    torn = False
+    while offset < size:
+        if offset <= acked_at:
+            boundary = offset
+        parsed = parse_header(read(offset, HEADER_SIZE)) if size - offset >= HEADER_SIZE else None
+        if parsed is not None and offset + HEADER_SIZE + parsed[1] <= size:
+            count, length, _ = parsed
+            if offset >= acked_at:
+                docs += count
+                nbytes += HEADER_SIZE + length
+            offset += HEADER_SIZE + length
+            continue
+        following = resync(read, offset + 1, size) if parsed is None else None
+        if following is None:
+            # Nothing readable after this point: the record being written when
+            # the process or machine stopped.
+            torn = True
+            if offset >= acked_at:
+                problems.append(
+                    Problem(
+                        "torn tail",
+                        path,
+                        offset,
+                        size - offset,
+                        parsed[0] if parsed is not None else None,
+                        "the daemon stopped while writing this record",
+                    )
+                )
+            break
+        if offset >= acked_at:
+            problems.append(
+                Problem(
+                    "corrupt record", path, offset, following - offset, None, "unreadable header"
+                )
+            )
+        skips[offset] = following
+        offset = following
+    end = offset
+    if acked_at >= end:
+        boundary = end
+    elif boundary != acked_at:
+        # The sidecar points inside a record (it should never): count from the
+        # record it is in, which is sent again.
+        return walk(read, size, boundary, path)
+    return Walk(end, docs, nbytes, boundary, skips, problems, torn)
+
+
+def resync(read: Reader, start: int, size: int) -> int | None:
+    """The offset of the next record with a valid header at or after ``start``."""
+    pos = start
+    while pos < size:
+        chunk = read(pos, _RESYNC_CHUNK + HEADER_SIZE)
+        if not chunk:
+            return None
+        at = chunk.find(MAGIC)
+        while 0 <= at < _RESYNC_CHUNK:
+            candidate = pos + at
+            try:
+                parsed = parse_header(read(candidate, HEADER_SIZE))
+            except SpoolError:
+                parsed = None
+            if parsed is not None and candidate + HEADER_SIZE + parsed[1] <= size:
+                return candidate
+            at = chunk.find(MAGIC, at + 1)
+        pos += _RESYNC_CHUNK
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The spool
+
+
+class Spool:
+    """Batches on disk, handed out oldest first, forgotten once acknowledged.
+
+    Use ``Spool.open``.  ``append`` a batch that cannot be uploaded now;
+    ``take`` the oldest batch not already handed out, upload it, then
+    ``ack`` it (sent) or ``release`` it (not sent: ``take`` hands it out
+    again, before anything newer).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: str,
+        max_bytes: int,
+        clock: IReactorTime,
+        counters: Counters,
+        file_bytes: int,
+        flush_interval: float,
+        lock_fd: int,
+        dir_fd: int,
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.file_bytes = file_bytes
+        self.flush_interval = flush_interval
+        self._clock = clock
+        self._counters = counters
+        self._lock_fd: int | None = lock_fd
+        self._dir_fd = dir_fd
+        self._files: deque[_File] = deque()
+        self._by_seq: dict[int, _File] = {}
+        self._write: _File | None = None  # where append goes; None: start a new file
+        self._next_seq = 1
+        self._released: list[tuple[int, int]] = []  # (seq, offset) heap
+        self.pending_docs = 0  # stored and not acknowledged (in flight included)
+        self.pending_bytes = 0
+        self.in_flight_docs = 0
+        self.disk_bytes = 0  # size of all spool files: what max_bytes limits
+        self.dropped_docs = 0  # lost because the spool was full
+        self.corrupt_docs = 0  # lost to torn or corrupt records
+        self.failed_docs = 0  # lost because they could not be written
+        self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
+        self._unsynced: set[int] = set()  # fds with data or acks written since the last fsync
+        self._dir_dirty = False
+        self._flush_call: IDelayedCall | None = None
+        self._throttle = Throttle(clock, 10.0)
+        self.closed = False
+
+    # -- opening ------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        max_bytes: int,
+        clock: IReactorTime,
+        counters: Counters | None = None,
+        *,
+        file_bytes: int | None = None,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> Spool:
+        """Lock ``directory`` (created 0700 if need be) and read what is in it.
+
+        Raises SpoolError (one line) when the directory cannot be used or
+        another daemon has it.  Torn and corrupt data found are logged and
+        counted as lost; the rest is waiting to be taken.
+        """
+        if max_bytes <= 0:
+            raise SpoolError(f"spool size must be positive, not {max_bytes} bytes")
+        if file_bytes is None:
+            file_bytes = max(MIN_FILE_BYTES, min(DEFAULT_FILE_BYTES, max_bytes // 8))
+        directory = os.path.abspath(directory)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except OSError as e:
+            raise SpoolError(
+                f"cannot use spool directory {directory}: {_reason(e)} "
+                "(check --spool-dir / Spool.Dir and its permissions)"
+            ) from None
+        try:
+            lock_fd = _lock(directory)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        spool = cls(
+            directory,
+            max_bytes,
+            clock,
+            counters if counters is not None else Counters(),
+            file_bytes,
+            flush_interval,
+            lock_fd,
+            dir_fd,
+        )
+        try:
+            spool._load()
+        except BaseException:
+            spool._close_fds()
+            raise
+        return spool
+
+    def _load(self) -> None:
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise SpoolError(
+                f"cannot read spool directory {self.directory}: {_reason(e)}"
+            ) from None
+        data = sorted(int(m.group(1)) for n in names if (m := _DATA_NAME.fullmatch(n)))
+        for seq in data:
+            self._load_file(seq)
+        # Acknowledgement files whose data file is gone (deleted just before a crash).
+        for name in names:
+            m = _ACK_NAME.fullmatch(name)
+            if m and int(m.group(1)) not in self._by_seq:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+        if data:
+            self._next_seq = data[-1] + 1
+        if self.disk_bytes > self.max_bytes:
+            self._make_room(0)
+        if self.pending_docs:
+            self.log.info(
+                "Spool {dir}: {docs} segments ({mb:.1f} MB) from an earlier run are waiting "
+                "to be sent",
+                dir=self.directory,
+                docs=self.pending_docs,
+                mb=self.pending_bytes / 1e6,
+            )
+        self._flush_soon()
+
+    def _load_file(self, seq: int) -> None:
+        f = _File(self.directory, seq)
+        # Not kept open: a large spool has many files; reading opens them again.
+        rfd = -1
+        try:
+            rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+            size = os.fstat(rfd).st_size
+            acked_at = self._read_ack(f)
+            result = walk(lambda off, n: os.pread(rfd, n, off), size, acked_at, f.path)
+            if result.torn:
+                # The tail is garbage from an interrupted write: cut it off so
+                # it is reported once, not on every start.
+                os.truncate(f.path, result.end)
+                os.fsync(rfd)
+                size = result.end
+        except OSError as e:
+            raise SpoolError(f"cannot read spool file {f.path}: {_reason(e)}") from None
+        finally:
+            if rfd >= 0:
+                os.close(rfd)
+        f.size = size
+        f.end = result.end
+        f.acked_at = f.read_at = result.acked_at
+        f.skips = result.skips
+        f.pending_docs = result.pending_docs
+        f.pending_bytes = result.pending_bytes
+        for problem in result.problems:
+            self._report(problem)
+        self._files.append(f)
+        self._by_seq[seq] = f
+        self.disk_bytes += f.size
+        self.pending_docs += f.pending_docs
+        self.pending_bytes += f.pending_bytes
+        if f.read_at >= f.end:
+            self._delete(f)
+
+    def _read_ack(self, f: _File) -> int:
+        try:
+            with open(f.ack_path, "rb") as a:
+                data = a.read(ACK.size + 1)
+        except FileNotFoundError:
+            return 0
+        offset = decode_ack(data)
+        if offset is None:
+            # Not worth a Problem: no data is lost, some is sent twice.
+            self.log.warn(
+                "Spool acknowledgement file {path} is unreadable; the batches of {data} will "
+                "be sent again (X-Ray ignores repeated segments)",
+                path=f.ack_path,
+                data=f.path,
+            )
+            return 0
+        return offset
+
+    # -- writing ------------------------------------------------------------
+
+    def append(self, docs: Sequence[bytes]) -> int:
+        """Store one batch (one write).  Returns how many documents this cost.
+
+        To make room, the oldest files are deleted; documents in them not yet
+        sent are lost.  If the batch cannot be written at all (disk full, or
+        larger than the whole spool) it is lost.  Both are counted in
+        ``Counters.lost`` and logged here; the return value is for information.
+        """
+        if self.closed:
+            raise SpoolError("the spool is closed")
+        if not docs:
+            return 0
+        count = len(docs)
+        try:
+            parts = encode(docs)
+        except ValueError as e:
+            self._lose_batch(count, str(e))
+            return count
+        size = HEADER_SIZE + len(parts[1]) + len(parts[2])
+        if size > self.max_bytes:
+            self._lose_batch(count, f"the batch ({size} bytes) is larger than the whole spool")
+            return count
+        lost = self._make_room(size)
+        f = self._write
+        try:
+            if f is None:
+                f = self._new_file()
+            assert f.wfd is not None
+            _write_all(f.wfd, parts, size)
+        except OSError as e:
+            if f is not None:
+                self._abandon_write_file(f)
+            self._lose_batch(count, _reason(e))
+            return lost + count
+        f.end = f.size = f.end + size
+        f.pending_docs += count
+        f.pending_bytes += size
+        self.pending_docs += count
+        self.pending_bytes += size
+        self.disk_bytes += size
+        self._counters.spooled += count
+        self._unsynced.add(f.wfd)
+        self._flush_soon()
+        if f.end >= self.file_bytes:
+            self._seal(f)
+        return lost
+
+    def _new_file(self) -> _File:
+        f = _File(self.directory, self._next_seq)
+        self._next_seq += 1
+        f.wfd = os.open(
+            f.path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC,
+            0o600,
+        )
+        self._files.append(f)
+        self._by_seq[f.seq] = f
+        self._write = f
+        self._dir_dirty = True
+        return f
+
+    def _seal(self, f: _File) -> None:
+        """No more appends to ``f``: make it durable now (once per file) and close it."""
+        if f is self._write:
+            self._write = None
+        fd, f.wfd = f.wfd, None
+        if fd is not None:
+            self._unsynced.discard(fd)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self.log.error(
+                    "Could not sync spool file {path}: {error}", path=f.path, error=_reason(e)
+                )
+            os.close(fd)
+        self._advance(f)
+
+    def _abandon_write_file(self, f: _File) -> None:
+        # A failed write may have left part of a record behind; cut it off (best
+        # effort: if this fails too, the next start reports a torn tail).
+        if f.wfd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.wfd, f.end)
+        self._seal(f)
+
+    def _lose_batch(self, count: int, why: str) -> None:
+        self.failed_docs += count
+        self._counters.lost += count
+        if self._throttle.check("write failed") is not None:
+            self.log.error(
+                "Could not write {count} segments to the spool {dir}: {why}; they are lost. "
+                "Free disk space there or lower --spool-max-mb (Spool.MaxMB)",
+                count=count,
+                dir=self.directory,
+                why=why,
+            )
+        self.problems.append(Problem("write failed", self.directory, 0, 0, count, why))
+
+    def _make_room(self, size: int) -> int:
+        """Delete the oldest files until ``size`` more bytes fit; returns documents lost."""
+        lost = 0
+        while self._files and self.disk_bytes + size > self.max_bytes:
+            f = self._files[0]
+            if f is self._write:
+                self._seal(f)
+                if not self._files or self._files[0] is not f:
+                    continue  # it was empty or done, and is gone
+            lost += self._drop(f)
+        return lost
+
+    def _drop(self, f: _File) -> int:
+        """Delete ``f`` for space.  Its batches in flight are left to ack/release."""
+        in_flight = sum(docs for docs, _, flying in f.outstanding.values() if flying)
+        lost = f.pending_docs - in_flight
+        self.pending_docs -= f.pending_docs
+        self.pending_bytes -= f.pending_bytes
+        self.in_flight_docs -= in_flight
+        f.pending_docs = f.pending_bytes = 0
+        f.dropped = True
+        self._delete(f)
+        self.dropped_docs += lost
+        self._counters.lost += lost
+        problem = Problem("spool full", f.path, 0, f.size, lost, "oldest file dropped")
+        self.problems.append(problem)
+        self.log.warn(
+            "Spool {dir} is full ({mb} MB): dropped its oldest file {path} with {count} "
+            "segments not yet sent; they are lost. Raise --spool-max-mb (Spool.MaxMB) or fix "
+            "what stops uploads",
+            dir=self.directory,
+            mb=self.max_bytes // (1024 * 1024),
+            path=os.path.basename(f.path),
+            count=lost,
+        )
+        return lost
+
+    # -- reading ------------------------------------------------------------
+
+    @property
+    def ready_docs(self) -> int:
+        """Documents ``take`` can hand out now (an upper bound if data is corrupt)."""
+        return self.pending_docs - self.in_flight_docs
+
+    def take(self) -> SpooledBatch | None:
+        """The oldest batch not handed out yet (released ones first), or None.
+
+        The batch stays in the spool until ``ack``: if the daemon stops
+        before that, the next run sends it again.
+        """
+        if self.closed:
+            return None
+        released = self._released
+        while released:
+            seq, offset = heapq.heappop(released)
+            f = self._by_seq.get(seq)
+            if f is None or f.dropped:
+                continue
+            entry = f.outstanding.get(offset)
+            if entry is None or entry[2]:
+                continue
+            batch = self._read(f, offset)
+            if batch is None:
+                del f.outstanding[offset]
+                self._advance(f)
+                continue
+            f.outstanding[offset] = (entry[0], entry[1], True)
+            self.in_flight_docs += entry[0]
+            self._counters.replayed += entry[0]
+            return batch
+        while True:
+            # Files before the first one with unread records are only waiting
+            # for acknowledgements: few, however large the spool.
+            f = next((f for f in self._files if f.read_at < f.end), None)
+            if f is None:
+                return None
+            offset = f.read_at
+            following = f.skips.get(offset)
+            if following is not None:
+                f.read_at = following
+                continue
+            batch = self._read(f, offset)
+            if batch is None:
+                self._advance(f)
+                continue
+            f.outstanding[offset] = (len(batch.docs), batch.nbytes, True)
+            self.in_flight_docs += len(batch.docs)
+            self._counters.replayed += len(batch.docs)
+            return batch
+
+    def _read(self, f: _File, offset: int) -> SpooledBatch | None:
+        """Read the record at ``offset`` (moving ``read_at`` past it if it is next).
+
+        A corrupt record is reported and counted as lost, and None returned.
+        """
+        try:
+            if f.rfd is None:
+                f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+            rfd = f.rfd
+            head = os.pread(rfd, HEADER_SIZE, offset)
+            parsed = parse_header(head)
+            if parsed is None or offset + HEADER_SIZE + parsed[1] > f.end:
+                following = resync(lambda o, n: os.pread(rfd, n, o), offset + 1, f.end)
+                self._corrupt(f, offset, (following or f.end) - offset, None, "unreadable header")
+                if offset == f.read_at:
+                    f.read_at = following or f.end
+                return None
+            count, length, crc = parsed
+            size = HEADER_SIZE + length
+            if offset == f.read_at:
+                f.read_at = offset + size
+            payload = os.pread(rfd, length, offset + HEADER_SIZE)
+        except OSError as e:
+            # Unreadable (I/O error, file removed by hand): nothing here can be sent.
+            self._corrupt(f, offset, f.end - offset, None, _reason(e))
+            f.read_at = f.end
+            return None
+        docs = decode(payload, count, crc)
+        if docs is None:
+            self._corrupt(f, offset, size, count, "checksum mismatch")
+            f.pending_docs -= count
+            f.pending_bytes -= size
+            self.pending_docs -= count
+            self.pending_bytes -= size
+            self.corrupt_docs += count
+            self._counters.lost += count
+            return None
+        return SpooledBatch(f, offset, size, docs)
+
+    def _corrupt(self, f: _File, offset: int, nbytes: int, docs: int | None, why: str) -> None:
+        self._report(Problem("corrupt record", f.path, offset, nbytes, docs, why), counted=True)
+
+    def _report(self, problem: Problem, counted: bool = False) -> None:
+        """Log a torn/corrupt record; count its documents unless the caller does."""
+        self.problems.append(problem)
+        if problem.docs and not counted:
+            self.corrupt_docs += problem.docs
+            self._counters.lost += problem.docs
+        if self._throttle.check(problem.kind) is None:
+            return
+        if problem.kind == "torn tail":
+            what = "ends in a record that was being written when the daemon or machine stopped"
+            advice = "Nothing to do unless this happens without a crash"
+        else:
+            what = f"has a corrupt record ({problem.detail})"
+            advice = "Check the disk if this repeats"
+        docs = "an unknown number of" if problem.docs is None else str(problem.docs)
+        self.log.error(
+            "Spool file {path} {what} at offset {offset}; skipped {nbytes} bytes, "
+            "{docs} segments in them are lost. {advice}",
+            path=problem.path,
+            what=what,
+            offset=problem.offset,
+            nbytes=problem.nbytes,
+            docs=docs,
+            advice=advice,
+        )
+
+    # -- acknowledging ------------------------------------------------------
+
+    def ack(self, batch: SpooledBatch) -> None:
+        """``batch`` was uploaded: forget it (durably, at the next flush)."""
+        f = batch._file
+        entry = f.outstanding.pop(batch.offset, None)
+        if entry is None or f.dropped or self.closed:
+            return
+        docs, nbytes, flying = entry
+        f.pending_docs -= docs
+        f.pending_bytes -= nbytes
+        self.pending_docs -= docs
+        self.pending_bytes -= nbytes
+        if flying:
+            self.in_flight_docs -= docs
+        self._advance(f)
+
+    def release(self, batch: SpooledBatch) -> int:
+        """``batch`` was not uploaded: ``take`` hands it out again, oldest first.
+
+        Returns how many documents are lost because the spool dropped the
+        batch's file (it was full) while the batch was out; they are counted
+        and logged here.
+        """
+        f = batch._file
+        if self.closed:
+            return 0
+        if f.dropped:
+            if f.outstanding.pop(batch.offset, None) is None:
+                return 0
+            self.dropped_docs += len(batch.docs)
+            self._counters.lost += len(batch.docs)
+            self.log.warn(
+                "{count} segments read back from the spool {dir} could not be sent and "
+                "their file was dropped meanwhile (spool full); they are lost",
+                count=len(batch.docs),
+                dir=self.directory,
+            )
+            return len(batch.docs)
+        entry = f.outstanding.get(batch.offset)
+        if entry is None or not entry[2]:
+            return 0
+        f.outstanding[batch.offset] = (entry[0], entry[1], False)
+        self.in_flight_docs -= entry[0]
+        heapq.heappush(self._released, (f.seq, batch.offset))
+        return 0
+
+    def _advance(self, f: _File) -> None:
+        """Record progress in ``f``'s sidecar; delete ``f`` when all of it is done."""
+        if f.dropped:
+            return
+        done = f.done_prefix()
+        if done >= f.end:
+            # Everything in it is done (the write file too: the next append
+            # starts a new file, so an empty spool is an empty directory).
+            if f.pending_docs:
+                # Documents in records whose headers were unreadable: their
+                # number was unknown until now.
+                self.corrupt_docs += f.pending_docs
+                self._counters.lost += f.pending_docs
+                self.pending_docs -= f.pending_docs
+                self.pending_bytes -= f.pending_bytes
+            self._delete(f)
+            return
+        if done <= f.acked_at:
+            return
+        f.acked_at = done
+        try:
+            if f.ack_fd is None:
+                f.ack_fd = os.open(f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+                self._dir_dirty = True
+            os.pwrite(f.ack_fd, encode_ack(done), 0)
+            self._unsynced.add(f.ack_fd)
+        except OSError as e:
+            # Only costs duplicates after a restart.
+            if self._throttle.check("ack failed") is not None:
+                self.log.error(
+                    "Could not record progress in {path}: {error}; after a restart some "
+                    "batches will be sent again",
+                    path=f.ack_path,
+                    error=_reason(e),
+                )
+        self._flush_soon()
+
+    def _delete(self, f: _File) -> None:
+        """Forget ``f`` and remove it (data file first: a lone .ack is harmless)."""
+        for fd in (f.wfd, f.rfd, f.ack_fd):
+            if fd is not None:
+                self._unsynced.discard(fd)
+                os.close(fd)
+        f.wfd = f.rfd = f.ack_fd = None
+        if f is self._write:
+            self._write = None
+        with contextlib.suppress(ValueError):
+            self._files.remove(f)
+        self._by_seq.pop(f.seq, None)
+        self.disk_bytes -= f.size
+        for path in (f.path, f.ack_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.error(
+                    "Could not delete spool file {path}: {error}; delete it by hand once the "
+                    "daemon has stopped",
+                    path=path,
+                    error=_reason(e),
+                )
+        self._dir_dirty = True
+        self._flush_soon()
+
+    # -- durability ---------------------------------------------------------
+
+    def _flush_soon(self) -> None:
+        if self._flush_call is None and self.flush_interval > 0 and self.dirty and not self.closed:
+            self._flush_call = self._clock.callLater(self.flush_interval, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._unsynced) or self._dir_dirty
+
+    def flush(self) -> None:
+        """fsync everything written since the last flush, and the directory."""
+        unsynced, self._unsynced = self._unsynced, set()
+        for fd in unsynced:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self.log.error("Could not sync the spool: {error}", error=_reason(e))
+        if self._dir_dirty:
+            self._dir_dirty = False
+            try:
+                os.fsync(self._dir_fd)
+            except OSError as e:
+                self.log.error("Could not sync the spool directory: {error}", error=_reason(e))
+
+    def close(self) -> None:
+        """Flush and release the directory; batches not acknowledged stay for the next run."""
+        if self.closed:
+            return
+        write = self._write
+        if write is not None:
+            self._seal(write)
+        self.flush()
+        self.closed = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for f in self._files:
+            for fd in (f.wfd, f.rfd, f.ack_fd):
+                if fd is not None:
+                    os.close(fd)
+            f.wfd = f.rfd = f.ack_fd = None
+        self._unsynced.clear()
+        for fd in (self._dir_fd, self._lock_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock_fd = None
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a spool directory holds, from a read-only look (see ``inspect``)."""
+
+    files: int
+    pending_docs: int
+    pending_bytes: int
+    disk_bytes: int
+    problems: tuple[Problem, ...]
+
+
+def inspect(directory: str) -> Summary:
+    """Count what is waiting in a spool without locking or changing it.
+
+    Safe while a daemon uses the directory (a record being written may show
+    as a torn tail).  For tests and for looking at a spool by hand.
+    """
+    files = pending_docs = pending_bytes = disk_bytes = 0
+    problems: list[Problem] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if not _DATA_NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # deleted meanwhile
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                with open(path[: -len(".xsp")] + ".ack", "rb") as a:
+                    acked_at = decode_ack(a.read(ACK.size + 1)) or 0
+            except FileNotFoundError:
+                acked_at = 0
+            result = walk(lambda off, n: os.pread(fd, n, off), size, acked_at, path)  # noqa: B023
+        finally:
+            os.close(fd)
+        files += 1
+        disk_bytes += size
+        pending_docs += result.pending_docs
+        pending_bytes += result.pending_bytes
+        problems.extend(result.problems)
+    return Summary(files, pending_docs, pending_bytes, disk_bytes, tuple(problems))
+
+
+def _lock(directory: str) -> int:
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise SpoolError(f"cannot create spool lock file {path}: {_reason(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(os.pread(fd, 32, 0).split()[0])
+            holder = f" (pid {pid})"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise SpoolError(
+                f"spool directory {directory} is in use by another xray daemon{holder}; "
+                "give each daemon its own --spool-dir (Spool.Dir)"
+            ) from None
+        raise SpoolError(f"cannot lock spool directory {directory}: {_reason(e)}") from None
+    # Who holds it, for the message above (advisory; the flock is what counts).
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _write_all(fd: int, parts: list[bytes], size: int) -> None:
+    written = os.writev(fd, parts)
+    if written < size:
+        # A short write (signal, nearly full disk): finish it, or raise.
+        rest = b"".join(parts)[written:]
+        while rest:
+            n = os.write(fd, rest)
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            rest = rest[n:]
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)

@@ -1,0 +1,346 @@
+"""The uploader: signed X-Ray API calls over treq, with classified outcomes.
+
+``put_trace_segments`` never fails its Deferred: every result, good or bad,
+comes back as an ``Outcome`` that says what happened, whether trying again
+can help, and which telemetry error class it belongs to.  Deciding what to do
+about it (count, log, retry) is the batcher's job.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from hyperlink import EncodedURL
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from xraytwisted import __version__
+from xraytwisted.aws import sigv4
+from xraytwisted.aws.endpoints import Endpoint
+from xraytwisted.observe.logs import printable
+from xraytwisted.outbound.http_client import FixedURL
+
+SERVICE = "xray"
+
+# Error codes / statuses X-Ray uses for "try again later".
+THROTTLING_CODES = frozenset(
+    {
+        "ThrottledException",
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestThrottled",
+        "SlowDown",
+    }
+)
+# UnprocessedTraceSegments codes worth sending again (the rest describe the
+# document itself, and X-Ray will refuse it again).
+RETRYABLE_UNPROCESSED = THROTTLING_CODES | {
+    "InternalFailure",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+class CredentialSource(Protocol):
+    def current(self) -> sigv4.Credentials | None:
+        """Credentials usable right now, or None when there are none."""
+
+    def when_loaded(self) -> Deferred[None]:
+        """Fires once the first lookup has finished (at once if it has)."""
+
+    def status(self) -> str:
+        """One line for people: where the credentials come from, or what is wrong."""
+
+
+@dataclass(frozen=True)
+class Unprocessed:
+    id: str
+    error_code: str
+    message: str
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_code in RETRYABLE_UNPROCESSED
+
+
+@dataclass(frozen=True)
+class UploadError:
+    """Why an upload attempt failed."""
+
+    error_class: str  # a stats.ERROR_CLASSES name, or "" when no request was made
+    retryable: bool
+    throttled: bool
+    message: str
+    status: int | None = None
+    code: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    seconds: float
+    unprocessed: tuple[Unprocessed, ...] = ()
+    error: UploadError | None = None
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: request body and outcome classification
+
+
+_CONTROL_BYTES = bytes(range(0x20))
+
+
+def json_string_content(doc: bytes) -> bytes:
+    """``doc`` escaped for the inside of a JSON string (no surrounding quotes).
+
+    Invalid UTF-8 is replaced with U+FFFD, as the Go daemon's JSON encoder
+    does, so a stray byte cannot fail the whole batch.
+    """
+    # Nearly every document is ASCII without control characters (SDKs send
+    # compact JSON): then escaping quotes and backslashes is all there is to
+    # do, and bytes.replace does it several times faster than json.dumps.
+    if doc.isascii() and len(doc.translate(None, _CONTROL_BYTES)) == len(doc):
+        return doc.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    text = json.dumps(doc.decode("utf-8", "replace"), ensure_ascii=False)
+    return text[1:-1].encode("utf-8")
+
+
+def trace_segments_body(docs: Sequence[bytes]) -> bytes:
+    """The PutTraceSegments JSON body, each document as one JSON string."""
+    inner = b'","'.join([json_string_content(doc) for doc in docs])
+    return (
+        b'{"TraceSegmentDocuments":["' + inner + b'"]}'
+        if docs
+        else (b'{"TraceSegmentDocuments":[]}')
+    )
+
+
+def parse_unprocessed(body: bytes) -> tuple[Unprocessed, ...]:
+    try:
+        document = json.loads(body) if body.strip() else {}
+    except ValueError:
+        return ()
+    items = document.get("UnprocessedTraceSegments") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        return ()
+    return tuple(
+        Unprocessed(
+            id=str(item.get("Id") or ""),
+            error_code=str(item.get("ErrorCode") or ""),
+            message=str(item.get("Message") or ""),
+        )
+        for item in items
+        if isinstance(item, dict)
+    )
+
+
+def error_code(headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
+    """The AWS error code and message of a failed rest-json response."""
+    code = headers.get("x-amzn-errortype", "")
+    message = ""
+    try:
+        document: Any = json.loads(body) if body.strip() else {}
+    except ValueError:
+        document = {}
+    if isinstance(document, dict):
+        code = code or str(document.get("__type") or document.get("code") or "")
+        message = str(document.get("message") or document.get("Message") or "")
+    # "ThrottledException:http://internal.amazon.com/..." and "aws.protocol#Code"
+    code = code.split(":", 1)[0].rsplit("#", 1)[-1]
+    if not message and body:
+        message = body[:200].decode("utf-8", "replace")
+    # Both end up in log lines: no control characters, bounded length.
+    return printable(code.encode(), 64), printable(" ".join(message.split()).encode(), 200)
+
+
+def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
+    code, message = error_code(headers, body)
+    throttled = status == 429 or code in THROTTLING_CODES
+    # Validation errors (400 InvalidRequestException, 413) describe the
+    # request itself; sending it again cannot succeed.  Everything else -
+    # throttling, 5xx, and auth errors that a credential refresh can cure -
+    # is worth retrying.
+    permanent = status in (400, 404, 405, 411, 413, 414, 415, 422) and not throttled
+    if status >= 500:
+        error_class = "HTTPCode5XXCount"
+    elif status >= 400:
+        error_class = "HTTPCode4XXCount"
+    else:  # e.g. a redirect: not an answer X-Ray gives
+        error_class = "OtherCount"
+    return UploadError(
+        error_class=error_class,
+        retryable=not permanent,
+        throttled=throttled,
+        message=f"HTTP {status} {code}: {message}".rstrip(": "),
+        status=status,
+        code=code,
+    )
+
+
+_TIMEOUTS = (
+    defer.TimeoutError,
+    defer.CancelledError,
+    error.TimeoutError,
+    error.TCPTimedOutError,  # the kernel's connect timeout (a ConnectError, not a TimeoutError)
+    error.ConnectingCancelledError,
+)
+
+
+def classify_exception(failure: Failure) -> UploadError:
+    exc = failure.value
+    # twisted.web wraps the real cause (ResponseNeverReceived, RequestTransmissionFailed, ...).
+    reasons = getattr(exc, "reasons", None)
+    if reasons and isinstance(reasons[0], Failure):
+        exc = reasons[0].value
+    # We only ever cancel a request when its timeout expires, so a cancelled
+    # connect or request is a timeout.
+    if isinstance(exc, _TIMEOUTS):
+        cls, message = "TimeoutCount", "request timed out"
+    elif isinstance(exc, error.ConnectionRefusedError):
+        cls, message = "ConnectionRefusedCount", "connection refused"
+    elif isinstance(exc, error.DNSLookupError):
+        cls, message = "UnknownHostCount", f"unknown host: {exc}"
+    else:
+        cls, message = "OtherCount", f"{type(exc).__name__}: {exc}"
+    return UploadError(error_class=cls, retryable=True, throttled=False, message=message)
+
+
+def user_agent() -> str:
+    import os
+
+    env = os.environ.get("AWS_EXECUTION_ENV") or "UNKNOWN"
+    py = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"xraytwisted/{__version__} xray-agent/xraytwisted/{__version__} exec-env/{env} "
+        f"OS/{sys.platform}-{platform.machine()} lang/python/{py}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The uploader
+
+
+class HTTPClient(Protocol):
+    """The part of treq.client.HTTPClient we use."""
+
+    def request(self, method: str, url: str | EncodedURL, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class Uploader:
+    """Signs and sends X-Ray API requests to one endpoint."""
+
+    def __init__(
+        self,
+        *,
+        client: HTTPClient,
+        endpoint: Endpoint,
+        region: str,
+        credentials: CredentialSource,
+        clock: IReactorTime,
+        timeout: float,
+        agent_name: str | None = None,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.region = region
+        self.credentials = credentials
+        self.clock = clock
+        self.timeout = timeout
+        self.user_agent = agent_name or user_agent()
+        self._urls: dict[str, FixedURL] = {}  # one per API path
+
+    def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
+        return self.call("/TraceSegments", trace_segments_body(docs)).addCallback(
+            self._trace_segments_outcome
+        )
+
+    def _trace_segments_outcome(self, result: Outcome | tuple[float, bytes]) -> Outcome:
+        if isinstance(result, Outcome):
+            return result
+        seconds, body = result
+        return Outcome(seconds=seconds, unprocessed=parse_unprocessed(body))
+
+    def call(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
+        """POST a signed JSON request; (seconds, response body) on HTTP 200, else an Outcome."""
+        if self.credentials.current() is None:
+            # At startup the first credential lookup may still be running:
+            # wait for it rather than fail (and back off) the first batches.
+            waiting: Deferred[None] = self.credentials.when_loaded()
+            return waiting.addCallback(lambda _: self._call_now(path, body))
+        return self._call_now(path, body)
+
+    def _call_now(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
+        start = self.clock.seconds()
+        creds = self.credentials.current()
+        if creds is None:
+            return defer.succeed(
+                Outcome(
+                    seconds=0.0,
+                    error=UploadError(
+                        error_class="",
+                        retryable=True,
+                        throttled=False,
+                        message="no AWS credentials available; not sending unsigned requests",
+                    ),
+                )
+            )
+        headers = self.signed_headers("POST", path, body, creds, start)
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = FixedURL.of(self.endpoint.url_for(path))
+        d: Deferred[Any] = self.client.request(
+            "POST",
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+        )
+        d.addCallback(self._read, start)
+        d.addTimeout(self.timeout, self.clock)
+        d.addErrback(lambda f: Outcome(self.clock.seconds() - start, error=classify_exception(f)))
+        return d
+
+    def signed_headers(
+        self, method: str, path: str, body: bytes, creds: sigv4.Credentials, now: float
+    ) -> dict[str, list[str]]:
+        to_sign = [
+            ("Content-Type", "application/json"),
+            ("Host", self.endpoint.host),
+            ("X-Amzn-Xray-Timestamp", f"{now:.9f}"),
+        ]
+        added = sigv4.sign(
+            method=method,
+            path=self.endpoint.base_path + path,
+            query="",
+            headers=to_sign,
+            body=body,
+            credentials=creds,
+            region=self.region,
+            service=SERVICE,
+            when=datetime.fromtimestamp(now, tz=timezone.utc),
+        )
+        headers = {name: [value] for name, value in to_sign + added}
+        headers["User-Agent"] = [self.user_agent]
+        return headers
+
+    def _read(self, response: Any, start: float) -> Deferred[Outcome | tuple[float, bytes]]:
+        def got_body(body: bytes) -> Outcome | tuple[float, bytes]:
+            seconds = self.clock.seconds() - start
+            if response.code == 200:
+                return seconds, body
+            raw = response.headers.getAllRawHeaders()
+            headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1") for k, v in raw}
+            return Outcome(seconds, error=classify_response(response.code, headers, body))
+
+        d: Deferred[bytes] = response.content()
+        return d.addCallback(got_body)

@@ -1,0 +1,237 @@
+"""GET /health: can this daemon get segments to X-Ray?  200 if so, 503 if not.
+
+The verdict is a pure function of a few numbers (``assess``); the resource
+only gathers them through callables, so it knows nothing about the batcher
+or the credential machinery.  The daemon is unhealthy when
+
+* no AWS credentials are available (nothing can be uploaded), or
+* segments are waiting, the oldest has waited ``unhealthy_after`` seconds,
+  and no upload has succeeded in that time either.
+
+An idle daemon is healthy: no segments means nothing is known to be wrong.
+A full buffer with uploads succeeding is overload, not ill health (a
+restart would not help), so it shows in the body but not in the status.
+
+``monitoring_site`` serves /health and /metrics (only) on their own address.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from xraytwisted import __version__
+from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.uploader import CredentialSource
+from xraytwisted.tcpport.site import make_site
+
+CredentialsStatus = Callable[[], "tuple[bool, str]"]
+
+MAX_BODY = 4096  # bytes of request body the monitoring listener accepts
+
+
+class BufferUse(Protocol):
+    """What /health shows of the segment buffer (``SegmentBuffer`` has both)."""
+
+    @property
+    def used(self) -> int: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Report:
+    healthy: bool
+    body: dict[str, Any]
+
+    @property
+    def code(self) -> int:
+        return 200 if self.healthy else 503
+
+
+def assess(
+    *,
+    now: float,
+    started_at: float,
+    last_success_at: float | None,
+    waiting: int,
+    oldest_waiting_since: float | None,
+    unhealthy_after: float,
+    credentials: tuple[bool, str],
+    buffer_used: int,
+    buffer_capacity: int,
+    endpoint: str,
+) -> Report:
+    """The health verdict and the JSON body, from plain values.
+
+    ``oldest_waiting_since`` is when the oldest waiting segment arrived; when
+    it is unknown (None while segments wait) the daemon's start time stands
+    in for it, so a burst after a long idle time can read as stuck for up
+    to one batch deadline.
+    """
+    reasons: list[str] = []
+    have_credentials, credentials_source = credentials
+    if not have_credentials:
+        reasons.append(f"no AWS credentials available ({credentials_source})")
+    oldest_wait: float | None = None
+    if waiting > 0:
+        since = oldest_waiting_since if oldest_waiting_since is not None else started_at
+        oldest_wait = max(0.0, now - since)
+        # Progress is either the oldest waiting segment being young, or a
+        # recent success (a backlog that drains slowly is not stuck).
+        progress = max(since, last_success_at) if last_success_at is not None else since
+        stalled = now - progress
+        if stalled >= unhealthy_after:
+            if last_success_at is None:
+                what = "no upload has succeeded since the daemon started"
+            else:
+                what = f"the last successful upload was {now - last_success_at:.0f} seconds ago"
+            reasons.append(
+                f"{waiting} segments waiting, the oldest for {oldest_wait:.0f} seconds, and "
+                f"{what} (limit {unhealthy_after:g} seconds)"
+            )
+    last_success: dict[str, float] | None = None
+    if last_success_at is not None:
+        last_success = {
+            "epoch": round(last_success_at, 3),
+            "seconds_ago": round(max(0.0, now - last_success_at), 3),
+        }
+    body: dict[str, Any] = {
+        "status": "unhealthy" if reasons else "ok",
+        "reasons": reasons,
+        "version": __version__,
+        "uptime_seconds": round(max(0.0, now - started_at), 3),
+        "last_successful_upload": last_success,
+        "segments_waiting": waiting,
+        "oldest_waiting_seconds": round(oldest_wait, 3) if oldest_wait is not None else None,
+        "buffer": {"used_bytes": buffer_used, "capacity_bytes": buffer_capacity},
+        "endpoint": endpoint,
+        "credentials": {"available": have_credentials, "source": credentials_source},
+        "unhealthy_after_seconds": unhealthy_after,
+    }
+    return Report(healthy=not reasons, body=body)
+
+
+def credentials_status(source: CredentialSource) -> CredentialsStatus:
+    """A ``credentials_status`` callable: usable right now?, and the source's status line."""
+
+    def status() -> tuple[bool, str]:
+        return source.current() is not None, source.status()
+
+    return status
+
+
+@dataclass(frozen=True)
+class HealthState:
+    """Where /health reads its numbers; callables keep it decoupled from the services."""
+
+    clock: IReactorTime
+    counters: Counters
+    buffer: BufferUse
+    waiting_docs: Callable[[], int]
+    credentials_status: CredentialsStatus
+    endpoint_url: str
+    started_at: float
+    unhealthy_after: float
+    oldest_waiting_since: Callable[[], float | None] | None = field(default=None)
+
+    def report(self) -> Report:
+        return assess(
+            now=self.clock.seconds(),
+            started_at=self.started_at,
+            last_success_at=self.counters.last_success_at,
+            waiting=self.waiting_docs(),
+            oldest_waiting_since=(
+                self.oldest_waiting_since() if self.oldest_waiting_since is not None else None
+            ),
+            unhealthy_after=self.unhealthy_after,
+            credentials=self.credentials_status(),
+            buffer_used=self.buffer.used,
+            buffer_capacity=self.buffer.capacity,
+            endpoint=self.endpoint_url,
+        )
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+
+
+def _json(request: Request, code: int, document: Mapping[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    # Probes must see the current state, never a cached one.
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def method_not_allowed(request: Request) -> bytes:
+    request.setHeader(b"allow", b"GET, HEAD")
+    return _json(request, 405, {"error": "method not allowed", "allow": ["GET", "HEAD"]})
+
+
+class HealthResource(Resource):
+    """GET/HEAD /health: 200 and the report when healthy, 503 when not."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, state: HealthState) -> None:
+        super().__init__()
+        self.state = state
+
+    def render(self, request: Request) -> bytes:
+        # HEAD gets the same status and headers; twisted.web drops the body.
+        if request.method not in (b"GET", b"HEAD"):
+            return method_not_allowed(request)
+        try:
+            report = self.state.report()
+        except Exception:
+            # A probe must get an answer; a broken check counts as unhealthy.
+            self.log.failure("Health check failed; answering 503")
+            return _json(request, 503, {"status": "unhealthy", "reasons": ["health check failed"]})
+        return _json(request, report.code, report.body)
+
+
+class _MonitoringRoot(Resource):
+    """Exactly /health and /metrics; a JSON 404 for every other path."""
+
+    isLeaf = True
+
+    def __init__(self, routes: Mapping[bytes, IResource]) -> None:
+        super().__init__()
+        self._routes = dict(routes)
+
+    def render(self, request: Request) -> Any:
+        target = self._routes.get(request.path)
+        if target is None:
+            return _json(
+                request,
+                404,
+                {"error": "not found", "paths": sorted(p.decode() for p in self._routes)},
+            )
+        return target.render(request)
+
+
+def monitoring_site(
+    health: IResource,
+    metrics: IResource,
+    timeout: float,
+    reactor: IReactorTime | None = None,
+) -> Site:
+    """The Site for Monitoring.Address: /health and /metrics only.
+
+    ``timeout`` is the idle-connection timeout in seconds.  The Site is the
+    TCP port's quiet one: no access-log line per probe or scrape, idle
+    timeouts (Prometheus keeps its connection open between scrapes) at
+    debug, and request bodies refused beyond a few KiB (GET needs none).
+    """
+    root = _MonitoringRoot({b"/health": health, b"/metrics": metrics})
+    return make_site(root, timeout=timeout, max_body=MAX_BODY, reactor=reactor)

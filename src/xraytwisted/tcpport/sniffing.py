@@ -1,0 +1,239 @@
+"""The TCP port: one listener, two protocols.
+
+Each connection's first bytes decide what it is (``classify``):
+
+* an HTTP request line (``POST /GetSamplingRules HTTP/1.1``): the
+  connection becomes the Site's HTTP channel (the sampling proxy, /health,
+  /metrics);
+* ``{``: a segment stream (``xraytwisted.ingest.stream.SegmentStream``), for senders that cannot
+  use UDP: lines alternate ``header`` / ``document``, judged by the same
+  rules as UDP datagrams, into the same buffer and counters.  When the
+  buffer is full the stream stops reading (TCP backpressure) instead of
+  dropping; see docs/stream-format.md;
+* anything else: closed, and counted as one rejected record.
+
+``TCPPortService`` adopts the listening socket bound at startup.  On stop it
+closes the listener, lets each stream finish the record it is in the middle
+of (bounded by a short grace period) and closes the HTTP connections, so
+ingest is over before the batcher drains.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from xraytwisted.ingest.core import Ingest
+from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
+from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.settings.addresses import Address
+
+# Longest HTTP method token we wait for before deciding (RFC 9110's
+# methods have at most 7 letters, WebDAV's at most 11).
+MAX_METHOD = 16
+
+
+class Kind(enum.Enum):
+    HTTP = "http"
+    STREAM = "stream"
+    JUNK = "junk"
+
+
+def classify(head: bytes) -> Kind | None:
+    """What a connection starting with ``head`` speaks; None: not known yet."""
+    if not head:
+        return None
+    if head[:1] == b"{":
+        return Kind.STREAM
+    space = head.find(b" ", 0, MAX_METHOD + 1)
+    token = head[:space] if space >= 0 else head[: MAX_METHOD + 1]
+    if not (token.isalpha() and token.isupper()):
+        return Kind.JUNK
+    if space > 0:
+        return Kind.HTTP
+    return None if len(token) <= MAX_METHOD else Kind.JUNK
+
+
+def format_peer(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return str(Address(str(host), int(port)))
+
+
+class SniffingProtocol(Protocol):
+    """Buffers a connection's first bytes, then hands it to HTTP or the segment stream."""
+
+    def __init__(self, factory: SniffingFactory, peer: str) -> None:
+        self.factory = factory
+        self.peer = peer
+        self.kind: Kind | None = None
+        self.inner: Protocol | None = None
+        self._head = b""
+        self._timer: IDelayedCall | None = None
+        self._lost: list[Deferred[None]] = []
+        self._gone = False
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        timeout = self.factory.sniff_timeout
+        if timeout:
+            self._timer = self.factory.clock.callLater(timeout, self._silent)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.kind is Kind.JUNK:
+            return  # closing; counted once
+        head = self._head + data
+        kind = classify(head)
+        if kind is None:
+            self._head = head
+            return
+        self._head = b""
+        self._cancel_timer()
+        self.kind = kind
+        factory = self.factory
+        assert self.transport is not None
+        if kind is Kind.HTTP:
+            channel: Protocol = factory.site.buildProtocol(self.transport.getPeer())
+            self._become(channel, head)
+        elif kind is Kind.STREAM:
+            factory.ingest.counters.stream_connections += 1
+            stream = SegmentStream(factory.ingest, factory.max_line, factory.clock, self.peer)
+            self._become(stream, head)
+        else:
+            factory.ingest.reject(
+                "junk",
+                "Closing TCP connection from {peer}: it is neither HTTP nor a segment stream "
+                "(a stream starts with a header line such as "
+                '{{"format":"json","version":1}}): {data}',
+                head,
+                peer=self.peer,
+            )
+            self.transport.loseConnection()
+
+    def _become(self, inner: Protocol, head: bytes) -> None:
+        self.inner = inner
+        assert self.transport is not None
+        inner.makeConnection(self.transport)
+        # From now on the transport calls the inner protocol directly.
+        self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
+        inner.dataReceived(head)
+
+    def _silent(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def stop(self, grace: float) -> Deferred[None]:
+        """Close this connection (a stream first finishes its current record)."""
+        lost = self.when_lost()
+        inner = self.inner
+        if self._gone:
+            return lost
+        if isinstance(inner, SegmentStream):
+            inner.stop(grace)
+        elif self.transport is not None:
+            # HTTP and undecided connections: as with the Go daemon's Close,
+            # in-flight proxied requests are cut; SDKs poll again later.
+            self.transport.loseConnection()
+            self._cancel_timer()
+            self._timer = self.factory.clock.callLater(grace, self._abort)
+        return lost
+
+    def _abort(self) -> None:
+        self._timer = None
+        if not self._gone and self.transport is not None:
+            abort_connection(self.transport)
+
+    def when_lost(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self._gone:
+            d.callback(None)
+        else:
+            self._lost.append(d)
+        return d
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._cancel_timer()
+        self.factory.connections.discard(self)
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+        waiters, self._lost = self._lost, []
+        for d in waiters:
+            d.callback(None)
+
+
+class SniffingFactory(Factory):
+    """Builds a ``SniffingProtocol`` per connection of the TCP port."""
+
+    noisy = False  # no "Starting factory" lines
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        site: Site,
+        max_line: int,
+        clock: IReactorTime,
+        *,
+        sniff_timeout: float | None = None,
+    ) -> None:
+        self.ingest = ingest
+        self.site = site
+        self.max_line = max_line
+        self.clock = clock
+        # A connection that sends nothing is dropped after the HTTP idle timeout.
+        self.sniff_timeout = site.timeOut if sniff_timeout is None else sniff_timeout
+        self.connections: set[SniffingProtocol] = set()
+
+    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol:
+        return SniffingProtocol(self, format_peer(addr))
+
+    def stop(self, grace: float = STOP_GRACE) -> Deferred[None]:
+        """Close every open connection; fires once all are gone (within ~``grace`` s)."""
+        waits = [connection.stop(grace) for connection in list(self.connections)]
+        d: Deferred[Any] = DeferredList(waits, consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+
+class TCPPortService(AdoptedPortService):
+    """Serves an already-bound, listening TCP socket with a ``SniffingFactory``."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        factory: SniffingFactory,
+        *,
+        stop_grace: float = STOP_GRACE,
+        endpoint_url: str = "",
+    ) -> None:
+        super().__init__(reactor, sock)
+        self.factory = factory
+        self.stop_grace = stop_grace
+        self.endpoint_url = endpoint_url
+
+    def adopt(self, sock: socket.socket) -> Any:
+        return self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+
+    def listening(self) -> None:
+        if self.endpoint_url:
+            self.log.info("HTTP Proxy server using X-Ray Endpoint : {url}", url=self.endpoint_url)
+        self.log.info("Starting proxy http server on {address}", address=str(self.address))
+
+    def closed(self) -> Deferred[Any] | None:
+        # Open streams may finish the record they are sending.
+        return self.factory.stop(self.stop_grace)

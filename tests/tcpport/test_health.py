@@ -1,0 +1,282 @@
+"""/health: the verdict table, the JSON, 200 -> 503 -> 200 over real HTTP, the monitoring site."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
+
+from xraytwisted.aws.credentials import StaticCredentials
+from xraytwisted.aws.sigv4 import Credentials
+from xraytwisted.observe.counters import Counters
+from xraytwisted.tcpport.health import (
+    HealthResource,
+    HealthState,
+    Report,
+    assess,
+    credentials_status,
+    monitoring_site,
+)
+from xraytwisted.tcpport.metrics import MetricsResource, make_registry
+
+START = 1_795_304_000.0
+LIMIT = 120.0
+ENDPOINT = "https://xray.us-east-1.amazonaws.com"
+
+
+def verdict(
+    *,
+    now: float = START + 1000,
+    last_success_at: float | None = None,
+    waiting: int = 0,
+    oldest: float | None = None,
+    credentials: tuple[bool, str] = (True, "environment"),
+) -> Report:
+    return assess(
+        now=now,
+        started_at=START,
+        last_success_at=last_success_at,
+        waiting=waiting,
+        oldest_waiting_since=oldest,
+        unhealthy_after=LIMIT,
+        credentials=credentials,
+        buffer_used=640,
+        buffer_capacity=1 << 20,
+        endpoint=ENDPOINT,
+    )
+
+
+class AssessTests(SynchronousTestCase):
+    now = START + 1000
+
+    def test_verdicts(self) -> None:
+        now = self.now
+        table = [
+            # (what, kwargs, healthy)
+            ("idle since start, never uploaded", {}, True),
+            ("idle, last upload long ago", {"last_success_at": START + 1}, True),
+            ("young backlog after a long idle time", {"waiting": 5, "oldest": now - 2}, True),
+            ("backlog of exactly the limit", {"waiting": 5, "oldest": now - LIMIT}, False),
+            (
+                "old backlog but uploads succeed",
+                {"waiting": 5, "oldest": now - 500, "last_success_at": now - 3},
+                True,
+            ),
+            (
+                "old backlog, last success before the limit",
+                {"waiting": 5, "oldest": now - 500, "last_success_at": now - 121},
+                False,
+            ),
+            ("old backlog, never a success", {"waiting": 5, "oldest": now - 121}, False),
+            # Unknown age of the backlog: the start time stands in for it.
+            ("backlog of unknown age, no success", {"waiting": 1}, False),
+            (
+                "backlog of unknown age, recent success",
+                {"waiting": 1, "last_success_at": now - 10},
+                True,
+            ),
+            ("no credentials", {"credentials": (False, "none found")}, False),
+        ]
+        for what, kwargs, healthy in table:
+            report = verdict(now=now, **kwargs)
+            self.assertEqual(report.healthy, healthy, what)
+            self.assertEqual(report.code, 200 if healthy else 503, what)
+            self.assertEqual(report.body["status"], "ok" if healthy else "unhealthy", what)
+            self.assertEqual(bool(report.body["reasons"]), not healthy, what)
+
+    def test_body_fields(self) -> None:
+        report = verdict(waiting=3, oldest=self.now - 4.5, last_success_at=self.now - 2.25)
+        body = report.body
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["reasons"], [])
+        self.assertEqual(body["uptime_seconds"], 1000.0)
+        self.assertEqual(
+            body["last_successful_upload"], {"epoch": self.now - 2.25, "seconds_ago": 2.25}
+        )
+        self.assertEqual(body["segments_waiting"], 3)
+        self.assertEqual(body["oldest_waiting_seconds"], 4.5)
+        self.assertEqual(body["buffer"], {"used_bytes": 640, "capacity_bytes": 1 << 20})
+        self.assertEqual(body["endpoint"], ENDPOINT)
+        self.assertEqual(body["credentials"], {"available": True, "source": "environment"})
+        self.assertEqual(body["unhealthy_after_seconds"], LIMIT)
+        self.assertIn("version", body)
+        idle = verdict().body
+        self.assertIsNone(idle["last_successful_upload"])
+        self.assertIsNone(idle["oldest_waiting_seconds"])
+
+    def test_reasons_say_what_is_wrong(self) -> None:
+        report = verdict(
+            waiting=7,
+            oldest=self.now - 300,
+            last_success_at=self.now - 200,
+            credentials=(False, "none found"),
+        )
+        first, second = report.body["reasons"]
+        self.assertIn("no AWS credentials", first)
+        self.assertIn("7 segments waiting, the oldest for 300 seconds", second)
+        self.assertIn("last successful upload was 200 seconds ago", second)
+        never = verdict(waiting=1, oldest=self.now - 300).body["reasons"][0]
+        self.assertIn("no upload has succeeded since the daemon started", never)
+
+    def test_credentials_status_helper(self) -> None:
+        present = credentials_status(StaticCredentials(Credentials("AKID", "s", None)))
+        self.assertEqual(present(), (True, "ok (static)"))
+        missing = credentials_status(StaticCredentials(None))
+        self.assertEqual(missing(), (False, "missing: no credentials configured"))
+
+
+class Buffer:
+    used = 640
+    capacity = 1 << 20
+
+
+class Live:
+    """The moving parts /health reads, changed by the tests."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.oldest: float | None = None
+        self.credentials = (True, "environment")
+        self.broken = False
+
+    def waiting_docs(self) -> int:
+        if self.broken:
+            raise RuntimeError("batcher exploded")
+        return self.waiting
+
+
+class HealthHTTPTests(TestCase):
+    timeout = 10
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.counters = Counters()
+        self.live = Live()
+        self.state = HealthState(
+            clock=self.clock,
+            counters=self.counters,
+            buffer=Buffer(),
+            waiting_docs=self.live.waiting_docs,
+            oldest_waiting_since=lambda: self.live.oldest,
+            credentials_status=lambda: self.live.credentials,
+            endpoint_url=ENDPOINT,
+            started_at=START,
+            unhealthy_after=LIMIT,
+        )
+        self.health = HealthResource(self.state)
+
+    def serve(self, site: Site) -> str:
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    @defer.inlineCallbacks
+    def fetch(self, url: str, method: str = "GET") -> Any:
+        response = yield treq.request(method, url, persistent=False)
+        body = yield response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def status(self, url: str) -> Any:
+        response, body = yield self.fetch(url)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        return response.code, json.loads(body)
+
+    @defer.inlineCallbacks
+    def test_flips_to_503_while_stuck_and_back(self) -> None:
+        url = self.serve(Site(self.health)) + "/health"
+        code, body = yield self.status(url)
+        self.assertEqual((code, body["status"]), (200, "ok"))
+
+        # Segments arrive and uploads fail: healthy until the limit passes.
+        self.live.waiting, self.live.oldest = 12, self.clock.seconds()
+        self.clock.advance(LIMIT - 1)
+        code, _ = yield self.status(url)
+        self.assertEqual(code, 200)
+        self.clock.advance(1)
+        code, body = yield self.status(url)
+        self.assertEqual((code, body["status"]), (503, "unhealthy"))
+        self.assertIn("12 segments waiting", body["reasons"][0])
+        self.assertEqual(body["segments_waiting"], 12)
+
+        # An upload succeeds: healthy again, and the body says when.
+        self.counters.last_success_at = self.clock.seconds()
+        self.live.waiting, self.live.oldest = 0, None
+        self.clock.advance(5)
+        code, body = yield self.status(url)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["last_successful_upload"]["seconds_ago"], 5)
+
+    @defer.inlineCallbacks
+    def test_missing_credentials_is_503_until_they_appear(self) -> None:
+        url = self.serve(Site(self.health)) + "/health"
+        self.live.credentials = (False, "none found")
+        code, body = yield self.status(url)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["credentials"], {"available": False, "source": "none found"})
+        self.live.credentials = (True, "environment")
+        code, _ = yield self.status(url)
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_head_get_only(self) -> None:
+        url = self.serve(Site(self.health)) + "/health"
+        response, body = yield self.fetch(url, "HEAD")
+        self.assertEqual((response.code, body), (200, b""))
+        self.live.credentials = (False, "none found")
+        response, body = yield self.fetch(url, "HEAD")
+        self.assertEqual((response.code, body), (503, b""))
+        response, body = yield self.fetch(url, "POST")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        self.assertEqual(json.loads(body)["error"], "method not allowed")
+
+    @defer.inlineCallbacks
+    def test_a_broken_check_answers_503_and_logs(self) -> None:
+        url = self.serve(Site(self.health)) + "/health"
+        self.live.broken = True
+        with capturedLogs() as events:
+            code, body = yield self.status(url)
+        self.assertEqual((code, body["status"]), (503, "unhealthy"))
+        self.assertEqual(
+            self.flushLoggedErrors(RuntimeError)[0].getErrorMessage(), "batcher exploded"
+        )
+        (logged,) = [e for e in events if "log_failure" in e]
+        self.assertEqual(formatEvent(logged), "Health check failed; answering 503")
+
+    @defer.inlineCallbacks
+    def test_monitoring_site_serves_two_paths_quietly(self) -> None:
+        metrics = MetricsResource(
+            make_registry(
+                self.counters, buffer_used=lambda: 0, buffer_capacity=1, waiting_docs=lambda: 0
+            )
+        )
+        self.counters.received = 77
+        site = monitoring_site(self.health, metrics, timeout=5, reactor=reactor)
+        base = self.serve(site)
+        with capturedLogs() as events:
+            code, body = yield self.status(base + "/health?probe=1")
+            self.assertEqual((code, body["status"]), (200, "ok"))
+            response, text = yield self.fetch(base + "/metrics")
+            self.assertEqual(response.code, 200)
+            self.assertIn(b"xray_daemon_segments_received_total 77.0", text)
+            for path in ("/", "/health/x", "/GetSamplingRules", "/metricsx"):
+                response, text = yield self.fetch(base + path)
+                self.assertEqual(response.code, 404, path)
+                self.assertEqual(
+                    json.loads(text), {"error": "not found", "paths": ["/health", "/metrics"]}
+                )
+        # No access-log or factory lines for probes and scrapes (the client
+        # side of this test, treq's connection pool, does log its own).
+        server_side = [
+            formatEvent(e) for e in events if "_HTTP11ClientFactory" not in formatEvent(e)
+        ]
+        self.assertEqual(server_side, [])
