@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 import treq.client
 from cryptography import x509
-from hyperlink import EncodedURL
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
@@ -503,29 +502,3 @@ def outbound_info(settings: Settings, env: Mapping[str, str]) -> list[str]:
     if ca_bundle:
         lines.append(f"Trusting the CA certificates in AWS_CA_BUNDLE={ca_bundle} too")
     return lines
-
-
-class FixedURL(EncodedURL):
-    """An ASCII URL already in URI form, for requests sent again and again.
-
-    treq turns every URL it is given into URI text with
-    ``url.to_uri().to_text()``, which re-validates the URL and IDNA-encodes
-    its host each time; for the fixed X-Ray endpoint that was a tenth of the
-    cost of an upload.  This URL is its own URI and remembers its text.
-    """
-
-    _text: str
-
-    @classmethod
-    def of(cls, text: str) -> FixedURL:
-        text.encode("ascii")  # UnicodeEncodeError: not for non-ASCII URLs
-        url = cls.from_text(text)
-        assert isinstance(url, FixedURL)  # from_text builds a cls
-        url._text = text
-        return url
-
-    def to_uri(self) -> FixedURL:
-        return self
-
-    def to_text(self, with_password: bool = False) -> str:
-        return self._text

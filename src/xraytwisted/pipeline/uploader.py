@@ -26,7 +26,7 @@ from xraytwisted import __version__
 from xraytwisted.aws import sigv4
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.observe.logs import printable
-from xraytwisted.outbound.http_client import FixedURL
+from xraytwisted.outbound.treq_private import FixedURL
 
 SERVICE = "xray"
 
