@@ -21,6 +21,7 @@ from twisted.internet import error
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -209,6 +210,26 @@ class ThroughProxyTests(ClientTestCase):
             (request.method, request.path, request.body), ("POST", "/TraceSegments", BODY)
         )
         self.assertEqual(request.host, f"{FAKE_HOST}:{server.port}")
+
+    async def test_connections_are_not_logged(self) -> None:
+        # Twisted logs "Starting factory ..." / "Stopping factory ..." for
+        # every pooled connection unless its factory is quiet.
+        plain = start_fake_xray(self, None)
+        env = {"HTTPS_PROXY": self.proxy.url, "HTTP_PROXY": self.proxy.url, "NO_PROXY": LOCALHOST}
+        pool = make_pool(reactor(), 2)
+        client = make_client(
+            reactor(), pool, proxy=ProxyRules.from_settings("", env), ca_bundle=self.bundle
+        )
+        tunnel, forwarded, direct = self.server.url(), plain.url(), plain.url(LOCALHOST)
+        with capturedLogs() as events:
+            for url in (tunnel, forwarded, direct):
+                code, _ = await self.post(client, url + "/TraceSegments")
+                self.assertEqual(code, 200, url)
+            await pool.closeCachedConnections()
+        self.assertEqual((len(self.proxy.connects()), len(self.proxy.seen())), (1, 2))
+        self.assertEqual(len(plain.requests), 2)
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual([line for line in lines if "factory" in line.lower()], [])
 
 
 class ProxyFailureTests(ClientTestCase):

@@ -37,14 +37,18 @@ from urllib.parse import urlsplit
 import treq.client
 from cryptography import x509
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
 from service_identity import VerificationError
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -54,7 +58,6 @@ from twisted.web.client import (
     HostnameCachingHTTPSPolicy,
     HTTPConnectionPool,
     ProxyAgent,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -69,6 +72,7 @@ from zope.interface import implementer
 
 from xraytwisted.outbound.connect_tunnel import HTTPConnectProxyEndpoint
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, ProxyRules, ProxySpec
+from xraytwisted.outbound.twisted_private import system_trust_plus
 from xraytwisted.settings.table import Settings
 
 # Idle connections are dropped well before load balancers typically close
@@ -84,14 +88,9 @@ MAX_CA_BUNDLE_BYTES = 16 * 1024 * 1024
 ProxyChooser = Callable[[str], ProxySpec | None]
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    # Twisted logs "Starting factory ..." for every new connection otherwise.
-    noisy = False
-
-
 def make_pool(reactor: Any, per_host: int) -> HTTPConnectionPool:
+    """The connection pool for ``make_client``'s agents (their endpoints keep it quiet)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietFactory
     pool.maxPersistentPerHost = per_host
     pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
     # POST is not idempotent, so Twisted would not retry it anyway; the
@@ -128,24 +127,6 @@ def load_ca_bundle(path: str, source: str = "AWS_CA_BUNDLE") -> tuple[x509.Certi
         raise bad(f"it is not valid PEM ({e})") from None
 
 
-# Twisted has no public way to combine trust roots; this implements its
-# (semi-private) IOpenSSLTrustRoot the way its own OpenSSLDefaultPaths and
-# OpenSSLCertificateAuthorities do, so hostname checks stay Twisted's.
-@implementer(IOpenSSLTrustRoot)
-class SystemTrustPlus:
-    """The platform's trust store plus some extra CA certificates."""
-
-    def __init__(self, extra: Sequence[x509.Certificate] = ()) -> None:
-        self.extra = tuple(extra)
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        platformTrust()._addCACertsToContext(context)
-        store = context.get_cert_store()
-        assert store is not None
-        for cert in self.extra:
-            store.add_cert(X509.from_cryptography(cert))
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class UnverifiedTLS:
     """TLS that checks neither certificate nor host name (NoVerifySSL); still sends SNI."""
@@ -168,7 +149,9 @@ class TLSPolicy:
 
     def __init__(self, *, verify: bool = True, extra_cas: Sequence[x509.Certificate] = ()) -> None:
         self.verify = verify
-        self.trust = SystemTrustPlus(extra_cas)
+        # Adding to the system store needs a private Twisted interface
+        # (twisted_private says why); without extra CAs, the public one.
+        self.trust = system_trust_plus(extra_cas) if extra_cas else platformTrust()
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii").strip("[]")
@@ -269,6 +252,31 @@ def _memoized_by_origin(choose: ProxyChooser) -> ProxyChooser:
 _MAX_CACHED_ORIGINS = 64
 
 
+@implementer(IStreamClientEndpoint)
+class QuietEndpoint:
+    """``endpoint``, connecting factories with ``noisy`` turned off.
+
+    The pool builds a new HTTP client factory for every connection, and
+    Twisted logs "Starting factory ..." and "Stopping factory ..." for each
+    one unless the factory is not ``noisy`` (a public ``Factory`` attribute).
+    The endpoint is where the pool hands its factory over, so no hook into
+    the pool is needed.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        connected: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connected
+
+    def __repr__(self) -> str:
+        # The pool names its factory after the endpoint.
+        return repr(self._endpoint)
+
+
 @implementer(IAgentEndpointFactory)
 class ProxyEndpointFactory:
     """Endpoints for an Agent: direct, or a CONNECT tunnel; TLS on top for https."""
@@ -320,7 +328,7 @@ class ProxyEndpointFactory:
         if scheme == "https":
             creator = self._tls.creatorForNetloc(host.encode("ascii"), uri.port)
             endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+        return QuietEndpoint(endpoint)
 
 
 @implementer(IAgent)
@@ -378,8 +386,8 @@ class ProxyRoutingAgent:
         """Plain http through a proxy: the absolute URL on the request line."""
         agent = self._forwarding.get(proxy)
         if agent is None:
-            endpoint = HostnameEndpoint(
-                self._reactor, proxy.host, proxy.port, timeout=self._timeout
+            endpoint = QuietEndpoint(
+                HostnameEndpoint(self._reactor, proxy.host, proxy.port, timeout=self._timeout)
             )
             agent = self._forwarding[proxy] = ProxyAgent(endpoint, self._reactor, self._pool)
         authorization = proxy.authorization_header()
