@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xraytwisted.aws.botocore_private import expiry_of
 from xraytwisted.aws.region import profile_name
 from xraytwisted.aws.sigv4 import Credentials
 
@@ -230,13 +231,6 @@ class Found:
     refreshable: bool = False
 
 
-def _expiry_of(credentials: Any) -> float | None:
-    # botocore keeps the expiry of RefreshableCredentials only in this
-    # private attribute; without it we fall back to a periodic refresh.
-    expiry = getattr(credentials, "_expiry_time", None)
-    return expiry.timestamp() if isinstance(expiry, datetime) else None
-
-
 def lookup(
     session_factory: Callable[[], botocore.session.Session],
     *,
@@ -262,7 +256,7 @@ def lookup(
     method = str(getattr(credentials, "method", "") or "unknown")
     found = Found(
         Credentials(
-            frozen.access_key, frozen.secret_key, frozen.token or None, _expiry_of(credentials)
+            frozen.access_key, frozen.secret_key, frozen.token or None, expiry_of(credentials)
         ),
         _SOURCE_NAMES.get(method, method),
         refreshable=isinstance(credentials, RefreshableCredentials),
