@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_metadata import closed_port  # a free loopback TCP port
+from tests.support.tempdirs import temp_path
 from xraytwisted import __version__, command
 from xraytwisted.settings import go_flags
 
@@ -48,7 +49,7 @@ class ModuleTests(SynchronousTestCase):
     program: Sequence[str] = MODULE
 
     def setUp(self) -> None:
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir()
         self.env = clean_env()
 
@@ -193,7 +194,7 @@ class RunningTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.patch(support, "TWISTD", XRAY_AS_TWISTD)
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir()
 
     def start(self, args: list[str], env: dict[str, str]) -> DaemonProcess:
@@ -327,7 +328,7 @@ class LocalSinkTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.patch(support, "TWISTD", XRAY_AS_TWISTD)
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir()
         self.sink = self.workdir / "traces.jsonl"
         self.tcp_port = closed_port()

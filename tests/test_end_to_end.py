@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.moto import MotoServer, SharedMotoServer
+from tests.support.tempdirs import temp_path
 
 # Run by a separate Python process: the SDK's recorder is global state.
 SDK_APP = """
@@ -65,7 +66,7 @@ class EndToEndTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.moto: MotoServer = self.moto_server.acquire()
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir()
 
     def start_daemon(self, secret: str | None = None, *extra: str) -> DaemonProcess:

@@ -32,6 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.buffers import CollectingBuffer
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
 from tests.support.fake_sink import FakeSink, fake_credentials
+from tests.support.tempdirs import temp_path
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.header import Verdict, header_is_valid, split
 from xraytwisted.ingest.stream import SegmentStream
@@ -275,7 +276,7 @@ def status_kb(pid: int, field: str) -> int:
 
 class BlastTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.sink = FakeSink(self.workdir / "sink").start()
         self.addCleanup(self.sink.stop)
         self.daemon = DaemonProcess(

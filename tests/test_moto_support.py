@@ -20,6 +20,7 @@ from tests.support.moto import (
     error_status_and_code,
     start_moto_server,
 )
+from tests.support.tempdirs import temp_path
 
 REGION = "us-east-2"
 
@@ -191,7 +192,7 @@ class SharedServerTests(TestCase):
         self.assertEqual(self.moto.segment_documents(trace_ids), documents)
 
     def test_client_ignores_developer_aws_settings(self) -> None:
-        config = self.mktemp()
+        config = temp_path(self)
         with open(config, "w") as stream:
             stream.write("[default]\nregion = eu-west-1\nendpoint_url = http://127.0.0.2:9\n")
         patch_environ(

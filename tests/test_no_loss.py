@@ -42,6 +42,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
 from tests.support.fake_sink import FakeSink, fake_credentials
+from tests.support.tempdirs import temp_path
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
@@ -202,7 +203,7 @@ class NoLossTests(SynchronousTestCase):
     """Accepted segments reach X-Ray through outages, crashes, shutdowns and full memory."""
 
     def setUp(self) -> None:
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir(parents=True)
 
     # -- helpers ------------------------------------------------------------
@@ -565,7 +566,7 @@ class FlushingBatcherStallTests(SynchronousTestCase):
             return d
 
         buffer = SegmentBuffer(10**8, clock, counters)
-        spool = Spool.open(self.mktemp(), 64 * 1024 * 1024, clock, counters)
+        spool = Spool.open(temp_path(self), 64 * 1024 * 1024, clock, counters)
         self.addCleanup(spool.close)
         batcher = Batcher(
             buffer, send, clock, counters,

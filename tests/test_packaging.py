@@ -19,6 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.settings import go_flags, loader, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +220,7 @@ class SystemdUnitTests(SynchronousTestCase):
         if analyze is None:
             self.skipTest("systemd-analyze is not installed")
         # verify also checks that ExecStart exists; point it at one that does.
-        copy = Path(self.mktemp())
+        copy = Path(temp_path(self))
         copy.mkdir()
         unit = copy / "xray.service"
         text = UNIT.read_text()
@@ -246,7 +247,7 @@ class SampleConfigTests(SynchronousTestCase):
         # Uncomment "# Key: value" lines (not prose) and load the result.
         enabled = re.sub(r"(?m)^(\s*)# ?(\s*[A-Z]\w*:(?: .*)?)$", r"\1\2", SAMPLE_CFG.read_text())
         self.assertNotEqual(enabled, SAMPLE_CFG.read_text())
-        copy = Path(self.mktemp())
+        copy = Path(temp_path(self))
         copy.write_text(enabled)
         settings = loader.resolve(loader.load(str(copy)), {})
         self.assertEqual(settings, table.Settings(version=2))
@@ -332,7 +333,7 @@ class DocsTests(SynchronousTestCase):
                 self.assertTrue(documents, f"empty yaml block in {name}")
                 if isinstance(documents[0], dict) and "Version" in documents[0]:
                     # A cfg.yaml example: it must pass the -c validation.
-                    path = Path(self.mktemp())
+                    path = Path(temp_path(self))
                     path.write_text(block)
                     loader.resolve(loader.load(str(path)), {})
                 checked += 1

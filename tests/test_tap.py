@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import DaemonProcess, clean_env, run_twistd
+from tests.support.tempdirs import temp_path
 from xraytwisted import __version__, tap
 from xraytwisted.daemon import NO_REGION, XRayDaemon
 
@@ -70,7 +71,7 @@ class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.stderr = io.StringIO()
         self.patch(sys, "stderr", self.stderr)
-        self.cwd = Path(self.mktemp())
+        self.cwd = Path(temp_path(self))
         self.cwd.mkdir()
         old = os.getcwd()
         os.chdir(self.cwd)  # no stray ./cfg.yaml is picked up
@@ -196,7 +197,7 @@ class TwistdProcessTests(SynchronousTestCase):
     """The plugin as users run it: real twistd processes."""
 
     def setUp(self) -> None:
-        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir = Path(temp_path(self)).resolve()
         self.workdir.mkdir()
         self.env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
 

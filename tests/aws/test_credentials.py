@@ -39,6 +39,7 @@ from tests.support.fake_metadata import (
 )
 from tests.support.logs import capture_logs
 from tests.support.moto import MotoServer, start_moto_server
+from tests.support.tempdirs import temp_path
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import (
     EXPIRY_MARGIN,
@@ -483,7 +484,7 @@ class RealSourceTests(TestCase):
         return service
 
     def write(self, text: str) -> str:
-        path: str = self.mktemp()
+        path: str = temp_path(self)
         with open(path, "w") as f:
             f.write(textwrap.dedent(text))
         return path
@@ -617,7 +618,7 @@ class RealSourceTests(TestCase):
     def test_sso_profile(self) -> Any:
         # botocore fixes the SSO token cache directory (~/.aws/sso/cache) at import
         # time, so the lookup runs in a child process whose HOME is a temp dir.
-        home = self.mktemp()
+        home = temp_path(self)
         cache = os.path.join(home, ".aws", "sso", "cache")
         os.makedirs(cache)
         start_url = "https://xraytwisted-test.awsapps.com/start"
@@ -916,7 +917,7 @@ class STSTests(TestCase):
     def test_web_identity(self) -> Any:
         allow_unauthenticated(self.moto, 3)  # two IAM calls, then the unsigned STS call
         role_arn = create_xray_role(self.moto, "xray-irsa-role")
-        token_file = self.mktemp()
+        token_file = temp_path(self)
         with open(token_file, "w") as f:
             f.write("eyJhbGciOiJSUzI1NiJ9.fake-service-account-token.sig")
         aws_environment(
@@ -994,7 +995,7 @@ class STSEndpointTests(SynchronousTestCase):
         self.assertTrue(url.startswith("https://sts.amazonaws.com/"), url)
 
     def test_a_profile_setting_is_respected(self) -> None:
-        config = self.mktemp()
+        config = temp_path(self)
         with open(config, "w") as f:
             f.write("[default]\nsts_regional_endpoints = legacy\n")
         url = self.assume_role_url("eu-west-1", {"AWS_CONFIG_FILE": config})

@@ -28,6 +28,7 @@ from tests.support.fake_metadata import (
     start_fake_process,
 )
 from tests.support.logs import capture_logs
+from tests.support.tempdirs import temp_path
 from xraytwisted.aws.instance_metadata import (
     HOSTNAME_MAX,
     IMDS_IPV4,
@@ -273,7 +274,7 @@ class BoundedWaitTests(TestCase):
 
 class ECSFileTests(SynchronousTestCase):
     def write(self, document: Any) -> str:
-        path: str = self.mktemp()
+        path: str = temp_path(self)
         with open(path, "w") as f:
             f.write(document if isinstance(document, str) else json.dumps(document))
         return path
@@ -312,7 +313,7 @@ class ECSFileTests(SynchronousTestCase):
 
     def test_problems(self) -> None:
         self.assert_error(self.client(None), "ECS_CONTAINER_METADATA_FILE is not set")
-        missing = os.path.join(self.mktemp(), "nope.json")
+        missing = os.path.join(temp_path(self), "nope.json")
         self.assert_error(self.client(missing), "Unable to open ECS metadata file", missing)
         self.assert_error(self.client(self.write("{not json")), "not JSON")
         self.assert_error(self.client(self.write("[1]")), "not a JSON object")

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.fake_metadata import FakeECS, FakeIMDS, isolated_environ
 from tests.support.logs import capture_logs
+from tests.support.tempdirs import temp_path
 from xraytwisted.aws.instance_metadata import MetadataClient, MetadataError
 from xraytwisted.aws.region import (
     NO_REGION,
@@ -146,7 +147,7 @@ class OrderTests(SynchronousTestCase):
 
 class LocalModeTests(SynchronousTestCase):
     def config_file(self, text: str) -> str:
-        path: str = self.mktemp()
+        path: str = temp_path(self)
         with open(path, "w") as f:
             f.write(text)
         return path
@@ -214,7 +215,7 @@ class WithMetadataServicesTests(TestCase):
         self.ecs = FakeECS(region="eu-west-2")
         self.imds.start(self)
         self.ecs.start(self)
-        path: str = self.mktemp()
+        path: str = temp_path(self)
         with open(path, "w") as f:
             json.dump({"TaskARN": "arn:aws:ecs:ap-east-1:123456789012:task/c/1"}, f)
         self.ecs_file = path

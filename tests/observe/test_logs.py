@@ -28,6 +28,7 @@ from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.observe import logs
 from xraytwisted.observe.logs import (
     LEVELS,
@@ -388,7 +389,7 @@ class TwistdWiringTests(SynchronousTestCase):
 
 class DestinationTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = FilePath(self.mktemp())
+        self.dir = FilePath(temp_path(self))
         self.dir.makedirs()
 
     def open(self, *segments: str, rotation: bool = True, rotate_bytes: int = 100) -> Any:

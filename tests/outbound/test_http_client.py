@@ -28,6 +28,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from tests.support.http_proxy import start_proxy
 from tests.support.sigcheck import verify
+from tests.support.tempdirs import temp_path
 from tests.support.tls import (
     FAKE_HOST,
     LOCALHOST,
@@ -80,7 +81,7 @@ class ClientTestCase(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
+        self.dir = temp_path(self)
         os.makedirs(self.dir)
 
     def ca_file(self, *cas: trustme.CA, name: str = "bundle.pem") -> str:
@@ -512,7 +513,7 @@ class TrustStoreTests(ClientTestCase):
 
 class LoadCABundleTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = os.path.abspath(self.mktemp())
+        self.dir = temp_path(self)
         os.makedirs(self.dir)
 
     def write(self, data: bytes) -> str:

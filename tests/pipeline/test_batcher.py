@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
@@ -466,7 +467,7 @@ class SpoolTests(Fixture):
     ) -> None:
         from xraytwisted.pipeline.spool import Spool
 
-        self.directory = directory or self.mktemp()
+        self.directory = directory or temp_path(self)
         self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
         self.addCleanup(self.spool.close)
         self.buffer = SegmentBuffer(10_000_000, self.clock, self.counters)
@@ -602,7 +603,7 @@ class SpoolTests(Fixture):
         from xraytwisted.pipeline.spool import Spool
 
         doc_cost = len(docs(1)[0]) + DOC_OVERHEAD
-        self.directory = self.mktemp()
+        self.directory = temp_path(self)
         self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
         self.addCleanup(self.spool.close)
         self.buffer = SegmentBuffer(doc_cost * 120, self.clock, self.counters)

@@ -9,6 +9,7 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline import local_sink
 from xraytwisted.pipeline.batcher import Batcher
@@ -72,7 +73,7 @@ class EncodeTests(SynchronousTestCase):
 class LocalSinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.dir = Path(self.mktemp()).resolve()
+        self.dir = Path(temp_path(self)).resolve()
         self.dir.mkdir()
         self.path = self.dir / "traces.jsonl"
 

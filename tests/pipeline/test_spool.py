@@ -24,6 +24,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.spool import (
     HEADER_SIZE,
@@ -53,7 +54,7 @@ def batch_number(b: SpooledBatch) -> int:
 
 class SpoolTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = os.path.join(self.mktemp(), "spool")
+        self.dir = os.path.join(temp_path(self), "spool")
         self.clock = Clock()
         self.counters = Counters()
         self.spools: list[Spool] = []
@@ -466,7 +467,7 @@ class LockAndFlushTests(SpoolTestCase):
         self.open()  # free again
 
     def test_unusable_directory_is_one_clear_error(self) -> None:
-        blocker = self.mktemp()
+        blocker = temp_path(self)
         Path(blocker).write_text("a file, not a directory")
         e = self.assertRaises(
             SpoolError, Spool.open, os.path.join(blocker, "spool"), 1000, self.clock
@@ -536,7 +537,7 @@ small_docs = st.lists(st.binary(max_size=200), min_size=1, max_size=6)
 
 class PropertyTests(SynchronousTestCase):
     def fresh(self) -> str:
-        return os.path.join(self.mktemp(), "spool")
+        return os.path.join(temp_path(self), "spool")
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(docs_strategy, max_size=12), st.booleans())

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.settings import budget
 from xraytwisted.settings.budget import (
     MIB,
@@ -273,14 +274,14 @@ class CgroupLimitTests(SynchronousTestCase):
 
 class ReadTextTests(SynchronousTestCase):
     def test_reads_a_file(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "w") as f:
             f.write("max\n")
         self.assertEqual(read_text(path), "max\n")
 
     def test_unreadable_is_none(self) -> None:
-        self.assertIsNone(read_text(self.mktemp()))
-        directory = self.mktemp()
+        self.assertIsNone(read_text(temp_path(self)))
+        directory = temp_path(self)
         os.mkdir(directory)
         self.assertIsNone(read_text(directory))
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.tempdirs import temp_path
 from xraytwisted.settings import cfg_yaml, go_flags, loader, table
 from xraytwisted.settings.loader import SEARCH_PATHS, load, resolve
 from xraytwisted.settings.table import (
@@ -100,7 +101,7 @@ def nested(dotted: str, value: str = "1") -> str:
 
 class ConfigTestCase(SynchronousTestCase):
     def write(self, text: str | bytes) -> str:
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "wb") as f:
             f.write(text.encode("utf-8") if isinstance(text, str) else text)
         return path
@@ -532,19 +533,19 @@ class YamlV2SemanticsTests(ConfigTestCase):
 
 class FileAndSyntaxErrorTests(ConfigTestCase):
     def test_missing_file(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         self.assertConfigError(
             lambda: load(path, search=()), f"{PREFIX}open {path}: no such file or directory"
         )
 
     def test_missing_directory(self) -> None:
-        path = os.path.join(self.mktemp(), "cfg.yaml")
+        path = os.path.join(temp_path(self), "cfg.yaml")
         self.assertConfigError(
             lambda: load(path, search=()), f"{PREFIX}open {path}: no such file or directory"
         )
 
     def test_directory(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         os.mkdir(path)
         self.assertConfigError(
             lambda: load(path, search=()), f"{PREFIX}read {path}: is a directory"
@@ -611,7 +612,7 @@ class SearchPathTests(ConfigTestCase):
     def test_first_existing_file_wins(self) -> None:
         first = self.write("Version: 2\nRegion: first\n")
         second = self.write("Version: 2\nRegion: second\n")
-        missing = self.mktemp()
+        missing = temp_path(self)
         self.assertEqual(load(None, search=[first, second])["region"], "first")
         self.assertEqual(load(None, search=[missing, second])["region"], "second")
         self.assertEqual(load(None, search=[missing, second])["config_path"], second)
@@ -620,14 +621,14 @@ class SearchPathTests(ConfigTestCase):
 
     def test_missing_parent_directory_is_skipped(self) -> None:
         second = self.write("Version: 2\nRegion: second\n")
-        under_missing = os.path.join(self.mktemp(), "cfg.yaml")
+        under_missing = os.path.join(temp_path(self), "cfg.yaml")
         under_file = os.path.join(second, "cfg.yaml")  # ENOTDIR
         self.assertEqual(load(None, search=[under_missing, under_file, second])["region"], "second")
 
     def test_existing_but_unusable_path_is_an_error(self) -> None:
         # Like Go: a path that exists is loaded, so a directory (or an
         # unreadable file) fails loudly instead of being skipped.
-        directory = self.mktemp()
+        directory = temp_path(self)
         os.mkdir(directory)
         good = self.write("Version: 2\n")
         self.assertConfigError(
@@ -638,7 +639,7 @@ class SearchPathTests(ConfigTestCase):
     def test_path_that_cannot_be_checked_is_an_error(self) -> None:
         # os.stat fails with something other than "does not exist" (here a
         # symlink loop): Go goes on to read it and fails; so do we.
-        loop = os.path.abspath(self.mktemp())
+        loop = temp_path(self)
         os.symlink(loop, loop)
         good = self.write("Version: 2\n")
         self.assertConfigError(
@@ -647,7 +648,7 @@ class SearchPathTests(ConfigTestCase):
         )
 
     def test_relative_name_is_looked_up_in_the_working_directory(self) -> None:
-        directory = os.path.abspath(self.mktemp())
+        directory = temp_path(self)
         os.mkdir(directory)
         with open(os.path.join(directory, "cfg.yaml"), "w") as f:
             f.write("Version: 2\nRegion: from-cwd\n")
@@ -663,7 +664,7 @@ class SearchPathTests(ConfigTestCase):
         self.assertEqual(load(good, search=[broken])["region"], "good")
 
     def test_explicit_file_is_not_replaced_by_search_path_when_missing(self) -> None:
-        missing = self.mktemp()
+        missing = temp_path(self)
         fallback = self.write("Version: 2\n")
         self.assertRaises(ConfigError, load, missing, search=[fallback])
 
@@ -675,7 +676,7 @@ class SearchPathTests(ConfigTestCase):
         path = self.write("Version: 2\n")
         self.assertEqual(loader.find_config_file("/x.yaml", [path]), ("/x.yaml", True))
         self.assertEqual(loader.find_config_file(None, [path]), (path, False))
-        self.assertEqual(loader.find_config_file(None, [self.mktemp()]), (None, False))
+        self.assertEqual(loader.find_config_file(None, [temp_path(self)]), (None, False))
 
 
 class PrecedenceTests(ConfigTestCase):

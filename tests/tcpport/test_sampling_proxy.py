@@ -37,6 +37,7 @@ from tests.support.fake_xray import (
     raw_http,
     start_fake_xray,
 )
+from tests.support.tempdirs import temp_path
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
@@ -578,7 +579,7 @@ class ProxyTests(TestCase):
 
     async def test_aws_xray_sdk_gets_rules_and_targets_through_the_proxy(self) -> None:
         self.serve()
-        script = self.mktemp() + ".py"
+        script = temp_path(self) + ".py"
         with open(script, "w") as f:
             f.write(SDK_SAMPLING_APP)
         out, err, code = await getProcessOutputAndValue(

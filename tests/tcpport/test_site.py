@@ -13,6 +13,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support.daemon import clean_env
+from tests.support.tempdirs import temp_path
 from xraytwisted.settings.loader import SEARCH_PATHS
 from xraytwisted.tcpport.site import LazyResource
 
@@ -30,7 +31,7 @@ class _Page(Resource):
 
 class LazyResourceTests(SynchronousTestCase):
     def mktemp_dir(self) -> str:
-        path = self.mktemp()
+        path = temp_path(self)
         os.makedirs(path)
         return path
 
