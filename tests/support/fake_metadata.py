@@ -45,6 +45,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from tests.support.environ import isolated_environ
+
 __all__ = [
     "FakeECS",
     "FakeIMDS",
@@ -58,12 +60,6 @@ __all__ = [
 
 LOCALHOST = "127.0.0.1"
 ACCOUNT = "123456789012"
-
-# What the variables in os.environ that could reach AWS code look like.
-_AWS_PREFIXES = ("AWS_", "ECS_", "BOTO_")
-_PROXY_NAMES = frozenset(
-    {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
-)
 
 
 def _iso(when: datetime) -> str:
@@ -302,32 +298,6 @@ class FakeSSOPortal(_FakeServer):
 
 # ---------------------------------------------------------------------------
 # Environment and sockets
-
-
-def isolated_environ(values: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """``os.environ`` without AWS, ECS and proxy settings, plus safe defaults and ``values``.
-
-    Defaults: shared config/credentials files that do not exist (never the developer's
-    ~/.aws) and ``AWS_EC2_METADATA_DISABLED=true``.  A value of None removes the name.
-    """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_AWS_PREFIXES) and k not in _PROXY_NAMES
-    }
-    env.update(
-        {
-            "AWS_CONFIG_FILE": "/nonexistent/xraytwisted-test/aws-config",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/xraytwisted-test/aws-credentials",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
-    for name, value in (values or {}).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
 
 
 def aws_environment(case: Any, values: Mapping[str, str | None] | None = None) -> dict[str, str]:
