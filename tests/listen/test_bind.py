@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -137,6 +138,39 @@ class BindTestCase(SynchronousTestCase):
         if not ipv6_loopback_available():
             raise self.skipTest("IPv6 is not available")
 
+    def wildcards_on_loopback(self) -> list[tuple[Any, Any]]:
+        """From now on, sockets asked to bind every interface bind loopback instead.
+
+        Tests listen on loopback only.  The code under test still asks for
+        the wildcard, and what it asked for is recorded as (family, sockaddr),
+        after the IPV6_V6ONLY values it set, as ("IPV6_V6ONLY", value):
+        "::" binds "::1" (so dual-stack itself cannot be shown, and Linux
+        turns IPV6_V6ONLY on for it; the tests check what was asked),
+        "0.0.0.0" binds "127.0.0.1".
+        """
+        asked: list[tuple[Any, Any]] = []
+        real = socket.socket
+
+        class LoopbackSocket(real):  # type: ignore[valid-type,misc]
+            def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+                if (level, option) == (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                    asked.append(("IPV6_V6ONLY", value))
+                super().setsockopt(level, option, value, *rest)
+
+            def bind(self, address: Any) -> None:
+                asked.append((self.family, address))
+                if self.family == socket.AF_INET6 and address[0] == "::":
+                    address = ("::1", *address[1:])
+                elif self.family == socket.AF_INET and address[0] in ("", "0.0.0.0"):
+                    address = ("127.0.0.1", *address[1:])
+                super().bind(address)
+
+        self.patch(socket, "socket", LoopbackSocket)
+        return asked
+
+    def loopback_of(self, sock: socket.socket) -> str:
+        return "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+
 
 class BindUDPTests(BindTestCase):
     def test_ipv4_loopback(self) -> None:
@@ -159,18 +193,16 @@ class BindUDPTests(BindTestCase):
         self.assertEqual(sock.getsockname()[0], "::1")
 
     def test_every_interface_is_dual_stack(self) -> None:
+        asked = self.wildcards_on_loopback()
         sock = self.keep(bind_udp(parse_address(":0")))
-        port = sock.getsockname()[1]
         if sock.family == socket.AF_INET6:
-            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 0)
-            self.assertEqual(sock.getsockname()[0], "::")
-        else:
-            self.assertEqual(sock.getsockname()[0], "0.0.0.0")
-        # An IPv4 sender reaches it either way.
-        sender = self.keep(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        sender.sendto(b"v4", ("127.0.0.1", port))
+            self.assertEqual(asked, [("IPV6_V6ONLY", 0), (socket.AF_INET6, ("::", 0, 0, 0))])
+        else:  # no IPv6 here: the IPv4 wildcard
+            self.assertEqual(asked[-1], (socket.AF_INET, ("0.0.0.0", 0)))
+        sender = self.keep(socket.socket(sock.family, socket.SOCK_DGRAM))
+        sender.sendto(b"hello", (self.loopback_of(sock), sock.getsockname()[1]))
         sock.settimeout(5)
-        self.assertEqual(sock.recv(100), b"v4")
+        self.assertEqual(sock.recv(100), b"hello")
 
     def refuse_sockets(self, family: int, error: int) -> None:
         """Make creating sockets of ``family`` fail with ``error``."""
@@ -184,9 +216,11 @@ class BindUDPTests(BindTestCase):
         self.patch(socket, "socket", socket_factory)
 
     def test_every_interface_without_ipv6(self) -> None:
+        asked = self.wildcards_on_loopback()
         self.refuse_sockets(socket.AF_INET6, errno.EAFNOSUPPORT)
         sock = self.keep(bind_udp(parse_address(":0")))
-        self.assertEqual((sock.family, sock.getsockname()[0]), (socket.AF_INET, "0.0.0.0"))
+        self.assertEqual(sock.family, socket.AF_INET)
+        self.assertEqual(asked, [(socket.AF_INET, ("0.0.0.0", 0))])
 
     def test_socket_creation_failure(self) -> None:
         self.refuse_sockets(socket.AF_INET, errno.EMFILE)
@@ -270,7 +304,12 @@ class BindUDPTests(BindTestCase):
         )
 
     def test_every_interface_in_use(self) -> None:
-        port = self.taken(socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0")
+        self.wildcards_on_loopback()
+        port = self.taken(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
+        # Where "::" binds: the same port on ::1 (if IPv6 is there and the
+        # port is free there; otherwise it is in use already).
+        with contextlib.suppress(OSError):
+            self.keep(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)).bind(("::1", port))
         self.assertBindError(Address("", port), f"listen udp :{port}: bind: address already in use")
 
     def test_address_not_on_this_host(self) -> None:
@@ -343,9 +382,12 @@ class BindTCPTests(BindTestCase):
         self.keep(socket.create_connection(listener.getsockname()[:2], timeout=5))
 
     def test_every_interface(self) -> None:
+        asked = self.wildcards_on_loopback()
         listener = self.keep(bind_tcp(parse_address(":0", "tcp")))
+        wildcard = "::" if listener.family == socket.AF_INET6 else "0.0.0.0"
+        self.assertEqual(asked[-1][1][0], wildcard)
         port = listener.getsockname()[1]
-        self.keep(socket.create_connection(("127.0.0.1", port), timeout=5))
+        self.keep(socket.create_connection((self.loopback_of(listener), port), timeout=5))
 
     def test_address_in_use(self) -> None:
         port = self.taken(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
