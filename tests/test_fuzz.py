@@ -7,7 +7,9 @@
   the bytes are cut into reads never changes the outcome, every record is
   accounted for, and with backpressure nothing is dropped;
 * a real ``twistd xray`` process gets ~20 000 malformed, random and huge
-  datagrams and must keep serving, with bounded memory and a bounded log.
+  datagrams (and junk at its TCP port) and must keep serving, with a
+  bounded log.  How fast and in how much memory is for the benchmarks
+  (``benchmarks/``): on a busy CI host such limits only make this flaky.
 """
 
 from __future__ import annotations
@@ -267,13 +269,6 @@ def malformed_datagrams(rng: random.Random, count: int) -> list[bytes]:
     return [rng.choice(makers)() for _ in range(count)]
 
 
-def status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
 class BlastTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.workdir = Path(temp_path(self)).resolve()
@@ -288,11 +283,10 @@ class BlastTests(SynchronousTestCase):
         self.addCleanup(self.daemon.kill)
         self.daemon.start()
 
-    def test_keeps_serving_with_bounded_memory_and_log(self) -> None:
+    def test_keeps_serving_with_a_bounded_log(self) -> None:
         started = time.monotonic()
         daemon = self.daemon
         assert daemon.process is not None
-        pid = daemon.process.pid
         rng = random.Random(20240606)
         blast = malformed_datagrams(rng, 20_000)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -300,9 +294,10 @@ class BlastTests(SynchronousTestCase):
                 s.sendto(datagram, ("127.0.0.1", daemon.udp_port))
                 if i % 200 == 199:
                     time.sleep(0.01)  # let it read most of them rather than the kernel drop them
-        tcp = _TCP_PORT.search(daemon.output())
-        if tcp:
-            self.blast_tcp(int(tcp.group(1)), rng)
+        # Fails (with the output) rather than skipping the TCP part if the
+        # line changes.
+        tcp = daemon.wait_for_log(_TCP_PORT, timeout=10)
+        self.blast_tcp(int(tcp.group(1)), rng)
 
         # Still serving: a good segment sent now gets uploaded.
         marker = f"{rng.getrandbits(64):016x}"
@@ -319,8 +314,6 @@ class BlastTests(SynchronousTestCase):
         # looks inside documents): the blast reached the upload path.
         self.assertGreater(self.sink.stats()["no_id"], 200)
 
-        peak_mb = status_kb(pid, "VmHWM") / 1024
-        self.assertLess(peak_mb, 150, f"peak RSS {peak_mb:.0f} MB")
         out = daemon.output()
         noisy = [line for line in out.splitlines() if "[Warn]" in line or "[Error]" in line]
         # Thousands of each kind of bad input; warnings are rate-limited to one
@@ -334,7 +327,6 @@ class BlastTests(SynchronousTestCase):
         self.assertNotIn("Traceback", out)
         self.assertLess(len(out), 512 * 1024)
         self.assertEqual(daemon.stop(), 0, _tail(daemon))
-        self.assertLess(time.monotonic() - started, 45)
 
     def blast_tcp(self, port: int, rng: random.Random) -> None:
         """Junk and broken streams at the TCP port (when the daemon serves one)."""
