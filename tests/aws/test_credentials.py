@@ -39,7 +39,7 @@ from tests.support.fake_metadata import (
 )
 from tests.support.logs import capture_logs
 from tests.support.moto import MotoServer, start_moto_server
-from tests.support.tempdirs import temp_path
+from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import (
     EXPIRY_MARGIN,
@@ -596,6 +596,56 @@ class RealSourceTests(TestCase):
         self.assertTrue(service.status().startswith("ok (container endpoint, expires in 5h59m"))
 
     @inlineCallbacks
+    def test_eks_pod_identity(self) -> Any:
+        # EKS Pod Identity (the Go daemon's open issue 215): the full URI of
+        # the node's agent (169.254.170.23 in a cluster; botocore also allows
+        # loopback), and the pod's service account token in a file.
+        token = "eyJhbGciOiJSUzI1NiJ9.fake-pod-identity-token.sig"
+        token_file = os.path.join(temp_dir(self), "eks-pod-identity-token")
+        with open(token_file, "w") as f:
+            f.write(token)
+        agent = FakeECS(auth_token_file=token_file)
+        agent.start(self)
+        aws_environment(
+            self,
+            {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": agent.credentials_uri,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file,
+            },
+        )
+        service = yield self.load()
+        [issued] = agent.issued
+        creds = service.current()
+        self.assertEqual(
+            (creds.access_key, creds.secret_key, creds.token),
+            (issued["AccessKeyId"], issued["SecretAccessKey"], issued["Token"]),
+        )
+        self.assert_expiry(creds, issued["Expiration"])
+        [(_, path, headers)] = agent.requests
+        self.assertEqual((path, headers["authorization"]), (FakeECS.CREDENTIALS_PATH, token))
+        self.assertTrue(service.status().startswith("ok (container endpoint, expires in 5h59m"))
+
+    @inlineCallbacks
+    def test_eks_pod_identity_token_refused(self) -> Any:
+        token_file = os.path.join(temp_dir(self), "eks-pod-identity-token")
+        with open(token_file, "w") as f:
+            f.write("a-token-the-agent-refuses")
+        agent = FakeECS(auth_token="the-pod-s-real-token")
+        agent.start(self)
+        aws_environment(
+            self,
+            {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": agent.credentials_uri,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file,
+            },
+        )
+        service = yield self.load()
+        self.assertIsNone(service.current())
+        self.assertEqual(agent.issued, [])
+        self.assertIn("missing: looking up AWS credentials failed:", service.status())
+        self.assertIn("bad authorization token", service.status())
+
+    @inlineCallbacks
     def test_ec2_instance_metadata_v2(self) -> Any:
         imds = FakeIMDS(role="xray-instance-role")
         url = imds.start(self)
@@ -748,6 +798,35 @@ class RefreshAgainstARealProviderTests(SynchronousTestCase):
         assert second is not None and second.expiry is not None
         self.assertNotEqual(second.access_key, first.access_key)
         self.assertGreaterEqual(second.expiry, first.expiry)
+
+    def test_refresh_reads_the_rotated_pod_identity_token_again(self) -> None:
+        # kubelet rotates the projected token; the agent then refuses the old one.
+        token_file = temp_path(self)
+        with open(token_file, "w") as f:
+            f.write("pod-token-1")
+        url = start_fake_process(self, "ecs", auth_token_file=token_file)
+        aws_environment(
+            self,
+            {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": url + FakeECS.CREDENTIALS_PATH,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": token_file,
+            },
+        )
+        clock = Clock()
+        clock.advance(time.time())
+        service = CredentialsService(clock, region=REGION, run_in_thread=maybeDeferred)
+        service.startService()
+        self.addCleanup(service.stopService)
+        first = service.current()
+        assert first is not None and first.expiry is not None, service.status()
+        with open(token_file, "w") as f:
+            f.write("pod-token-2")
+        refresh = min(call.getTime() for call in clock.getDelayedCalls())
+        clock.advance(refresh - clock.seconds())
+        second = service.current()
+        assert second is not None
+        self.assertNotEqual(second.access_key, first.access_key, service.status())
+        self.assertNotIn("refresh failing", service.status())
 
 
 # ---------------------------------------------------------------------------

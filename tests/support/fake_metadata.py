@@ -12,6 +12,9 @@ everything else (STS, X-Ray) comes from a real moto server.
 * :class:`FakeECS` serves the container credentials endpoint (what
   ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` points at; botocore allows loopback) and the
   task metadata endpoint v4 (``ECS_CONTAINER_METADATA_URI_V4`` and ``.../task``).
+  With ``auth_token_file`` it is also the EKS Pod Identity agent: it wants that file's
+  current content as the ``Authorization`` header, as the agent wants the pod's
+  (rotated) service account token.
 
 In-process: ``url = fake.start(case)`` listens on 127.0.0.1 (free port) in the running
 reactor and stops listening at cleanup.  Blocking clients (``xraytwisted.aws.instance_metadata``,
@@ -205,6 +208,7 @@ class FakeECS(_FakeServer):
         availability_zone: str | None = None,
         credential_lifetime: float = 6 * 3600,
         auth_token: str | None = None,
+        auth_token_file: str | None = None,
         task_status: int = 200,
     ) -> None:
         super().__init__()
@@ -221,6 +225,8 @@ class FakeECS(_FakeServer):
         self.credential_lifetime = credential_lifetime
         #: When set, the credentials endpoint wants it as the Authorization header.
         self.auth_token = auth_token
+        #: When set, it wants this file's content at the time of the request.
+        self.auth_token_file = auth_token_file
         self.task_status = task_status
         self.issued: list[dict[str, str]] = []
 
@@ -237,7 +243,11 @@ class FakeECS(_FakeServer):
         if method != "GET":
             return self._answer(request, 405, "", "text/plain")
         if path == self.CREDENTIALS_PATH:
-            if self.auth_token is not None and headers.get("authorization") != self.auth_token:
+            wanted = self.auth_token
+            if self.auth_token_file is not None:
+                with open(self.auth_token_file) as f:
+                    wanted = f.read()
+            if wanted is not None and headers.get("authorization") != wanted:
                 body = {"code": "AccessDeniedException", "message": "bad authorization token"}
                 return self._answer(request, 403, json.dumps(body), "application/json")
             credentials = temporary_credentials("ECS", self.credential_lifetime)
@@ -349,8 +359,8 @@ def start_fake_process(case: Any, kind: str, **options: str) -> str:
     process until the test's cleanup; returns its base URL.
 
     ``options`` are the constructor's string options (``region``, ``hostname``,
-    ``instance_id``, ``task_arn``, ``availability_zone``).  The child exits when its
-    stdin closes, so it never outlives the test process.
+    ``instance_id``, ``task_arn``, ``availability_zone``, ``auth_token_file``).  The child
+    exits when its stdin closes, so it never outlives the test process.
     """
     args = [sys.executable, "-m", "tests.support.fake_metadata", kind]
     for name, value in options.items():
@@ -406,7 +416,14 @@ def _exit_when_stdin_closes() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("kind", choices=("imds", "ecs"))
-    for option in ("region", "hostname", "instance-id", "task-arn", "availability-zone"):
+    for option in (
+        "region",
+        "hostname",
+        "instance-id",
+        "task-arn",
+        "availability-zone",
+        "auth-token-file",
+    ):
         parser.add_argument(f"--{option}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     kind = given.pop("kind")
