@@ -53,6 +53,9 @@ class IsolatedEnvironmentTests(SynchronousTestCase):
         )
         self.assertEqual(env["KEEP_ME"], "1")
         self.assertEqual(env["PYTHONPATH"], str(ROOT / "src"))
+        hypothesis = Path(env["HYPOTHESIS_STORAGE_DIRECTORY"])
+        self.assertTrue(hypothesis.is_absolute())
+        self.assertFalse(hypothesis.resolve().is_relative_to(ROOT), hypothesis)
 
     def test_this_process_is_isolated(self) -> None:
         self.assertEqual(os.environ.get("AWS_EC2_METADATA_DISABLED"), "true")

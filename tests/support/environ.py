@@ -10,6 +10,7 @@ every test module imports it first.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 
 __all__ = ["isolate_this_process", "isolated_environ"]
@@ -56,8 +57,13 @@ def isolate_this_process() -> None:
     metadata address, a container endpoint or the developer's profiles.  Also
     makes ``PYTHONPATH`` entries absolute: the daemon processes the tests start
     run in temporary directories, where ``PYTHONPATH=src`` would find nothing.
+    And hypothesis keeps its example database and caches under the system's
+    temporary directory (``HYPOTHESIS_STORAGE_DIRECTORY``, unless set), not in
+    ``.hypothesis/`` in the checkout.
     """
     wanted = isolated_environ()
+    hypothesis = os.path.join(tempfile.gettempdir(), "xraytwisted-hypothesis")
+    wanted.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", hypothesis)
     path = wanted.get("PYTHONPATH")
     if path:
         wanted["PYTHONPATH"] = os.pathsep.join(
