@@ -150,9 +150,9 @@ class _Refusals:
             return
         note = f" ({suppressed} more not logged)" if suppressed else ""
         self.log.warn(
-            "Refused an OTLP request from {peer}: {message}{note}",
+            "Refused an OTLP request from {peer}: {detail}{note}",
             peer=peer,
-            message=message,
+            detail=message,
             note=note,
         )
 

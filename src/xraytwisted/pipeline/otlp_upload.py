@@ -117,9 +117,13 @@ def transaction_search_refusal(message: str) -> bool:
 def classify_traces_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
     """An error answer of the OTLP endpoint, classified as PutTraceSegments errors are."""
     if "protobuf" in headers.get("content-type", ""):
-        # OTLP servers answer errors with a google.rpc.Status.
+        # OTLP servers answer errors with a google.rpc.Status: a 400 with one
+        # is the endpoint refusing this content, which halving can isolate.
         text = rpc_status_message(body)
-        body = json.dumps({"message": text}).encode() if text else b""
+        document = {"message": text} if text else {}
+        if text and status == 400 and not headers.get("x-amzn-errortype"):
+            document["__type"] = "ValidationException"
+        body = json.dumps(document).encode() if document else b""
     error = classify_response(status, headers, body)
     if 400 <= status < 500 and transaction_search_refusal(error.message):
         return replace(
@@ -130,8 +134,8 @@ def classify_traces_response(status: int, headers: Mapping[str, str], body: byte
             message=(
                 "enable CloudWatch Transaction Search: X-Ray's OTLP endpoint takes spans only "
                 "once Transaction Search is on for this account and region (CloudWatch console, "
-                "X-Ray traces > Transaction Search, or aws xray update-trace-segment-destination "
-                f"--destination CloudWatchLogs); X-Ray said: {error.message}"
+                "or aws xray update-trace-segment-destination --destination CloudWatchLogs); "
+                f"X-Ray said: {error.message}"
             ),
         )
     return error
@@ -224,11 +228,11 @@ class OtlpUploader:
         note = f" ({suppressed} similar answers not logged)" if suppressed else ""
         self.log.warn(
             "X-Ray accepted {accepted} of {spans} spans and rejected {rejected}; they are not "
-            "sent again: {message}{note}",
+            "sent again: {detail}{note}",
             accepted=spans - rejected,
             spans=spans,
             rejected=rejected,
-            message=printable(message.encode(), 300) or "(no message)",
+            detail=printable(message.encode(), 300) or "(no message)",
             note=note,
         )
 
