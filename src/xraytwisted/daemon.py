@@ -29,11 +29,13 @@ from xraytwisted.aws import region as regions
 from xraytwisted.aws.credentials import CredentialsService, StaticCredentials
 from xraytwisted.aws.region import NO_REGION
 from xraytwisted.ingest.core import Ingest
+from xraytwisted.ingest.otlp_http import OtlpHTTPService
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
 from xraytwisted.listen import bind
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.telemetry import TelemetryService
+from xraytwisted.otlp_bridge import OtlpBridge, build_bridge
 from xraytwisted.outbound.http_client import make_http, outbound_info, outbound_warnings
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
 from xraytwisted.pipeline.batcher import Batcher
@@ -80,6 +82,7 @@ class Parts:
     credentials: CredentialSource
     identity: instance_metadata.Identity
     spool: Spool | None = None
+    otlp: OtlpBridge | None = None  # the span pipeline, with --otlp-address
     # (level, text) lines for the startup banner, e.g. the outbound proxy in use.
     notes: list[tuple[str, str]] = field(default_factory=list)
 
@@ -306,6 +309,7 @@ def build(
     env = os.environ if env is None else env
     local = bool(settings.local_sink)
     udp_address, tcp_address, monitoring_address = _addresses(settings)
+    otlp_address = _otlp_address(settings)
     region, endpoint, identity = _where_to(settings, env)
 
     counters = Counters()
@@ -373,6 +377,23 @@ def build(
         spool_after=settings.spool_after,
     )
     ingest = Ingest(buffer, counters, reactor)
+    bridge = None
+    if otlp_address is not None:
+        try:
+            bridge = build_bridge(
+                settings,
+                reactor,
+                segment_buffer=buffer,
+                http_client=http_client,
+                endpoint=endpoint,
+                region=region,
+                credentials=credentials,
+            )
+        except SpoolError as e:
+            raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
+        if bridge.spool is not None:
+            daemon.cleanups.append(bridge.spool.close)
+        notes.append(("info", f"Sending OpenTelemetry spans to {bridge.traces_url}"))
     drop_monitor = UdpDropMonitor(reactor, counters)
 
     # The TCP port's HTTP side: sampling (signed and proxied, or answered
@@ -407,6 +428,16 @@ def build(
             kernel_drops=(lambda: counters.kernel_drops) if drop_monitor.available() else None,
             extra_info={"region": region, "mode": "local-sink" if local else "xray"},
         )
+        if bridge is not None:
+            from xraytwisted.tcpport.metrics import OtlpCollector
+
+            registry.register(
+                OtlpCollector(
+                    bridge.counters,
+                    buffer_used=lambda: bridge.buffer.used,
+                    waiting_requests=lambda: bridge.batcher.waiting_docs,
+                )
+            )
         return MetricsResource(registry)
 
     metrics = LazyResource(build_metrics)
@@ -457,6 +488,8 @@ def build(
             opened.append(
                 _bind(monitoring_address, "tcp", "--monitoring-address", "Monitoring.Address")
             )
+        if otlp_address is not None:
+            opened.append(_bind(otlp_address, "tcp", "--otlp-address", "Socket.OTLPAddress"))
     except StartupError:
         for sock in opened:
             sock.close()
@@ -480,6 +513,12 @@ def build(
         )
     daemon.ingest_services += [udp, tcp]
     daemon.drain_services.append(batcher)
+    if bridge is not None:
+        receiver = OtlpHTTPService(reactor, opened[-1], bridge.site)
+        for part in (bridge.batcher, receiver):
+            part.setServiceParent(daemon)
+        daemon.ingest_services.append(receiver)
+        daemon.drain_services.append(bridge.batcher)
     daemon.parts = daemon._banner_parts = Parts(
         settings=settings,
         counters=counters,
@@ -495,6 +534,22 @@ def build(
         credentials=credentials,
         identity=identity,
         spool=spool,
+        otlp=bridge,
         notes=notes,
     )
     return daemon
+
+
+def _otlp_address(settings: Settings) -> addresses.Address | None:
+    """Where the OTLP/HTTP receiver listens (None: off, the default)."""
+    if not settings.otlp_address:
+        return None
+    if settings.local_sink:
+        raise StartupError(
+            "--otlp-address (Socket.OTLPAddress) does not work with --local-sink yet: "
+            "the local sink writes segments only"
+        )
+    try:
+        return addresses.parse_address(settings.otlp_address, "tcp")
+    except addresses.AddressError as e:
+        raise StartupError(str(e)) from None

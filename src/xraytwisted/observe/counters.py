@@ -91,3 +91,37 @@ class Counters:
         copy.proxy_requests = dict(self.proxy_requests)
         copy.upload_seconds = self.upload_seconds.copy()
         return copy
+
+
+# Why the OTLP/HTTP receiver refused a request (``OtlpCounters.refused``).
+OTLP_REFUSALS = (
+    "bad_data",  # 400: not an OTLP trace request (protobuf or JSON), or a bad gzip body
+    "too_many_spans",  # 400: more spans than X-Ray takes in one request
+    "span_too_large",  # 400: a span larger than X-Ray takes
+    "too_large",  # 413: body (or its decompressed form) over the limit
+    "unsupported_media",  # 415: Content-Type or Content-Encoding not accepted
+    "origin",  # 403: an Origin header (a browser page trying to post)
+    "not_found",  # 404: a path other than /v1/traces
+    "bad_method",  # 405
+    "buffer_full",  # 503 + Retry-After: the shared memory budget is spent
+    "deadline",  # headers and body did not arrive within the request deadline
+    "too_many_connections",  # connection closed at once: the connection cap was reached
+)
+
+
+@dataclass
+class OtlpCounters:
+    """The OTLP bridge's counters: spans in and out, and requests refused by reason.
+
+    ``requests`` is the ``Counters`` of the span pipeline's own buffer,
+    batcher and spool, whose unit is one accepted OTLP request (what an SDK
+    exported in one POST): ``requests.sent``, ``requests.lost``, ... count
+    requests, the ``spans_*`` fields here count spans.
+    """
+
+    requests_received: int = 0  # POSTs to /v1/traces accepted into the buffer
+    spans_received: int = 0  # spans in those requests
+    spans_sent: int = 0  # spans X-Ray accepted
+    spans_rejected: int = 0  # spans X-Ray refused (partial success, or a refused request)
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OTLP_REFUSALS, 0))
+    requests: Counters = field(default_factory=Counters)

@@ -212,3 +212,32 @@ class SegmentBuffer:
     def __len__(self) -> int:
         """Number of waiting batches."""
         return len(self._batches)
+
+    # -- sharing the budget, batches closed early (the OTLP span buffer) ----
+
+    def lend(self, nbytes: int) -> bool:
+        """Let another buffer use ``nbytes`` of this budget, if that much is free.
+
+        The budget shrinks by ``nbytes`` until ``repay`` gives it back, so
+        documents offered here and the other buffer's never hold more than
+        the one budget together, and ``offer`` stays as cheap as it was.
+        """
+        if self.used + nbytes > self.capacity:
+            return False
+        self.capacity -= nbytes
+        return True
+
+    def repay(self, nbytes: int) -> None:
+        """Give back budget lent with ``lend`` (wakes producers waiting for room)."""
+        self.capacity += nbytes
+        if self._space_waiters:
+            self._space_freed()
+
+    @property
+    def open_batch(self) -> Batch | None:
+        """The batch new documents go to (None: the next document opens one)."""
+        return self._open
+
+    def close_batch(self) -> None:
+        """The next document starts a new batch (the open one is full by another measure)."""
+        self._open = None

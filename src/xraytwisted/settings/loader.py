@@ -128,6 +128,7 @@ def validate(s: Settings) -> None:
         "proxy_timeout",
         "proxy_client_timeout",
         "unhealthy_after",
+        "otlp_request_deadline",
     ):
         value = getattr(s, attr)
         if not (math.isfinite(value) and value > 0):
@@ -139,6 +140,8 @@ def validate(s: Settings) -> None:
     for attr in ("stream_max_line_kb", "proxy_max_body_kb", "proxy_max_concurrent", "spool_max_mb"):
         if getattr(s, attr) < 1:
             raise _invalid(attr, getattr(s, attr), "must be at least 1")
+    if s.otlp_max_connections < 1:
+        raise _invalid("otlp_max_connections", s.otlp_max_connections, "must be at least 1")
     if not 0 <= s.udp_receive_buffer_kb <= MAX_UDP_RECEIVE_BUFFER_KB:
         raise ConfigError(
             f"Invalid Socket.UDPReceiveBufferKB {s.udp_receive_buffer_kb}: use 0 to keep "

@@ -36,6 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from xraytwisted import __version__
+from xraytwisted.observe import counters as counter_types
 from xraytwisted.observe.counters import ERROR_CLASSES, PROXY_OUTCOMES, Counters, Histogram
 
 PREFIX = "xray_daemon_"
@@ -230,3 +231,94 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", content_type.encode("latin-1"))
         request.setHeader(b"cache-control", b"no-store")
         return body
+
+
+# -- the OTLP bridge (registered next to CountersCollector with --otlp-address)
+
+# (metric name without _total, OtlpCounters attribute, help text)
+_OTLP_SPAN_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("otlp_requests_received", "requests_received",
+     "OTLP/HTTP trace requests accepted into the buffer."),
+    ("otlp_spans_received", "spans_received", "Spans in accepted OTLP requests."),
+    ("otlp_spans_sent", "spans_sent", "Spans X-Ray's OTLP endpoint accepted."),
+    ("otlp_spans_rejected", "spans_rejected",
+     "Spans X-Ray refused (partial success, or a request refused for good)."),
+)  # fmt: skip
+
+# (metric name without _total, Counters attribute of OtlpCounters.requests, help text)
+_OTLP_REQUEST_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("otlp_requests_sent", "sent", "Accepted OTLP requests X-Ray took (in a batch)."),
+    ("otlp_requests_rejected", "rejected", "Accepted OTLP requests X-Ray refused for good."),
+    ("otlp_requests_lost", "lost",
+     "Accepted OTLP requests given up on (shutdown deadline reached, spool full)."),
+    ("otlp_requests_retried", "retried", "OTLP requests sent again after a failed upload."),
+    ("otlp_requests_spooled", "spooled", "OTLP requests written to the disk spool."),
+    ("otlp_requests_replayed", "replayed", "OTLP requests read back from the disk spool."),
+)  # fmt: skip
+
+
+class OtlpCollector(Collector):
+    """Metrics of the OTLP bridge: spans in and out, requests by fate and refusal reason."""
+
+    def __init__(
+        self,
+        counters: counter_types.OtlpCounters,
+        *,
+        buffer_used: Callable[[], int],
+        waiting_requests: Callable[[], int],
+    ) -> None:
+        self.counters = counters
+        self.buffer_used = buffer_used
+        self.waiting_requests = waiting_requests
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters
+        for name, attr, doc in _OTLP_SPAN_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(c, attr))
+        for name, attr, doc in _OTLP_REQUEST_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(c.requests, attr))
+
+        refused = CounterMetricFamily(
+            PREFIX + "otlp_requests_refused",
+            "OTLP/HTTP requests the receiver refused, by reason (see docs/otlp.md).",
+            labels=["reason"],
+        )
+        for reason in counter_types.OTLP_REFUSALS:
+            refused.add_metric([reason], c.refused.get(reason, 0))
+        yield refused
+
+        batches = CounterMetricFamily(
+            PREFIX + "otlp_upload_batches",
+            "Uploads to X-Ray's OTLP endpoint by outcome (a failed batch may be retried).",
+            labels=["outcome"],
+        )
+        batches.add_metric(["ok"], c.requests.batches_ok)
+        batches.add_metric(["failed"], c.requests.batches_failed)
+        yield batches
+
+        errors = CounterMetricFamily(
+            PREFIX + "otlp_backend_errors",
+            "Failed uploads to X-Ray's OTLP endpoint by cause.",
+            labels=["class"],
+        )
+        for cls, label in ERROR_CLASS_LABELS.items():
+            errors.add_metric([label], c.requests.backend_errors.get(cls, 0))
+        yield errors
+
+        hist = c.requests.upload_seconds
+        yield HistogramMetricFamily(
+            PREFIX + "otlp_upload_duration_seconds",
+            "Duration of successful uploads to X-Ray's OTLP endpoint.",
+            buckets=_histogram_buckets(hist),
+            sum_value=hist.sum,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "otlp_buffer_bytes",
+            "Bytes of the shared memory budget held by OTLP requests (queued and in flight).",
+            value=self.buffer_used(),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "otlp_requests_waiting",
+            "Accepted OTLP requests not yet sent or given up on (spooled ones included).",
+            value=self.waiting_requests(),
+        )

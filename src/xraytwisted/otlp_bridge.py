@@ -1,0 +1,100 @@
+"""Wiring of the OTLP bridge: OTLP/HTTP in, X-Ray's OTLP endpoint out.
+
+``build_bridge`` makes the span side of the daemon from the same parts as
+the segment side: the receiver (``ingest/otlp_http``) offers framed OTLP
+requests to a ``SpanBuffer`` that borrows its memory from the segment
+buffer, a ``SpanBatcher`` (the ordinary batcher) sends them through
+``OtlpUploader`` to ``<endpoint>/v1/traces`` with the same retries,
+backoff, throttling, spool and shutdown drain, and spans waiting for X-Ray
+go to their own spool, ``<Spool.Dir>/otlp``, whose records replay to the
+OTLP endpoint only.  ``daemon.build`` binds the socket and adds the
+services.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from xraytwisted.aws.endpoints import Endpoint
+from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
+from xraytwisted.observe.counters import OtlpCounters
+from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.otlp_batches import SpanBatcher, SpanBuffer, SpanSpool
+from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
+from xraytwisted.pipeline.spool import Spool
+from xraytwisted.pipeline.uploader import CredentialSource
+from xraytwisted.settings.table import Settings
+
+SPOOL_SUBDIR = "otlp"
+
+
+@dataclass
+class OtlpBridge:
+    counters: OtlpCounters
+    buffer: SpanBuffer
+    batcher: SpanBatcher
+    uploader: OtlpUploader
+    site: OtlpSite
+    spool: Spool | None
+    traces_url: str
+
+
+def build_bridge(
+    settings: Settings,
+    reactor: Any,
+    *,
+    segment_buffer: SegmentBuffer,
+    http_client: Any,
+    endpoint: Endpoint,
+    region: str,
+    credentials: CredentialSource,
+) -> OtlpBridge:
+    """The span pipeline and the receiver's Site; raises SpoolError for a bad spool."""
+    counters = OtlpCounters()
+    buffer = SpanBuffer(segment_buffer, reactor, counters.requests)
+    uploader = OtlpUploader(
+        client=http_client,
+        endpoint=endpoint,
+        region=region,
+        credentials=credentials,
+        clock=reactor,
+        timeout=settings.request_timeout,
+        counters=counters,
+        gzip=settings.otlp_gzip,
+    )
+    spool = None
+    if settings.spool_dir:
+        spool = SpanSpool.open(
+            os.path.join(settings.spool_dir, SPOOL_SUBDIR),
+            settings.spool_max_mb * 1024 * 1024,
+            reactor,
+            counters.requests,
+        )
+    batcher = SpanBatcher(
+        buffer,
+        uploader.send,
+        reactor,
+        counters.requests,
+        concurrency=settings.concurrency,
+        shutdown_timeout=settings.shutdown_timeout,
+        spool=spool,
+        spool_after=settings.spool_after,
+    )
+    site = OtlpSite(
+        OtlpTracesResource(buffer, counters, reactor),
+        clock=reactor,
+        idle_timeout=settings.proxy_client_timeout,
+        deadline=settings.otlp_request_deadline,
+        max_connections=settings.otlp_max_connections,
+    )
+    return OtlpBridge(
+        counters=counters,
+        buffer=buffer,
+        batcher=batcher,
+        uploader=uploader,
+        site=site,
+        spool=spool,
+        traces_url=endpoint.url_for(TRACES_PATH),
+    )

@@ -1,0 +1,319 @@
+"""Uploading span batches to X-Ray's OTLP endpoint (``<endpoint>/v1/traces``).
+
+``OtlpUploader.send`` is the span batcher's send function, the counterpart
+of ``Uploader.put_trace_segments``: it joins a batch of framed OTLP requests
+(``otlp_batches``) into one request (protobuf requests concatenate into a
+valid request; a JSON request always travels alone), optionally gzips it,
+signs it for service ``xray`` on the same host, partition, FIPS and
+dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
+batcher acts on exactly as for segments: 429/503/5xx, throttling and
+connection errors are retried, spooled and drained; a 400/413 refusal of a
+batch's content is halved down to the request X-Ray refuses, then dropped
+with a log line quoting X-Ray.  It never fails its Deferred.
+
+Spans are counted here (the batcher counts requests): a 200 answer's
+``partial_success`` rejections are counted as rejected and logged once in a
+while with X-Ray's message, and not retried (X-Ray has decided); so are the
+spans of a request X-Ray refuses for good.  When X-Ray refuses because
+CloudWatch Transaction Search is not enabled (the OTLP endpoint only takes
+spans into CloudWatch Logs), the error says so in plain words and the
+batch is not split: no request of it would be taken.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xraytwisted.aws import sigv4
+from xraytwisted.aws.endpoints import Endpoint
+from xraytwisted.ingest import otlp_wire
+from xraytwisted.observe.counters import OtlpCounters
+from xraytwisted.observe.logs import Throttle, printable
+from xraytwisted.outbound.http_client import FixedURL
+from xraytwisted.pipeline.batcher import SPLIT_CODES, SPLIT_STATUSES
+from xraytwisted.pipeline.otlp_batches import (
+    CONTENT_TYPES,
+    FRAME,
+    KIND_JSON,
+    KIND_PROTOBUF,
+    spans_in,
+)
+from xraytwisted.pipeline.uploader import (
+    SERVICE,
+    CredentialSource,
+    HTTPClient,
+    Outcome,
+    UploadError,
+    classify_exception,
+    classify_response,
+    user_agent,
+)
+
+TRACES_PATH = "/v1/traces"
+GZIP_LEVEL = 1  # ~4x smaller for spans at ~8 ms per MB; higher levels gain little more
+TRANSACTION_SEARCH = "TransactionSearchNotEnabled"  # our code for that refusal
+# Words X-Ray's answer uses when the account does not send spans to
+# CloudWatch Logs (Transaction Search off), compared without spaces or case.
+_TRANSACTION_SEARCH_WORDS = (
+    "transactionsearch",
+    "tracesegmentdestination",
+    "cloudwatchlogsdestination",
+)
+_RPC_STATUS_MESSAGE = 2  # google.rpc.Status.message
+
+
+@dataclass(frozen=True)
+class TracesOutcome(Outcome):
+    """An Outcome with what a 200 answer's ``partial_success`` said."""
+
+    rejected_spans: int = 0
+    rejected_message: str = ""
+
+
+def rpc_status_message(data: bytes) -> str:
+    """The ``message`` of a serialized google.rpc.Status ("" if there is none)."""
+    try:
+        for number, wire, start, end in otlp_wire.fields(data):
+            if number == _RPC_STATUS_MESSAGE and wire == otlp_wire.LEN:
+                return data[start:end].decode("utf-8", "replace")
+    except otlp_wire.WireError:
+        pass
+    return ""
+
+
+def json_partial_success(data: bytes) -> tuple[int, str]:
+    """(rejected spans, error message) of an OTLP/JSON ExportTraceServiceResponse."""
+    try:
+        document = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return 0, ""
+    partial = document.get("partialSuccess") if isinstance(document, dict) else None
+    if not isinstance(partial, dict):
+        return 0, ""
+    try:
+        # int64 fields are strings in proto3 JSON; numbers are accepted too.
+        rejected = max(0, int(partial.get("rejectedSpans") or 0))
+    except (TypeError, ValueError):
+        rejected = 0
+    return rejected, str(partial.get("errorMessage") or "")
+
+
+def transaction_search_refusal(message: str) -> bool:
+    squeezed = "".join(message.split()).lower()
+    return any(word in squeezed for word in _TRANSACTION_SEARCH_WORDS)
+
+
+def classify_traces_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
+    """An error answer of the OTLP endpoint, classified as PutTraceSegments errors are."""
+    if "protobuf" in headers.get("content-type", ""):
+        # OTLP servers answer errors with a google.rpc.Status: a 400 with one
+        # is the endpoint refusing this content, which halving can isolate.
+        text = rpc_status_message(body)
+        document = {"message": text} if text else {}
+        if text and status == 400 and not headers.get("x-amzn-errortype"):
+            document["__type"] = "ValidationException"
+        body = json.dumps(document).encode() if document else b""
+    error = classify_response(status, headers, body)
+    if 400 <= status < 500 and transaction_search_refusal(error.message):
+        return replace(
+            error,
+            retryable=False,
+            throttled=False,
+            code=TRANSACTION_SEARCH,
+            message=(
+                "enable CloudWatch Transaction Search: X-Ray's OTLP endpoint takes spans only "
+                "once Transaction Search is on for this account and region (CloudWatch console, "
+                "or aws xray update-trace-segment-destination --destination CloudWatchLogs); "
+                f"X-Ray said: {error.message}"
+            ),
+        )
+    return error
+
+
+def _will_be_split(error: UploadError, docs: int) -> bool:
+    """Whether the batcher halves a batch refused with ``error`` (see batcher.SPLIT_*)."""
+    return (
+        not error.retryable
+        and docs > 1
+        and (error.status in SPLIT_STATUSES or (error.status == 400 and error.code in SPLIT_CODES))
+    )
+
+
+class OtlpUploader:
+    """Signs and sends span batches to ``<endpoint>/v1/traces``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        client: HTTPClient,
+        endpoint: Endpoint,
+        region: str,
+        credentials: CredentialSource,
+        clock: IReactorTime,
+        timeout: float,
+        counters: OtlpCounters,
+        gzip: bool = True,
+        agent_name: str | None = None,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.region = region
+        self.credentials = credentials
+        self.clock = clock
+        self.timeout = timeout
+        self.counters = counters
+        self.gzip = gzip
+        self.user_agent = agent_name or user_agent()
+        self._url: FixedURL | None = None
+        self._throttle = Throttle(clock, 10.0)
+
+    # -- the span batcher's send function ------------------------------------
+
+    def send(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
+        kinds = {FRAME.unpack_from(doc)[0] for doc in docs}
+        if len(kinds) > 1 or (KIND_JSON in kinds and len(docs) > 1):
+            # SpanBuffer never builds such a batch; should one appear, the
+            # batcher halves it until each JSON request is alone.
+            return defer.succeed(
+                Outcome(
+                    0.0,
+                    error=UploadError(
+                        "",
+                        retryable=False,
+                        throttled=False,
+                        message="JSON requests travel alone",
+                        status=400,
+                        code="SerializationException",
+                    ),
+                )
+            )
+        kind = kinds.pop() if kinds else KIND_PROTOBUF
+        body = b"".join([memoryview(doc)[FRAME.size :] for doc in docs])
+        d = self.put_otlp_traces(body, CONTENT_TYPES[kind])
+        return d.addCallback(self._count, docs)
+
+    def _count(self, outcome: Outcome, docs: Sequence[bytes]) -> Outcome:
+        counters = self.counters
+        spans = spans_in(list(docs))
+        error = outcome.error
+        if error is None:
+            rejected = 0
+            if isinstance(outcome, TracesOutcome):
+                rejected = min(outcome.rejected_spans, spans)
+                if rejected or outcome.rejected_message:
+                    self._partial(spans, rejected, outcome.rejected_message)
+            counters.spans_sent += spans - rejected
+            counters.spans_rejected += rejected
+        elif not error.retryable and not _will_be_split(error, len(docs)):
+            counters.spans_rejected += spans
+        return outcome
+
+    def _partial(self, spans: int, rejected: int, message: str) -> None:
+        suppressed = self._throttle.check("partial success")
+        if suppressed is None:
+            return
+        note = f" ({suppressed} similar answers not logged)" if suppressed else ""
+        self.log.warn(
+            "X-Ray accepted {accepted} of {spans} spans and rejected {rejected}; they are not "
+            "sent again: {detail}{note}",
+            accepted=spans - rejected,
+            spans=spans,
+            rejected=rejected,
+            detail=printable(message.encode(), 300) or "(no message)",
+            note=note,
+        )
+
+    # -- one signed request ----------------------------------------------------
+
+    def put_otlp_traces(self, body: bytes, content_type: str) -> Deferred[Outcome]:
+        """POST one ExportTraceServiceRequest; never fails (every result is an Outcome)."""
+        if self.credentials.current() is None:
+            # As for segments: wait for the first credential lookup to finish.
+            waiting: Deferred[None] = self.credentials.when_loaded()
+            return waiting.addCallback(lambda _: self._post(body, content_type))
+        return self._post(body, content_type)
+
+    def _post(self, body: bytes, content_type: str) -> Deferred[Outcome]:
+        start = self.clock.seconds()
+        creds = self.credentials.current()
+        if creds is None:
+            return defer.succeed(
+                Outcome(
+                    0.0,
+                    error=UploadError(
+                        "",
+                        True,
+                        False,
+                        "no AWS credentials available; not sending unsigned requests",
+                    ),
+                )
+            )
+        to_sign = [("Content-Type", content_type), ("Host", self.endpoint.host)]
+        if self.gzip:
+            body = gzip_body(body)
+            to_sign.append(("Content-Encoding", "gzip"))
+        added = sigv4.sign(
+            method="POST",
+            path=self.endpoint.base_path + TRACES_PATH,
+            query="",
+            headers=to_sign,
+            body=body,
+            credentials=creds,
+            region=self.region,
+            service=SERVICE,
+            when=datetime.fromtimestamp(start, tz=timezone.utc),
+        )
+        headers = {name: [value] for name, value in to_sign + added}
+        headers["User-Agent"] = [self.user_agent]
+        if self._url is None:
+            self._url = FixedURL.of(self.endpoint.url_for(TRACES_PATH))
+        d: Deferred[Any] = self.client.request(
+            "POST", self._url, data=body, headers=headers, allow_redirects=False
+        )
+        d.addCallback(self._read, start, content_type)
+        d.addTimeout(self.timeout, self.clock)
+        d.addErrback(self._failed, start)
+        return d
+
+    def _failed(self, failure: Failure, start: float) -> Outcome:
+        return Outcome(self.clock.seconds() - start, error=classify_exception(failure))
+
+    def _read(self, response: Any, start: float, content_type: str) -> Deferred[Outcome]:
+        def got_body(body: bytes) -> Outcome:
+            seconds = self.clock.seconds() - start
+            raw = response.headers.getAllRawHeaders()
+            headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1") for k, v in raw}
+            if response.code != 200:
+                return Outcome(
+                    seconds, error=classify_traces_response(response.code, headers, body)
+                )
+            if content_type == CONTENT_TYPES[KIND_JSON]:
+                rejected, message = json_partial_success(body)
+            else:
+                try:
+                    rejected, message = otlp_wire.partial_success(body)
+                except otlp_wire.WireError:
+                    rejected, message = 0, ""
+            return TracesOutcome(seconds, rejected_spans=rejected, rejected_message=message)
+
+        d: Deferred[bytes] = response.content()
+        return d.addCallback(got_body)
+
+
+def gzip_body(body: bytes) -> bytes:
+    """``body`` in gzip format (fast level: spans compress well at any level)."""
+    packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return packer.compress(body) + packer.flush()

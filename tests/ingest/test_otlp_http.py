@@ -1,0 +1,257 @@
+"""The OTLP/HTTP receiver on a real loopback port: answers, limits, refusals by reason.
+
+The site's clock is a ``task.Clock`` (deadlines and idle timeouts move only
+when the test says so); the sockets are real.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from typing import Any
+
+import treq
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tests.pipeline.test_otlp_upload import otlp_request
+from xraytwisted.ingest import otlp_http
+from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpSite, OtlpTracesResource, inflate
+from xraytwisted.listen.bind import bind_tcp
+from xraytwisted.observe.counters import Counters, OtlpCounters
+from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
+from xraytwisted.settings.addresses import Address
+
+reactor: Any = _reactor
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+JSON = {"Content-Type": "application/json"}
+
+
+class RawClient(Protocol):
+    """A TCP client that records what it gets and when the server closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed.callback(None)
+
+
+class ReceiverTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counters = OtlpCounters()
+        self.segments = SegmentBuffer(1_000_000, self.clock, Counters())
+        self.buffer = SpanBuffer(self.segments, self.clock, self.counters.requests)
+        self.start(max_body=1_000_000)
+
+    def start(self, max_body: int, max_connections: int = 4) -> None:
+        resource = OtlpTracesResource(self.buffer, self.counters, self.clock, max_body=max_body)
+        self.site = OtlpSite(
+            resource,
+            clock=self.clock,
+            idle_timeout=30,
+            deadline=5,
+            max_connections=max_connections,
+            max_wire_body=max_body + 100,
+        )
+        self.service = OtlpHTTPService(reactor, bind_tcp(Address("127.0.0.1", 0)), self.site)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.url = f"http://127.0.0.1:{self.service.address.port}/v1/traces"
+
+    @inlineCallbacks
+    def post(
+        self, body: bytes, headers: dict[str, str], path: str = "/v1/traces", method: str = "POST"
+    ) -> Any:
+        url = f"http://127.0.0.1:{self.service.address.port}{path}"
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.request(method, url, data=body, headers=headers, pool=pool)
+        content = yield response.content()
+        return response, content
+
+    def queued(self) -> list[tuple[int, int, bytes]]:
+        out = []
+        for batch in self.buffer.drain():
+            for doc in batch.docs:
+                kind, spans, body = unframe(doc)
+                out.append((kind, spans, bytes(body)))
+        return out
+
+    def status_message(self, content: bytes) -> str:
+        status = status_pb2.Status()
+        status.ParseFromString(content)
+        return str(status.message)
+
+    @inlineCallbacks
+    def test_protobuf_request_is_queued_and_answered_with_an_empty_response(self) -> Any:
+        body = otlp_request("a", "b").SerializeToString()
+        response, content = yield self.post(body, PROTOBUF)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(content, b"")
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-protobuf"])
+        self.assertEqual(self.queued(), [(KIND_PROTOBUF, 2, body)])
+        self.assertEqual((self.counters.requests_received, self.counters.spans_received), (1, 2))
+
+    @inlineCallbacks
+    def test_gzip_and_deflate_bodies(self) -> Any:
+        body = otlp_request("z").SerializeToString()
+        for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+            response, _ = yield self.post(packed, {**PROTOBUF, "Content-Encoding": encoding})
+            self.assertEqual(response.code, 200, encoding)
+        self.assertEqual([q[2] for q in self.queued()], [body, body])
+
+    @inlineCallbacks
+    def test_json_request(self) -> Any:
+        body = json_format.MessageToJson(otlp_request("j")).encode()
+        response, content = yield self.post(
+            body, {"Content-Type": "application/json; charset=utf-8"}
+        )
+        self.assertEqual((response.code, content), (200, b"{}"))
+        self.assertEqual(self.queued(), [(KIND_JSON, 1, body)])
+
+    @inlineCallbacks
+    def test_a_request_without_spans_is_answered_and_not_queued(self) -> Any:
+        response, _ = yield self.post(b"", PROTOBUF)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.queued(), [])
+
+    @inlineCallbacks
+    def test_junk_is_400_with_a_status_message(self) -> Any:
+        response, content = yield self.post(b"\x0a\x05abc", PROTOBUF)
+        self.assertEqual(response.code, 400)
+        self.assertIn("not an OTLP ExportTraceServiceRequest", self.status_message(content))
+        response, content = yield self.post(b"{nope", JSON)
+        self.assertEqual(response.code, 400)
+        self.assertIn("not JSON", json.loads(content)["message"])
+        response, content = yield self.post(
+            b"\x1f\x8b junk", {**PROTOBUF, "Content-Encoding": "gzip"}
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.counters.refused["bad_data"], 3)
+        self.assertEqual(self.queued(), [])
+
+    @inlineCallbacks
+    def test_gzip_bomb_is_413(self) -> Any:
+        bomb = gzip.compress(bytes(5_000_000), 9)  # ~5 KB that inflate to 5 MB
+        self.assertLess(len(bomb), 10_000)
+        response, content = yield self.post(bomb, {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 413)
+        self.assertIn("larger than 1000000 bytes", self.status_message(content))
+        self.assertEqual(self.counters.refused["too_large"], 1)
+
+    def test_inflate_stops_at_the_limit(self) -> None:
+        self.assertIsNone(inflate(gzip.compress(bytes(1001)), b"gzip", 1000))
+        self.assertEqual(inflate(gzip.compress(bytes(1000)), b"gzip", 1000), bytes(1000))
+        two = gzip.compress(b"ab") + gzip.compress(b"cd")
+        self.assertEqual(inflate(two, b"gzip", 1000), b"abcd")
+        self.assertRaises(otlp_http.BadBody, inflate, gzip.compress(b"abc")[:-3], b"gzip", 10)
+        self.assertRaises(otlp_http.BadBody, inflate, zlib.compress(b"a") + b"x", b"deflate", 10)
+
+    @inlineCallbacks
+    def test_body_over_the_wire_limit_is_refused_as_it_arrives(self) -> Any:
+        yield self.service.stopService()
+        self.start(max_body=1000)
+        response, content = yield self.post(b"\x0a" * 5000, PROTOBUF)
+        self.assertEqual(response.code, 413)
+        self.assertIn("larger than 1100 bytes", self.status_message(content))
+        self.assertEqual(self.counters.refused["too_large"], 1)
+
+    @inlineCallbacks
+    def test_refusals_by_reason(self) -> Any:
+        body = otlp_request("a").SerializeToString()
+        cases = [
+            (body, {**PROTOBUF, "Origin": "https://evil.example"}, "/v1/traces", "POST", 403),
+            (body, PROTOBUF, "/v1/metrics", "POST", 404),
+            (b"", PROTOBUF, "/v1/traces", "GET", 405),
+            (body, {"Content-Type": "text/plain"}, "/v1/traces", "POST", 415),
+            (body, {**PROTOBUF, "Content-Encoding": "br"}, "/v1/traces", "POST", 415),
+        ]
+        for data, headers, path, method, status in cases:
+            response, _ = yield self.post(data, headers, path, method)
+            self.assertEqual(response.code, status, (headers, path, method))
+            if status == 405:
+                self.assertEqual(response.headers.getRawHeaders("allow"), ["POST"])
+        refused = {k: v for k, v in self.counters.refused.items() if v}
+        self.assertEqual(
+            refused, {"origin": 1, "not_found": 1, "bad_method": 1, "unsupported_media": 2}
+        )
+        self.assertEqual(self.queued(), [])
+
+    @inlineCallbacks
+    def test_more_spans_than_xray_takes_is_400(self) -> Any:
+        body = otlp_request(*["s"] * 10_001).SerializeToString()
+        response, content = yield self.post(body, PROTOBUF)
+        self.assertEqual(response.code, 400)
+        self.assertIn("X-Ray takes at most 10000", self.status_message(content))
+        self.assertEqual(self.counters.refused["too_many_spans"], 1)
+
+    @inlineCallbacks
+    def test_full_buffer_is_503_with_retry_after(self) -> Any:
+        self.segments.offer(b"x" * 999_000)  # segments hold nearly all of the budget
+        body = otlp_request("a").SerializeToString() + b"\x12\x00" * 1000
+        response, content = yield self.post(body, PROTOBUF)
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["2"])
+        self.assertIn("memory buffer is full", self.status_message(content))
+        self.assertEqual(self.counters.refused["buffer_full"], 1)
+        self.assertEqual(self.counters.spans_received, 0)
+
+    @inlineCallbacks
+    def test_request_deadline(self) -> Any:
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.service.address.port)
+        yield connectProtocol(endpoint, client)
+        assert client.transport is not None
+        client.transport.write(
+            b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+        )
+        yield self.until(lambda: any(c._deadline_call for c in self.site.channels))
+        self.clock.advance(5)
+        yield client.closed
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), client.data)
+        self.assertEqual(self.counters.refused["deadline"], 1)
+
+    @inlineCallbacks
+    def test_connection_cap(self) -> Any:
+        yield self.service.stopService()
+        self.start(max_body=1000, max_connections=1)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.service.address.port)
+        first, second = RawClient(), RawClient()
+        yield connectProtocol(endpoint, first)
+        yield self.until(lambda: len(self.site.channels) == 1)
+        yield connectProtocol(endpoint, second)
+        yield second.closed  # closed by the server at once
+        self.assertEqual(self.counters.refused["too_many_connections"], 1)
+        self.assertFalse(first.closed.called)
+        yield self.service.stopService()  # closes the open connection too
+        yield first.closed
+
+    def until(self, condition: Any, tries: int = 200) -> Deferred[None]:
+        """Fires once ``condition()`` is true (polled every 10 ms, bounded)."""
+        from twisted.internet.task import deferLater
+
+        @inlineCallbacks
+        def poll() -> Any:
+            for _ in range(tries):
+                if condition():
+                    return
+                yield deferLater(reactor, 0.01, lambda: None)
+            raise AssertionError("condition never became true")
+
+        return poll()

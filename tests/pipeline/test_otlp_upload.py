@@ -1,0 +1,239 @@
+"""OtlpUploader: the /v1/traces request (signed, gzipped, decodable), outcomes, span counts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from tests.support.logs import capture_logs
+from tests.support.sigcheck import verify
+from xraytwisted.aws import endpoints
+from xraytwisted.aws.credentials import StaticCredentials
+from xraytwisted.aws.sigv4 import Credentials
+from xraytwisted.ingest.otlp_http import rpc_status
+from xraytwisted.observe.counters import OtlpCounters
+from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
+from xraytwisted.pipeline.otlp_upload import (
+    TRANSACTION_SEARCH,
+    OtlpUploader,
+    classify_traces_response,
+    json_partial_success,
+    rpc_status_message,
+)
+from xraytwisted.pipeline.uploader import Outcome
+
+KEY, SECRET, REGION = "AKIDOTLPUPLOAD", "otlp/upload+secret", "eu-west-1"
+SEARCH_OFF = (
+    "The OTLP API is supported with CloudWatch Logs as a Trace Segment Destination. Please "
+    "enable the CloudWatch Logs destination for your traces using the "
+    "UpdateTraceSegmentDestination API"
+)
+
+
+def otlp_request(*names: str, service: str = "svc") -> ExportTraceServiceRequest:
+    message = ExportTraceServiceRequest()
+    resource = message.resource_spans.add()
+    attribute = resource.resource.attributes.add()
+    attribute.key, attribute.value.string_value = "service.name", service
+    scope = resource.scope_spans.add()
+    for i, name in enumerate(names):
+        span = scope.spans.add()
+        span.name = name
+        span.trace_id = (i + 1).to_bytes(16, "big")
+        span.span_id = (i + 1).to_bytes(8, "big")
+    return message
+
+
+def protobuf_doc(*names: str, service: str = "svc") -> bytes:
+    body = otlp_request(*names, service=service).SerializeToString()
+    return frame(KIND_PROTOBUF, len(names), body)
+
+
+class FakeOtlpEndpoint(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = 200
+        self.answer = b""
+        self.answer_type = b"application/x-protobuf"
+        self.requests: list[dict[str, Any]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        body = request.content.read()
+        headers = {
+            k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        auth = verify(
+            method="POST",
+            url=f"https://xray.eu-west-1.amazonaws.com{request.path.decode()}",
+            headers=headers,
+            body=body,
+            access_key=KEY,
+            secret_key=SECRET,
+            region=REGION,
+        )
+        self.requests.append({"path": request.path, "headers": headers, "body": body, "auth": auth})
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", self.answer_type)
+        return self.answer
+
+
+class OtlpUploaderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_795_304_085.0)
+        self.endpoint = FakeOtlpEndpoint()
+        self.stub = StubTreq(self.endpoint)
+        self.counters = OtlpCounters()
+        self.uploader = self.make(gzip=True)
+
+    def make(self, gzip: bool, creds: Credentials | None = None) -> OtlpUploader:
+        return OtlpUploader(
+            client=self.stub,
+            endpoint=endpoints.resolve(REGION, configured="", env={}),
+            region=REGION,
+            credentials=StaticCredentials(creds or Credentials(KEY, SECRET, "TOKEN")),
+            clock=self.clock,
+            timeout=2.0,
+            counters=self.counters,
+            gzip=gzip,
+        )
+
+    def send(self, docs: list[bytes]) -> Outcome:
+        d = self.uploader.send(docs)
+        self.stub.flush()
+        return self.successResultOf(d)
+
+    def received(self, index: int = -1) -> ExportTraceServiceRequest:
+        seen = self.endpoint.requests[index]
+        body = seen["body"]
+        if seen["headers"].get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        return message
+
+    def test_requests_are_concatenated_gzipped_and_signed(self) -> None:
+        outcome = self.send([protobuf_doc("a", "b", service="one"), protobuf_doc("c")])
+        self.assertIsNone(outcome.error)
+        (seen,) = self.endpoint.requests
+        self.assertEqual(seen["path"], b"/v1/traces")
+        self.assertEqual(seen["headers"]["content-type"], "application/x-protobuf")
+        self.assertEqual(seen["headers"]["content-encoding"], "gzip")
+        self.assertEqual(
+            seen["auth"]["SignedHeaders"],
+            "content-encoding;content-type;host;x-amz-date;x-amz-security-token",
+        )
+        self.assertEqual(seen["headers"]["host"], "xray.eu-west-1.amazonaws.com")
+        message = self.received()
+        self.assertEqual(
+            [[s.name for ss in r.scope_spans for s in ss.spans] for r in message.resource_spans],
+            [["a", "b"], ["c"]],
+        )
+        self.assertEqual(message.resource_spans[0].resource.attributes[0].value.string_value, "one")
+        self.assertEqual((self.counters.spans_sent, self.counters.spans_rejected), (3, 0))
+
+    def test_without_gzip(self) -> None:
+        self.uploader = self.make(gzip=False)
+        self.send([protobuf_doc("a")])
+        self.assertNotIn("content-encoding", self.endpoint.requests[0]["headers"])
+        self.assertEqual(self.received().resource_spans[0].scope_spans[0].spans[0].name, "a")
+
+    def test_a_json_request_goes_alone_as_json(self) -> None:
+        body = json_format.MessageToJson(otlp_request("j1", "j2")).encode()
+        self.endpoint.answer, self.endpoint.answer_type = b"{}", b"application/json"
+        outcome = self.send([frame(KIND_JSON, 2, body)])
+        self.assertIsNone(outcome.error)
+        seen = self.endpoint.requests[0]
+        self.assertEqual(seen["headers"]["content-type"], "application/json")
+        self.assertEqual(gzip.decompress(seen["body"]), body)
+        self.assertEqual(self.counters.spans_sent, 2)
+
+    def test_a_mixed_batch_is_refused_so_the_batcher_halves_it(self) -> None:
+        outcome = self.send([protobuf_doc("a"), frame(KIND_JSON, 1, b"{}")])
+        assert outcome.error is not None
+        self.assertEqual(
+            (outcome.error.status, outcome.error.code), (400, "SerializationException")
+        )
+        self.assertEqual(self.endpoint.requests, [])
+        self.assertEqual(self.counters.spans_rejected, 0)  # the halves are sent later
+
+    def test_partial_success_is_counted_and_logged(self) -> None:
+        events = capture_logs(self)
+        response = ExportTraceServiceResponse(
+            partial_success=ExportTracePartialSuccess(rejected_spans=2, error_message="too old")
+        )
+        self.endpoint.answer = response.SerializeToString()
+        outcome = self.send([protobuf_doc("a", "b", "c")])
+        self.assertIsNone(outcome.error)
+        self.assertEqual((self.counters.spans_sent, self.counters.spans_rejected), (1, 2))
+        self.assertIn(
+            "X-Ray accepted 1 of 3 spans and rejected 2; they are not sent again: too old",
+            [formatEvent(e) for e in events],
+        )
+
+    def test_outage_is_retryable_and_counts_no_span(self) -> None:
+        self.endpoint.status = 503
+        self.endpoint.answer_type = b"application/json"
+        self.endpoint.answer = b'{"message": "down"}'
+        outcome = self.send([protobuf_doc("a")])
+        assert outcome.error is not None
+        self.assertTrue(outcome.error.retryable)
+        self.assertEqual((self.counters.spans_sent, self.counters.spans_rejected), (0, 0))
+
+    def test_transaction_search_off_is_said_plainly_and_not_split(self) -> None:
+        self.endpoint.status = 400
+        self.endpoint.answer_type = b"application/json"
+        self.endpoint.answer = json.dumps({"message": SEARCH_OFF}).encode()
+        outcome = self.send([protobuf_doc("a"), protobuf_doc("b", "c")])
+        error = outcome.error
+        assert error is not None
+        self.assertFalse(error.retryable)
+        self.assertEqual(error.code, TRANSACTION_SEARCH)
+        self.assertTrue(error.message.startswith("enable CloudWatch Transaction Search: "))
+        self.assertIn("UpdateTraceSegmentDestination", error.message)
+        self.assertEqual(self.counters.spans_rejected, 3)
+
+    def test_content_refusal_of_many_requests_is_left_to_halving(self) -> None:
+        self.endpoint.status = 400
+        self.endpoint.answer = rpc_status(3, "span 1 has no trace id")
+        outcome = self.send([protobuf_doc("a"), protobuf_doc("b")])
+        assert outcome.error is not None
+        self.assertEqual(
+            outcome.error.message, "HTTP 400 ValidationException: span 1 has no trace id"
+        )
+        self.assertEqual(self.counters.spans_rejected, 0)
+        self.send([protobuf_doc("a")])  # alone, it is dropped: its spans are rejected
+        self.assertEqual(self.counters.spans_rejected, 1)
+
+    def test_helpers(self) -> None:
+        self.assertEqual(rpc_status_message(rpc_status(14, "unavailable")), "unavailable")
+        self.assertEqual(rpc_status_message(b"\xff\xff"), "")
+        self.assertEqual(
+            json_partial_success(b'{"partialSuccess":{"rejectedSpans":"4","errorMessage":"x"}}'),
+            (4, "x"),
+        )
+        self.assertEqual(json_partial_success(b"{}"), (0, ""))
+        self.assertEqual(json_partial_success(b"junk"), (0, ""))
+        throttled = classify_traces_response(429, {}, b"")
+        self.assertTrue(throttled.retryable and throttled.throttled)
+        forbidden = classify_traces_response(
+            403, {"content-type": "application/json"}, json.dumps({"message": SEARCH_OFF}).encode()
+        )
+        self.assertEqual(forbidden.code, TRANSACTION_SEARCH)
