@@ -40,7 +40,7 @@ from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
-from xraytwisted.outbound.http_client import FixedURL
+from xraytwisted.outbound.treq_private import FixedURL
 from xraytwisted.pipeline.batcher import SPLIT_CODES, SPLIT_STATUSES
 from xraytwisted.pipeline.otlp_batches import (
     CONTENT_TYPES,
