@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
@@ -9,6 +11,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.disks import temp_dir
+from tests.support.logs import capture_logs
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
@@ -458,7 +462,7 @@ class MatchUnprocessedTests(SynchronousTestCase):
         self.assertEqual(trace_id_of(b"T1Sxyz"), "(unknown)")
 
 
-class SpoolTests(Fixture):
+class SpoolFixture(Fixture):
     """The batcher with a real disk spool (Spool.Dir)."""
 
     def make_spooled(
@@ -498,6 +502,8 @@ class SpoolTests(Fixture):
     def successful_calls(self) -> list[int]:
         return sorted(i for i, o in self.uploads.outcomes.items() if o.error is None)
 
+
+class SpoolTests(SpoolFixture):
     def test_long_outage_moves_batches_to_disk_and_replays_them_in_order(self) -> None:
         self.make_spooled(spool_after=10)
         self.offer(docs(100))
@@ -627,3 +633,209 @@ class SpoolTests(Fixture):
         for doc in docs(100):
             self.buffer.offer(doc)
         self.assertEqual(self.counters.spillover, 40)
+
+
+def enospc(fd: int, parts: Sequence[bytes]) -> int:
+    """os.writev on a full disk."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class UnwritableSpoolTests(SpoolFixture):
+    """A spool that cannot write never costs data: batches stay in memory."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events = capture_logs(self)
+        self.writes = 0
+
+    def lines(self, text: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if text in formatEvent(e)]
+
+    def disk_full(self) -> None:
+        def counting(fd: int, parts: Sequence[bytes]) -> int:
+            self.writes += 1
+            return enospc(fd, parts)
+
+        self.patch(os, "writev", counting)
+
+    def disk_ok(self) -> None:
+        self.patch(os, "writev", REAL_WRITEV)
+
+    def test_outage_with_an_unwritable_spool_keeps_everything_and_says_so(self) -> None:
+        self.make_spooled(spool_after=2, directory=os.path.join(temp_dir(self), "spool"))
+        self.disk_full()
+        self.offer(docs(100))
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        # Spooling began, but nothing reached the disk: all of it is still here.
+        self.assertEqual((self.counters.spooled, self.counters.lost), (0, 0))
+        self.assertEqual(self.batcher.waiting_docs, 100)
+        self.assertGreater(self.buffer.used, 0)
+        [started] = self.lines("Uploads have failed for")
+        self.assertIn("(0 segments written now, 100 kept in memory: the spool cannot", started)
+        [unwritable] = self.lines("unwritable")
+        self.assertIn(
+            "unwritable: [Errno 28] No space left on device; keeping batches in memory and "
+            "retrying the disk in 1 s",
+            unwritable,
+        )
+        # A minute more of outage and new data: the disk is probed with
+        # backoff (1, 2, 4, 8, 16, 30 s), not on every batch.
+        self.offer(docs(30, 100))
+        writes = self.writes
+        for _ in range(61):
+            self.clock.advance(1)
+            self.assertLessEqual(len(self.uploads.pending()), 1)  # one upload probe at a time
+            self.fail_pending()
+        self.assertLessEqual(self.writes - writes, 6)
+        self.assertGreaterEqual(self.writes - writes, 4)
+        self.assertEqual((self.counters.spooled, self.counters.lost), (0, 0))
+        self.assertEqual(self.batcher.waiting_docs, 130)
+        self.assertEqual(len(self.lines("unwritable")), 1)  # said once
+        # The disk has room again: the next probe writes everything.
+        self.disk_ok()
+        for _ in range(31):
+            self.clock.advance(1)
+            self.fail_pending()
+        self.assertEqual(self.counters.spooled, 130)
+        self.assertEqual(self.buffer.used, 0)
+        [recovered] = self.lines("writable again")
+        self.assertIn("batches go to disk again", recovered)
+        # X-Ray is back: every segment arrives.
+        for _ in range(30):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(set(self.sent_docs())), sorted(docs(130)))
+        self.assertEqual((self.counters.lost, self.spool.pending_docs), (0, 0))
+
+    def test_only_when_memory_is_full_too_is_anything_lost(self) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        doc_cost = len(docs(1)[0]) + DOC_OVERHEAD
+        self.directory = os.path.join(temp_dir(self), "spool")
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(doc_cost * 120, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer, self.uploads, self.clock, self.counters, concurrency=1,
+            random=lambda: 1.0, spool=self.spool, spool_after=1000,
+        )  # fmt: skip
+        self.batcher.startService()
+        self.disk_full()
+        accepted = [doc for doc in docs(400) if self.buffer.offer(doc)]
+        self.assertEqual(len(accepted), 120)  # what memory holds
+        self.assertEqual(self.counters.lost, 280)  # the spool should have taken them
+        self.assertEqual(self.counters.spillover, 0)
+        [lost] = self.lines("Segment lost")
+        self.assertIn("(spool unwritable and memory full)", lost)
+        self.assertIn("[Errno 28] No space left on device", lost)
+        # Nothing accepted is lost.
+        for _ in range(40):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(set(self.sent_docs())), sorted(accepted))
+        self.assertEqual(self.counters.lost, 280)
+
+    def test_shutdown_with_an_unwritable_spool_counts_the_rest_as_lost_with_the_reason(
+        self,
+    ) -> None:
+        self.make_spooled(spool_after=1, directory=os.path.join(temp_dir(self), "spool"))
+        self.disk_full()
+        self.offer(docs(70))
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        stopped = self.batcher.stopService()
+        self.fail_pending()
+        self.successResultOf(stopped)
+        self.assertEqual((self.counters.lost, self.counters.spooled), (70, 0))
+        [line] = self.lines("could not be written to the spool")
+        self.assertIn("70 segments were not sent", line)
+        self.assertIn("(spool unwritable at shutdown)", line)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_replayed_record_refused_for_content_is_not_acked_before_its_halves_are_done(
+        self,
+    ) -> None:
+        directory = os.path.join(temp_dir(self), "spool")
+        batch = docs(50)
+        self.write_earlier_run(directory, batch)
+        self.make_spooled(directory=directory)
+        self.disk_full()  # the halves cannot go back to disk: they wait in memory
+        self.refuse_when({batch[3]})
+        self.assertEqual((self.counters.rejected, self.counters.sent), (1, 49))
+        self.assertEqual((self.counters.lost, self.spool.pending_docs), (0, 0))
+
+    def write_earlier_run(self, directory: str, batch: list[bytes]) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        earlier = Spool.open(directory, 64 * 1024 * 1024, self.clock, Counters())
+        earlier.append(batch)
+        earlier.close()
+
+
+REAL_WRITEV = os.writev
+
+
+class ReplayAckTests(SpoolFixture):
+    """A spool record is acknowledged only once all of its documents are safe."""
+
+    def crash_and_reopen(self) -> int:
+        """kill -9: the spool's descriptors vanish, nothing is flushed; what is on disk now?"""
+        from xraytwisted.pipeline.spool import Spool
+
+        self.spool._close_fds()
+        self.spool.closed = True  # its cleanup must not close the descriptors again
+        after = Spool.open(self.directory, 64 * 1024 * 1024, Clock(), Counters())
+        try:
+            return after.pending_docs
+        finally:
+            after.close()
+
+    def replay_one_record(self, batch: list[bytes]) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        directory = os.path.join(temp_dir(self), "spool")
+        earlier = Spool.open(directory, 64 * 1024 * 1024, self.clock, Counters())
+        earlier.append(batch)
+        earlier.close()
+        self.make_spooled(directory=directory)
+        self.assertEqual(len(self.uploads.calls), 1)  # the record is sent at start
+
+    def test_retryable_unprocessed_documents_of_a_replay_survive_kill_9(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.counters.sent, 2)
+        # The throttled document is only in memory now: its record must
+        # still be on disk, or a kill -9 loses it.
+        self.assertEqual(self.crash_and_reopen(), 3)
+
+    def test_the_record_is_acked_once_its_remainder_is_delivered(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.spool.pending_docs, 3)
+        self.clock.advance(1)
+        self.assertEqual(self.uploads.calls[1][0], [batch[1]])
+        self.uploads.finish(1)
+        self.assertEqual(self.counters.sent, 3)
+        self.assertEqual(self.spool.pending_docs, 0)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_a_remainder_written_back_to_disk_lets_its_record_go(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.spool.pending_docs, 3)  # not acknowledged yet
+        stopped = self.batcher.stopService()
+        self.clock.advance(self.batcher.shutdown_timeout)  # the retry hangs: the deadline
+        self.fail_pending()
+        self.successResultOf(stopped)
+        # The remainder went back to the spool; only it is left on disk.
+        self.assertEqual(self.crash_and_reopen(), 1)
+        self.assertEqual(self.counters.lost, 0)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import json
 import os
 import stat
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +28,17 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.support.disks import small_tmpfs, temp_dir
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.spool import (
     HEADER_SIZE,
     MAGIC,
+    PROBE_MAX,
+    PROBE_MIN,
     Spool,
     SpooledBatch,
     SpoolError,
+    SpoolWriteError,
     decode,
     encode,
     inspect,
@@ -363,7 +371,7 @@ class CrashAndCorruptionTests(SpoolTestCase):
         os.remove(os.path.join(self.dir, "spool-0000000000000001.xsp"))
         self.open()
 
-    def test_write_failure_loses_that_batch_and_leaves_no_partial_record(self) -> None:
+    def test_write_failure_hands_the_batch_back_and_leaves_no_partial_record(self) -> None:
         s = self.open()
         s.append(batch(0))
         real = os.writev
@@ -374,16 +382,155 @@ class CrashAndCorruptionTests(SpoolTestCase):
 
         self.patch(os, "writev", half_then_fail)
         with capturedLogs() as events:
-            self.assertEqual(s.append(batch(1)), 5)
+            e = self.assertRaises(SpoolWriteError, s.append, batch(1))
         self.patch(os, "writev", real)
+        self.assertTrue(e.disk)
+        self.assertEqual(str(e), "[Errno 28] No space left on device")
+        # Not lost: the caller still has it.  Nor counted as spooled.
+        self.assertEqual((self.counters.lost, self.counters.spooled), (0, 5))
         text = " ".join(formatEvent(e) for e in events)
-        self.assertIn("Could not write 5 segments to the spool", text)
-        self.assertIn("No space left on device; they are lost", text)
-        self.assertEqual((self.counters.lost, s.failed_docs), (5, 5))
+        self.assertIn("unwritable: [Errno 28] No space left on device; keeping batches in", text)
+        self.clock.advance(1)  # the probe's first retry
         s.append(batch(2))
         s = self.reopen(s)
         self.assertEqual(list(s.problems), [])  # the partial record was cut off
         self.assertEqual(self.take_all(s), [0, 2])
+
+
+_CHILD_NO_DESCRIPTORS = r"""
+import errno, json, os, resource, sys
+from twisted.internet.task import Clock
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.spool import Spool, SpoolWriteError
+
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+clock, counters = Clock(), Counters()
+# file_bytes=1: every batch is sealed at once, so every append opens a file.
+spool = Spool.open(sys.argv[1], 10_000_000, clock, counters, file_bytes=1)
+spool.append([b"first-%d" % i for i in range(5)])
+result = {}
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+fillers = []
+while True:  # take every descriptor left under the limit
+    try:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        result["filled"] = e.errno == errno.EMFILE
+        break
+try:
+    result["append"] = spool.append([b"second-%d" % i for i in range(5)])
+except SpoolWriteError as e:
+    result["append"] = str(e)
+result["unwritable"] = spool.unwritable
+result["take"] = None if (b := spool.take()) is None else len(b)
+result["lost_while_out_of_descriptors"] = counters.lost
+for fd in fillers:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+clock.advance(60)
+taken = []
+spool.append([b"third-%d" % i for i in range(5)])
+while (b := spool.take()) is not None:
+    taken.extend(d.decode() for d in b.docs)
+    spool.ack(b)
+spool.close()
+result["taken"] = taken
+result["lost"] = counters.lost
+print(json.dumps(result))
+"""
+
+
+class UnwritableTests(SpoolTestCase):
+    """A spool that cannot write hands batches back, says so once, and probes with backoff."""
+
+    def test_the_disk_is_probed_with_backoff_on_the_clock(self) -> None:
+        s = self.open()
+        s.append(batch(0))
+        attempts: list[float] = []
+        real = os.writev
+
+        def full(fd: int, parts: Sequence[bytes]) -> int:
+            attempts.append(self.clock.seconds())
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "writev", full)
+        with capturedLogs() as events:
+            for second in range(120):
+                self.assertRaises(SpoolWriteError, s.append, batch(1))
+                self.assertRaises(SpoolWriteError, s.append, batch(2))
+                self.clock.advance(1)
+                del second
+            self.patch(os, "writev", real)
+            self.assertFalse(s.accepting())
+            self.clock.advance(PROBE_MAX)
+            self.assertTrue(s.accepting())
+            s.append(batch(3))
+        # One try of the disk at a time, after 1, 2, 4, 8, 16, then every 30 s.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+        self.assertEqual(gaps, [1, 2, 4, 8, 16, 30, 30])
+        self.assertIsNone(s.unwritable)
+        self.assertEqual(self.counters.lost, 0)
+        text = [formatEvent(e) for e in events]
+        self.assertEqual(len([t for t in text if "unwritable" in t]), 1, text)
+        [back] = [t for t in text if "writable again" in t]
+        self.assertIn("(failed writes meanwhile: 8)", back)
+        self.assertEqual(self.take_all(s), [0, 3])
+
+    def test_a_full_tmpfs_hands_batches_back_and_a_probe_finds_room_again(self) -> None:
+        self.dir = os.path.join(small_tmpfs(self, "256k"), "spool")
+        s = self.open(max_bytes=64 * 1024 * 1024, file_bytes=None)  # far more than the disk
+        stored = 0
+        with capturedLogs() as events:
+            for n in range(100):
+                try:
+                    s.append(batch(n, 50, 1000))
+                except SpoolWriteError as e:
+                    failure = e
+                    break
+                stored += 1
+            else:
+                self.fail("a 256 KiB tmpfs took 5 MB")
+            self.assertGreater(stored, 0)
+            self.assertTrue(failure.disk)
+            self.assertEqual(str(failure), "[Errno 28] No space left on device")
+            self.assertEqual(self.counters.lost, 0)
+            self.assertEqual((s.pending_docs, self.counters.spooled), (50 * stored, 50 * stored))
+            # Sending what is on disk frees it; the next probe writes again.
+            self.assertEqual(self.take_all(s), list(range(stored)))
+            self.assertRaises(SpoolWriteError, s.append, batch(500, 50, 1000))  # not yet
+            self.clock.advance(PROBE_MIN)
+            s.append(batch(501, 50, 1000))
+        self.assertIsNone(s.unwritable)
+        self.assertEqual(self.take_all(s), [501])
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("Free disk space there", text)
+        self.assertIn("is writable again", text)
+        self.assertEqual(self.counters.lost, 0)
+
+    def test_no_descriptors_left_costs_nothing(self) -> None:
+        # In a child process: RLIMIT_NOFILE is the whole process's.
+        directory = os.path.join(temp_dir(self), "spool")
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env = dict(os.environ, PYTHONPATH=src)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD_NO_DESCRIPTORS, directory],
+            capture_output=True, text=True, env=env, cwd=temp_dir(self), timeout=120,
+            check=False,
+        )  # fmt: skip
+        self.assertEqual(done.returncode, 0, done.stderr)
+        result = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(result["filled"], result)
+        self.assertEqual(result["append"], "[Errno 24] Too many open files", result)
+        self.assertEqual(result["unwritable"], "[Errno 24] Too many open files")
+        self.assertIsNone(result["take"])  # cannot open the file now: later, not lost
+        self.assertEqual(result["lost_while_out_of_descriptors"], 0, result)
+        self.assertEqual(
+            result["taken"], [f"first-{i}" for i in range(5)] + [f"third-{i}" for i in range(5)]
+        )
+        self.assertEqual(result["lost"], 0)
+        self.assertIn("Raise the open-files limit", done.stdout + done.stderr)
 
 
 class LimitTests(SpoolTestCase):
@@ -439,11 +586,14 @@ class LimitTests(SpoolTestCase):
             s.ack(b)
         self.assertEqual(len(self.take_all(s)), 292)
 
-    def test_batch_larger_than_the_spool_is_lost(self) -> None:
+    def test_batch_larger_than_the_spool_is_handed_back(self) -> None:
         s = self.open(max_bytes=200)
-        self.assertEqual(s.append([b"x" * 500]), 1)
-        self.assertEqual(self.counters.lost, 1)
-        self.assertEqual(s.disk_bytes, 0)
+        e = self.assertRaises(SpoolWriteError, s.append, [b"x" * 500])
+        self.assertFalse(e.disk)  # never fits: not a reason to stop using the spool
+        self.assertIn("larger than the whole spool", str(e))
+        self.assertEqual((self.counters.lost, s.disk_bytes), (0, 0))
+        self.assertIsNone(s.unwritable)
+        s.append([b"y" * 10])
 
     def test_lower_limit_at_open_drops_the_oldest(self) -> None:
         size = record_size(batch(0))

@@ -11,9 +11,14 @@ lowers how many uploads run at once.
 With a spool, batches go to disk instead of waiting in memory once uploads
 have failed for ``spool_after`` seconds (one probe at a time then finds out
 when X-Ray answers again), and spooled batches are sent again, oldest
-first, before fresh ones when uploads work.  On stop, everything is sent
-immediately and the returned Deferred fires once all of it is done or the
-shutdown deadline has passed (what is left then is counted as lost).
+first, before fresh ones when uploads work.  A batch the spool cannot take
+(disk full, no descriptors) stays in memory, within the budget, until the
+spool's own probe finds the disk writable again.  A record read back from
+the spool is acknowledged only once all of its documents are delivered,
+refused for good, or written back to the spool.  On stop, everything is
+sent immediately and the returned Deferred fires once all of it is done or
+the shutdown deadline has passed (what is left then goes to the spool, or
+is counted as lost).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xraytwisted.observe.counters import Counters
-from xraytwisted.observe.logs import Throttle, printable
+from xraytwisted.observe.logs import Throttle, printable, suppressed_note
 from xraytwisted.pipeline.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.pipeline.buffer import Batch, SegmentBuffer
-from xraytwisted.pipeline.spool import Spool, SpooledBatch
+from xraytwisted.pipeline.spool import Spool, SpooledBatch, SpoolWriteError
 from xraytwisted.pipeline.uploader import THROTTLING_CODES, Outcome, Unprocessed, UploadError
 
 MAX_WAIT = 1.0  # seconds the oldest document of a batch may wait
@@ -55,6 +60,30 @@ SPLIT_CODES = frozenset(
 )
 
 Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
+# Kinds of failure logged separately (one line each per interval); error
+# codes come from the server, so the table is bounded.
+MAX_LOG_KINDS = 64
+
+
+class _Replay:
+    """A spool record being sent: acknowledged once every batch carrying its documents is done.
+
+    Done: delivered, refused for good, or written back to the spool.  The
+    halves of a refused record and the retryable remainder of a partly
+    processed one carry it on; until they are done the record stays on disk,
+    so a crash sends it again (duplicates are harmless) instead of losing them.
+    """
+
+    __slots__ = ("original", "parts", "spooled")
+
+    def __init__(self, spooled: SpooledBatch, original: Batch) -> None:
+        self.spooled = spooled
+        self.original = original  # the batch as read from disk
+        self.parts = 1  # batches carrying its documents that are not done
+
+    def untouched(self, batch: Batch) -> bool:
+        """``batch`` is the whole record: giving it back to the spool loses nothing."""
+        return batch is self.original and self.parts == 1
 
 
 class Batcher(Service):
@@ -94,12 +123,12 @@ class Batcher(Service):
         self._abandoned = False  # past the shutdown deadline
         self._stopped: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
-        self._error_throttle = Throttle(clock, 10.0)
+        self._error_throttle = Throttle(clock, 10.0, max_reasons=MAX_LOG_KINDS)
         self.spool = spool
         self.spool_after = spool_after
         self._failing_since: float | None = None  # first failure since the last success
         self._spooling = False  # failing for spool_after: batches are parked on disk
-        self._replays: dict[Batch, SpooledBatch] = {}  # in flight, read from the spool
+        self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
@@ -115,30 +144,63 @@ class Batcher(Service):
         """The memory budget is spent: with a spool, move the oldest waiting batches there.
 
         Down to half the budget, so this happens once in a while rather than
-        for every document; what is in flight stays in memory.
+        for every document; what is in flight stays in memory, and so does
+        what the spool cannot take.
         """
         spool, buffer = self.spool, self.buffer
         if spool is None or self._abandoned:
             return False
         moved = 0
-        while buffer.used + size > buffer.capacity // 2:
-            if self._retries:
-                batch = heapq.heappop(self._retries)[2]
+        retries = self._retries
+        kept: list[tuple[float, int, Batch]] = []
+        while buffer.used + size > buffer.capacity // 2 and spool.accepting():
+            if retries:
+                entry = heapq.heappop(retries)
             elif buffer.head() is not None:
-                batch = buffer.pop()
+                entry = (self._clock.seconds(), next(self._retry_order), buffer.pop())
             else:
                 break
-            self._park(batch)
-            moved += len(batch)
-        if moved and self._error_throttle.check("memory full: spooling") is not None:
-            self.log.warn(
-                "The memory buffer of {mb} MB is full: wrote {count} waiting segments to the "
-                "spool {directory}; they are sent when uploads catch up",
-                mb=buffer.capacity // (1024 * 1024),
-                count=moved,
-                directory=spool.directory,
-            )
+            if self._park(entry[2]):
+                moved += len(entry[2])
+            else:
+                kept.append(entry)
+        for entry in kept:
+            heapq.heappush(retries, entry)
+        if moved:
+            suppressed = self._error_throttle.check("memory full: spooling")
+            if suppressed is not None:
+                self.log.warn(
+                    "The memory buffer of {mb} MB is full: wrote {count} waiting segments to "
+                    "the spool {directory}; they are sent when uploads catch up{note}",
+                    mb=buffer.capacity // (1024 * 1024),
+                    count=moved,
+                    directory=spool.directory,
+                    note=suppressed_note(suppressed),
+                )
         return buffer.used + size <= buffer.capacity
+
+    def refused(self) -> bool:
+        """The buffer turned a document away: True if that is a loss (counted here).
+
+        It is when the spool, which would have taken the waiting batches, is
+        unwritable; otherwise it is ordinary spillover (the buffer counts it).
+        """
+        spool = self.spool
+        if spool is None or spool.unwritable is None:
+            return False
+        self._counters.lost += 1
+        suppressed = self._error_throttle.check("memory full: spool unwritable")
+        if suppressed is not None:
+            self.log.error(
+                "Segment lost (spool unwritable and memory full): the memory buffer of {mb} MB "
+                "is full and the spool {directory} cannot be written ({error}). Free space "
+                "for the spool or raise -m/--buffer-memory{note}",
+                mb=self.buffer.capacity // (1024 * 1024),
+                directory=spool.directory,
+                error=spool.unwritable,
+                note=suppressed_note(suppressed),
+            )
+        return True
 
     # -- sending ----------------------------------------------------------
 
@@ -149,7 +211,7 @@ class Batcher(Service):
         now = self._clock.seconds()
         retries = self._retries
         if self._should_spool(now):
-            self._park_due(now)
+            self._park_waiting(now)
             if not self.in_flight and now >= self.resume_at:
                 self._probe()
         elif now >= self.resume_at:
@@ -210,8 +272,18 @@ class Batcher(Service):
             candidates.append(self._retries[0][0])
         if head is not None and not self._due(head, now):
             candidates.append(head.started + self.max_wait)
-        if self._failing_since is not None and self.spool is not None and not self._spooling:
-            candidates.append(self._failing_since + self.spool_after)
+        spool = self.spool
+        if spool is not None:
+            if self._failing_since is not None and not self._spooling:
+                candidates.append(self._failing_since + self.spool_after)
+            if (
+                self._spooling
+                and spool.unwritable is not None
+                and (self._retries or head is not None)
+            ):
+                candidates.append(spool.write_retry_at)  # the spool's next try of the disk
+            if spooled:
+                candidates.append(spool.read_retry_at)
         return min((c for c in candidates if c > now), default=None)
 
     def _retry(self, batch: Batch, delay: float) -> None:
@@ -255,38 +327,77 @@ class Batcher(Service):
         if now < self._failing_since + self.spool_after:
             return False
         self._spooling = True
-        parked = self._park_all()
+        written, kept = self._park_waiting(now, everything=True)
         self.log.warn(
             "Uploads have failed for {seconds:.0f} seconds: writing batches to the spool "
-            "{directory} until X-Ray answers again ({count} segments written now)",
+            "{directory} until X-Ray answers again ({count} segments written now{kept})",
             seconds=now - self._failing_since,
             directory=self.spool.directory,
-            count=parked,
+            count=written,
+            kept=f", {kept} kept in memory: the spool cannot take them" if kept else "",
         )
         return True
 
-    def _park(self, batch: Batch) -> None:
-        """Move an in-memory batch to the spool (which counts it, or its loss)."""
-        assert self.spool is not None
-        self.spool.append(batch.docs)
+    def _park(self, batch: Batch) -> bool:
+        """Move an in-memory batch to the spool; False if the spool did not take it (kept)."""
+        spool = self.spool
+        assert spool is not None
+        try:
+            spool.append(batch.docs)
+        except SpoolWriteError as e:
+            # A disk that refuses is reported by the spool, once.
+            if not e.disk:
+                suppressed = self._error_throttle.check("cannot spool")
+                if suppressed is not None:
+                    self.log.warn(
+                        "A batch of {count} segments cannot go to the spool {directory}: {why}; "
+                        "it stays in memory until it is sent{note}",
+                        count=len(batch),
+                        directory=spool.directory,
+                        why=str(e),
+                        note=suppressed_note(suppressed),
+                    )
+            return False
         self.buffer.release(batch)
+        replay = self._replays.pop(batch, None)
+        if replay is not None:
+            self._part_done(replay)  # safe on disk again
+        return True
 
-    def _park_all(self) -> int:
-        """Move every waiting in-memory batch to the spool; how many documents."""
-        batches = [entry[2] for entry in self._retries] + self.buffer.drain()
-        self._retries.clear()
-        # The spool sends back in the order written: oldest data first.
-        batches.sort(key=lambda batch: batch.started)
-        for batch in batches:
-            self._park(batch)
-        return sum(map(len, batches))
+    def _park_waiting(self, now: float, everything: bool = False) -> tuple[int, int]:
+        """Write waiting batches to the spool, oldest first, while it takes them.
 
-    def _park_due(self, now: float) -> None:
-        buffer = self.buffer
-        head = buffer.head()
-        while head is not None and self._due(head, now):
-            self._park(buffer.pop())
+        The batches waiting for a retry, then the buffer's due ones (all of
+        them with ``everything``).  Returns (documents written, documents
+        that stay in memory because the spool could not take them).
+        """
+        spool = self.spool
+        assert spool is not None
+        retries = self._retries
+        written = 0
+        if spool.accepting():
+            # The spool sends back in the order written: oldest data first.
+            waiting = sorted(retries, key=lambda entry: entry[2].started)
+            retries.clear()
+            for entry in waiting:
+                if spool.accepting() and self._park(entry[2]):
+                    written += len(entry[2])
+                else:
+                    retries.append(entry)
+            heapq.heapify(retries)
+            buffer = self.buffer
             head = buffer.head()
+            while head is not None and (everything or self._due(head, now)) and spool.accepting():
+                batch = buffer.pop()
+                if self._park(batch):
+                    written += len(batch)
+                else:
+                    self._retry(batch, 0.0)
+                head = buffer.head()
+        kept = sum(len(entry[2]) for entry in retries)
+        if everything:
+            kept += self.buffer.queued_docs
+        return written, kept
 
     def _probe(self) -> None:
         """While spooling: one upload at a time tells when X-Ray answers again."""
@@ -294,6 +405,8 @@ class Batcher(Service):
         spooled = self.spool.take()
         if spooled is not None:
             self._send_spooled(spooled)
+        elif self._retries:
+            self._send(heapq.heappop(self._retries)[2])  # what the spool could not take
         elif self.buffer.head() is not None:
             self._send(self.buffer.pop())
 
@@ -301,8 +414,13 @@ class Batcher(Service):
         # Not charged to the memory budget: at most `concurrency` are read in.
         batch = Batch(self._clock.seconds())
         batch.docs = spooled.docs
-        self._replays[batch] = spooled
+        self._replays[batch] = _Replay(spooled, batch)
         self._send(batch)
+
+    def _part_done(self, replay: _Replay) -> None:
+        replay.parts -= 1
+        if replay.parts == 0 and self.spool is not None:
+            self.spool.ack(replay.spooled)
 
     def _send(self, batch: Batch) -> None:
         batch.attempts += 1
@@ -347,9 +465,7 @@ class Batcher(Service):
             )
         self._failures = 0
         self._failing_since = None
-        spooled = self._replays.pop(batch, None)
-        if spooled is not None and self.spool is not None:
-            self.spool.ack(spooled)
+        replay = self._replays.pop(batch, None)
         self.limit.succeeded()
         counters.batches_ok += 1
         counters.last_success_at = self._clock.seconds()
@@ -364,6 +480,8 @@ class Batcher(Service):
                 seconds=outcome.seconds,
             )
             self.buffer.release(batch)
+            if replay is not None:
+                self._part_done(replay)
             return
         counters.unprocessed += len(unprocessed)
         self.log.info(
@@ -404,39 +522,46 @@ class Batcher(Service):
         if throttled:
             self.limit.throttled()  # X-Ray is asking for fewer requests
         remaining = self.buffer.shrink(batch, retry)
-        if remaining is not None:
-            self._retry(remaining, full_jitter(remaining.attempts, self._random))
+        if remaining is None:
+            if replay is not None:
+                self._part_done(replay)
+            return
+        if replay is not None:
+            # Its record stays on disk, unacknowledged, until these are done too.
+            self._replays[remaining] = replay
+        self._retry(remaining, full_jitter(remaining.attempts, self._random))
 
     def _failed(self, batch: Batch, error: UploadError) -> None:
         counters = self._counters
         counters.batches_failed += 1
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
-        spooled = self._replays.pop(batch, None)
+        replay = self._replays.pop(batch, None)
         if not error.retryable and len(batch) > 1 and _refused_for_content(error):
             # Find the documents X-Ray refuses by halving: the others go.
+            if replay is not None:
+                replay.parts += 1  # one batch of the record became two
             for half in self.buffer.split(batch):
                 # Not a retry: the halves are new requests (their attempt
                 # counts and the `retried` counter stay as they were).
                 half.attempts -= 1
-                if self._spooling or spooled is not None:
-                    # While spooling they are probed from the disk one at a
-                    # time; a replayed batch's halves stay on disk too.
-                    self._park(half)
-                else:
+                if replay is not None:
+                    self._replays[half] = replay
+                # While spooling they are probed from the disk one at a time;
+                # a replayed batch's halves go back to disk too (then its
+                # record is done).  What the spool cannot take stays here.
+                if not ((self._spooling or replay is not None) and self._park(half)):
                     self._retry(half, 0.0)
-            if spooled is not None and self.spool is not None:
-                self.spool.ack(spooled)  # after its halves were written
             return
         # One line per kind of failure per interval: an outage or a sender of
         # invalid documents must not flood the log.
         suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
-        note = f" ({suppressed} similar failures not logged)" if suppressed else ""
+        note = suppressed_note(suppressed or 0)
         if not error.retryable:
-            if spooled is not None and self.spool is not None:
-                self.spool.ack(spooled)  # done with it: X-Ray will never take it
             counters.rejected += len(batch)
             self.buffer.release(batch)
+            if replay is not None:
+                self._part_done(replay)  # done with it: X-Ray will never take it
             if suppressed is None:
                 return
             if len(batch) == 1:  # what halving a refused batch ends with
@@ -471,12 +596,13 @@ class Batcher(Service):
         self._failures += 1
         if self._failing_since is None:
             self._failing_since = self._clock.seconds()
-        if spooled is not None and self.spool is not None:
-            self.spool.release(spooled)  # stays first in line on disk
-        elif self._spooling:
-            self._park(batch)
+        if replay is not None and replay.untouched(batch) and self.spool is not None:
+            self.spool.release(replay.spooled)  # stays first in line on disk
         else:
-            self._retry(batch, full_jitter(batch.attempts, self._random))
+            if replay is not None:
+                self._replays[batch] = replay  # part of a record: it waits here
+            if not (self._spooling and self._park(batch)):
+                self._retry(batch, full_jitter(batch.attempts, self._random))
         if self._failures > 1:
             pause = full_jitter(self._failures - 1, self._random)
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
@@ -496,12 +622,18 @@ class Batcher(Service):
         self.buffer.release(batch)
 
     def _keep_or_lose(self, batch: Batch) -> None:
-        """At the shutdown deadline: to the spool if there is one, else lost."""
-        spooled = self._replays.pop(batch, None)
-        if spooled is not None and self.spool is not None:
-            self.spool.release(spooled)  # never left the disk
-        elif self.spool is not None:
-            self._park(batch)
+        """At the shutdown deadline: to the spool if there is one and it takes it, else lost."""
+        spool = self.spool
+        replay = self._replays.get(batch)
+        if spool is not None and replay is not None and replay.untouched(batch):
+            del self._replays[batch]
+            spool.release(replay.spooled)  # never left the disk
+        elif spool is not None and self._park(batch):
+            pass
+        elif replay is not None:
+            # Its record is never acknowledged: the next run sends all of it again.
+            del self._replays[batch]
+            self.buffer.release(batch)
         else:
             self._lose(batch)
 
@@ -561,6 +693,8 @@ class Batcher(Service):
         self._abandoned = True
         counters = self._counters
         lost, spooled = counters.lost, counters.spooled
+        if self.spool is not None:
+            self.spool.try_writes_now()  # a last try, even if the disk was refusing
         batches = self.buffer.drain() + [entry[2] for entry in self._retries]
         self._retries.clear()
         for batch in batches:
@@ -575,7 +709,16 @@ class Batcher(Service):
                 count=counters.spooled - spooled,
                 directory=self.spool.directory,
             )
-        if counters.lost > lost:
+        if counters.lost > lost and self.spool is not None:
+            self.log.error(
+                "Shutting down: {count} segments were not sent and could not be written to the "
+                "spool {directory} ({error}); they are lost (spool unwritable at shutdown). "
+                "Free space for the spool",
+                count=counters.lost - lost,
+                directory=self.spool.directory,
+                error=self.spool.unwritable or "unknown error",
+            )
+        elif counters.lost > lost:
             self.log.error(
                 "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
                 "sent and are lost",

@@ -35,9 +35,14 @@ seconds and when a file is finished (a power loss can cost the last
 ``flush_interval`` seconds of spooled batches, and may resend some).
 
 Every document appended ends in exactly one of: acknowledged, or counted as
-lost (oldest data dropped when the spool is full, a write that failed,
-corruption found on disk).  The spool counts (``Counters.spooled``,
-``replayed``, ``lost``) and logs those itself.
+lost (oldest data dropped when the spool is full, corruption found on
+disk).  The spool counts (``Counters.spooled``, ``replayed``, ``lost``) and
+logs those itself.  A batch that cannot be written (disk full, no file
+descriptors left, an I/O error) is not appended at all: ``append`` raises
+``SpoolWriteError`` and the batch stays its caller's.  The spool then says
+once that it is unwritable and refuses further writes without touching the
+disk until ``write_retry_at``; the next write after that is the probe
+(backing off from ``PROBE_MIN`` to ``PROBE_MAX`` seconds while it fails).
 
 Everything runs on the reactor thread; a lock file (flock) keeps a second
 daemon out of the same directory.
@@ -61,7 +66,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from xraytwisted.observe.counters import Counters
-from xraytwisted.observe.logs import Throttle
+from xraytwisted.observe.logs import Throttle, suppressed_note
 
 MAGIC = b"XSPL"
 VERSION = 1
@@ -78,6 +83,17 @@ DEFAULT_FILE_BYTES = 8 * 1024 * 1024
 MIN_FILE_BYTES = 64 * 1024
 FLUSH_INTERVAL = 1.0
 MAX_PROBLEMS = 100  # kept in Spool.problems (older ones are only in the log)
+# After a failed write, the disk is tried again after PROBE_MIN seconds,
+# doubling up to PROBE_MAX while it keeps failing: a full disk is not hammered,
+# and one that has room again is used within half a minute.
+PROBE_MIN = 1.0
+PROBE_MAX = 30.0
+# Errors that say "not now" rather than "never": a read that fails with one
+# is tried again later instead of the data being given up as unreadable.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
+)
+READ_RETRY = 1.0  # seconds before a read that failed that way is tried again
 LOCK_NAME = "lock"
 _DATA_NAME = re.compile(r"spool-(\d{16})\.xsp")
 _ACK_NAME = re.compile(r"spool-(\d{16})\.ack")
@@ -90,11 +106,24 @@ class SpoolError(Exception):
     """The spool cannot be used; str() is the one line to show."""
 
 
+class SpoolWriteError(Exception):
+    """``append`` did not store the batch: it is still the caller's.  str() says why.
+
+    ``disk`` is True when the disk refused (it may take it later: full, no
+    descriptors, I/O error), False when this batch can never be stored (larger
+    than the whole spool).
+    """
+
+    def __init__(self, reason: str, *, disk: bool) -> None:
+        super().__init__(reason)
+        self.disk = disk
+
+
 @dataclass(frozen=True)
 class Problem:
     """Something wrong found in the spool (or done to it) that cost documents."""
 
-    kind: str  # "torn tail", "corrupt record", "spool full", "write failed", "bad ack file"
+    kind: str  # "torn tail", "corrupt record", "spool full"
     path: str
     offset: int
     nbytes: int  # bytes skipped or dropped
@@ -127,6 +156,10 @@ class SpooledBatch:
 
     def __repr__(self) -> str:
         return f"<SpooledBatch {len(self.docs)} docs at {self._file.seq}:{self.offset}>"
+
+
+class _ReadLater(Exception):
+    """``_read`` could not read a record now (a transient error); nothing moved."""
 
 
 class _File:
@@ -382,7 +415,15 @@ class Spool:
         self.disk_bytes = 0  # size of all spool files: what max_bytes limits
         self.dropped_docs = 0  # lost because the spool was full
         self.corrupt_docs = 0  # lost to torn or corrupt records
-        self.failed_docs = 0  # lost because they could not be written
+        self.close_errors = 0  # os.close calls that failed (logged; nothing else to do)
+        # Why the last write failed, None while writes work; no write is
+        # tried before write_retry_at (the probe's backoff).
+        self.unwritable: str | None = None
+        self.unwritable_since = 0.0
+        self.write_retry_at = 0.0
+        self.failed_writes = 0  # since the spool became unwritable
+        self._probe_delay = PROBE_MIN
+        self.read_retry_at = 0.0  # no read before this (after a transient read error)
         self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
         self._unsynced: set[int] = set()  # fds with data or acks written since the last fsync
         self._dir_dirty = False
@@ -530,28 +571,40 @@ class Spool:
 
     # -- writing ------------------------------------------------------------
 
+    def accepting(self) -> bool:
+        """Whether ``append`` would try the disk now (False while a failed write backs off)."""
+        return self.unwritable is None or self._clock.seconds() >= self.write_retry_at
+
+    def try_writes_now(self) -> None:
+        """End the backoff: the next ``append`` tries the disk (a last chance at shutdown)."""
+        self.write_retry_at = 0.0
+
     def append(self, docs: Sequence[bytes]) -> int:
-        """Store one batch (one write).  Returns how many documents this cost.
+        """Store one batch (one write).  Returns how many documents making room cost.
 
         To make room, the oldest files are deleted; documents in them not yet
-        sent are lost.  If the batch cannot be written at all (disk full, or
-        larger than the whole spool) it is lost.  Both are counted in
-        ``Counters.lost`` and logged here; the return value is for information.
+        sent are lost (counted in ``Counters.lost`` and logged here).
+
+        Raises SpoolWriteError, having stored and counted nothing, when the
+        batch cannot be written now (the disk refused it, or a write failed
+        less than ``write_retry_at`` ago) or ever (larger than the spool).
         """
         if self.closed:
             raise SpoolError("the spool is closed")
         if not docs:
             return 0
-        count = len(docs)
+        if not self.accepting():
+            raise SpoolWriteError(self.unwritable or "", disk=True)
         try:
             parts = encode(docs)
         except ValueError as e:
-            self._lose_batch(count, str(e))
-            return count
+            raise SpoolWriteError(str(e), disk=False) from None
         size = HEADER_SIZE + len(parts[1]) + len(parts[2])
         if size > self.max_bytes:
-            self._lose_batch(count, f"the batch ({size} bytes) is larger than the whole spool")
-            return count
+            raise SpoolWriteError(
+                f"the batch ({size} bytes) is larger than the whole spool", disk=False
+            )
+        count = len(docs)
         lost = self._make_room(size)
         f = self._write
         try:
@@ -562,8 +615,11 @@ class Spool:
         except OSError as e:
             if f is not None:
                 self._abandon_write_file(f)
-            self._lose_batch(count, _reason(e))
-            return lost + count
+            reason = _errno_text(e)
+            self._write_failed(reason, e)
+            raise SpoolWriteError(reason, disk=True) from None
+        if self.unwritable is not None:
+            self._write_recovered()
         f.end = f.size = f.end + size
         f.pending_docs += count
         f.pending_bytes += size
@@ -576,6 +632,38 @@ class Spool:
         if f.end >= self.file_bytes:
             self._seal(f)
         return lost
+
+    def _write_failed(self, reason: str, e: OSError) -> None:
+        now = self._clock.seconds()
+        self.failed_writes += 1
+        if self.unwritable is None:
+            self.unwritable_since = now
+            self._probe_delay = PROBE_MIN
+            self.log.error(
+                "Spool {dir} unwritable: {error}; keeping batches in memory and retrying the "
+                "disk in {delay:g} s, backing off to every {most:g} s. {advice}",
+                dir=self.directory,
+                error=reason,
+                delay=self._probe_delay,
+                most=PROBE_MAX,
+                advice=_write_advice(e),
+            )
+        else:
+            self._probe_delay = min(PROBE_MAX, self._probe_delay * 2)
+        self.unwritable = reason
+        self.write_retry_at = now + self._probe_delay
+
+    def _write_recovered(self) -> None:
+        self.log.info(
+            "Spool {dir} is writable again after {seconds:.0f} s (failed writes meanwhile: "
+            "{failed}); batches go to disk again",
+            dir=self.directory,
+            seconds=self._clock.seconds() - self.unwritable_since,
+            failed=self.failed_writes,
+        )
+        self.unwritable = None
+        self.failed_writes = 0
+        self.write_retry_at = 0.0
 
     def _new_file(self) -> _File:
         f = _File(self.directory, self._next_seq)
@@ -601,10 +689,8 @@ class Spool:
             try:
                 os.fsync(fd)
             except OSError as e:
-                self.log.error(
-                    "Could not sync spool file {path}: {error}", path=f.path, error=_reason(e)
-                )
-            os.close(fd)
+                self._sync_failed(f.path, e)
+            self._close(fd, f.path)
         self._advance(f)
 
     def _abandon_write_file(self, f: _File) -> None:
@@ -614,19 +700,6 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.ftruncate(f.wfd, f.end)
         self._seal(f)
-
-    def _lose_batch(self, count: int, why: str) -> None:
-        self.failed_docs += count
-        self._counters.lost += count
-        if self._throttle.check("write failed") is not None:
-            self.log.error(
-                "Could not write {count} segments to the spool {dir}: {why}; they are lost. "
-                "Free disk space there or lower --spool-max-mb (Spool.MaxMB)",
-                count=count,
-                dir=self.directory,
-                why=why,
-            )
-        self.problems.append(Problem("write failed", self.directory, 0, 0, count, why))
 
     def _make_room(self, size: int) -> int:
         """Delete the oldest files until ``size`` more bytes fit; returns documents lost."""
@@ -678,7 +751,7 @@ class Spool:
         The batch stays in the spool until ``ack``: if the daemon stops
         before that, the next run sends it again.
         """
-        if self.closed:
+        if self.closed or self._clock.seconds() < self.read_retry_at:
             return None
         released = self._released
         while released:
@@ -689,7 +762,11 @@ class Spool:
             entry = f.outstanding.get(offset)
             if entry is None or entry[2]:
                 continue
-            batch = self._read(f, offset)
+            try:
+                batch = self._read(f, offset)
+            except _ReadLater:
+                heapq.heappush(released, (seq, offset))
+                return None
             if batch is None:
                 del f.outstanding[offset]
                 self._advance(f)
@@ -709,7 +786,10 @@ class Spool:
             if following is not None:
                 f.read_at = following
                 continue
-            batch = self._read(f, offset)
+            try:
+                batch = self._read(f, offset)
+            except _ReadLater:
+                return None
             if batch is None:
                 self._advance(f)
                 continue
@@ -722,7 +802,10 @@ class Spool:
         """Read the record at ``offset`` (moving ``read_at`` past it if it is next).
 
         A corrupt record is reported and counted as lost, and None returned.
+        Raises _ReadLater when it cannot be read now (no descriptors left,
+        say): nothing moved, and ``take`` tries again after ``READ_RETRY`` s.
         """
+        read_at = f.read_at
         try:
             if f.rfd is None:
                 f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
@@ -741,6 +824,10 @@ class Spool:
                 f.read_at = offset + size
             payload = os.pread(rfd, length, offset + HEADER_SIZE)
         except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                f.read_at = read_at
+                self._read_later(f, e)
+                raise _ReadLater() from None
             # Unreadable (I/O error, file removed by hand): nothing here can be sent.
             self._corrupt(f, offset, f.end - offset, None, _reason(e))
             f.read_at = f.end
@@ -757,6 +844,20 @@ class Spool:
             return None
         return SpooledBatch(f, offset, size, docs)
 
+    def _read_later(self, f: _File, e: OSError) -> None:
+        self.read_retry_at = self._clock.seconds() + READ_RETRY
+        suppressed = self._throttle.check("read later")
+        if suppressed is not None:
+            self.log.error(
+                "Could not read spool file {path} now: {error}; trying again in {delay:g} s "
+                "(nothing is lost). {advice}{note}",
+                path=f.path,
+                error=_errno_text(e),
+                delay=READ_RETRY,
+                advice=_write_advice(e),
+                note=suppressed_note(suppressed),
+            )
+
     def _corrupt(self, f: _File, offset: int, nbytes: int, docs: int | None, why: str) -> None:
         self._report(Problem("corrupt record", f.path, offset, nbytes, docs, why), counted=True)
 
@@ -766,7 +867,8 @@ class Spool:
         if problem.docs and not counted:
             self.corrupt_docs += problem.docs
             self._counters.lost += problem.docs
-        if self._throttle.check(problem.kind) is None:
+        suppressed = self._throttle.check(problem.kind)
+        if suppressed is None:
             return
         if problem.kind == "torn tail":
             what = "ends in a record that was being written when the daemon or machine stopped"
@@ -777,13 +879,14 @@ class Spool:
         docs = "an unknown number of" if problem.docs is None else str(problem.docs)
         self.log.error(
             "Spool file {path} {what} at offset {offset}; skipped {nbytes} bytes, "
-            "{docs} segments in them are lost. {advice}",
+            "{docs} segments in them are lost. {advice}{note}",
             path=problem.path,
             what=what,
             offset=problem.offset,
             nbytes=problem.nbytes,
             docs=docs,
             advice=advice,
+            note=suppressed_note(suppressed),
         )
 
     # -- acknowledging ------------------------------------------------------
@@ -852,21 +955,23 @@ class Spool:
             return
         if done <= f.acked_at:
             return
-        f.acked_at = done
         try:
             if f.ack_fd is None:
                 f.ack_fd = os.open(f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
                 self._dir_dirty = True
             os.pwrite(f.ack_fd, encode_ack(done), 0)
             self._unsynced.add(f.ack_fd)
+            f.acked_at = done  # only now: a failed write is tried again by the next ack
         except OSError as e:
             # Only costs duplicates after a restart.
-            if self._throttle.check("ack failed") is not None:
+            suppressed = self._throttle.check("ack failed")
+            if suppressed is not None:
                 self.log.error(
                     "Could not record progress in {path}: {error}; after a restart some "
-                    "batches will be sent again",
+                    "batches will be sent again{note}",
                     path=f.ack_path,
-                    error=_reason(e),
+                    error=_errno_text(e),
+                    note=suppressed_note(suppressed),
                 )
         self._flush_soon()
 
@@ -875,7 +980,7 @@ class Spool:
         for fd in (f.wfd, f.rfd, f.ack_fd):
             if fd is not None:
                 self._unsynced.discard(fd)
-                os.close(fd)
+                self._close(fd, f.path)
         f.wfd = f.rfd = f.ack_fd = None
         if f is self._write:
             self._write = None
@@ -919,13 +1024,41 @@ class Spool:
             try:
                 os.fsync(fd)
             except OSError as e:
-                self.log.error("Could not sync the spool: {error}", error=_reason(e))
+                self._sync_failed(self.directory, e)
         if self._dir_dirty:
             self._dir_dirty = False
             try:
                 os.fsync(self._dir_fd)
             except OSError as e:
-                self.log.error("Could not sync the spool directory: {error}", error=_reason(e))
+                self._sync_failed(self.directory, e)
+
+    def _sync_failed(self, path: str, e: OSError) -> None:
+        suppressed = self._throttle.check("sync failed")
+        if suppressed is not None:
+            self.log.error(
+                "Could not sync the spool ({path}): {error}; what was written stays in the "
+                "kernel, but a power loss may cost it. Check the disk{note}",
+                path=path,
+                error=_errno_text(e),
+                note=suppressed_note(suppressed),
+            )
+
+    def _close(self, fd: int, path: str) -> None:
+        """os.close that cannot fail the caller (an I/O error reported at close, say)."""
+        try:
+            os.close(fd)
+        except OSError as e:
+            self.close_errors += 1
+            suppressed = self._throttle.check("close failed")
+            if suppressed is not None:
+                self.log.error(
+                    "Could not close spool file {path}: {error}; going on (check the disk if "
+                    "this repeats; {count} close errors so far){note}",
+                    path=path,
+                    error=_errno_text(e),
+                    count=self.close_errors,
+                    note=suppressed_note(suppressed),
+                )
 
     def close(self) -> None:
         """Flush and release the directory; batches not acknowledged stay for the next run."""
@@ -945,7 +1078,7 @@ class Spool:
         for f in self._files:
             for fd in (f.wfd, f.rfd, f.ack_fd):
                 if fd is not None:
-                    os.close(fd)
+                    self._close(fd, f.path)
             f.wfd = f.rfd = f.ack_fd = None
         self._unsynced.clear()
         for fd in (self._dir_fd, self._lock_fd):
@@ -1049,3 +1182,18 @@ def _write_all(fd: int, parts: list[bytes], size: int) -> None:
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
+
+
+def _errno_text(e: OSError) -> str:
+    """``[Errno 28] No space left on device``: the number too, for searching."""
+    if e.errno is None:
+        return str(e)
+    return f"[Errno {e.errno}] {e.strerror or os.strerror(e.errno)}"
+
+
+def _write_advice(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space there or lower --spool-max-mb (Spool.MaxMB)"
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return "Raise the open-files limit (ulimit -n, systemd LimitNOFILE)"
+    return "Check the disk and the permissions of the spool directory"
