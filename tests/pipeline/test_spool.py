@@ -672,6 +672,93 @@ class LockAndFlushTests(SpoolTestCase):
         self.assertRaises(SpoolError, s.append, batch(1))
 
 
+class PrivateDirectoryTests(SynchronousTestCase):
+    """Nobody else can make the daemon read or write through the spool directory."""
+
+    def setUp(self) -> None:
+        self.base = temp_dir(self)
+        self.dir = os.path.join(self.base, "spool")
+        self.victim = Path(self.base, "victim")
+        self.victim.write_text("precious")
+        self.clock = Clock()
+
+    def open(self) -> Spool:
+        s = Spool.open(self.dir, 1_000_000, self.clock)
+        self.addCleanup(s.close)
+        return s
+
+    def test_a_directory_writable_by_others_is_refused(self) -> None:
+        # The reproduction: a "lock" link to a victim file in a 0777 directory.
+        os.mkdir(self.dir)
+        os.chmod(self.dir, 0o777)
+        os.symlink(self.victim, os.path.join(self.dir, "lock"))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertEqual(
+            str(e),
+            f"spool directory {self.dir} is writable by its group and all users (mode 0777), so "
+            f"another user could plant files or links in it; run chmod 700 {self.dir} or use "
+            "another directory",
+        )
+        self.assertEqual(self.victim.read_text(), "precious")
+
+    def test_a_directory_writable_by_its_group_is_refused(self) -> None:
+        os.mkdir(self.dir)
+        os.chmod(self.dir, 0o770)
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn("is writable by its group (mode 0770)", str(e))
+
+    def test_a_directory_of_another_user_is_refused(self) -> None:
+        os.mkdir(self.dir, 0o700)
+        try:
+            os.chown(self.dir, 65534, -1)
+        except PermissionError:
+            raise SkipTest("changing a directory's owner needs root") from None
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn(
+            f"belongs to uid 65534, not to this daemon's user (uid {os.geteuid()})", str(e)
+        )
+
+    def test_a_lock_link_is_never_followed(self) -> None:
+        os.mkdir(self.dir, 0o700)
+        os.symlink(self.victim, os.path.join(self.dir, "lock"))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn("it is a symbolic link, which the spool never follows", str(e))
+        self.assertEqual(self.victim.read_text(), "precious")
+
+    def test_spool_file_links_are_never_followed(self) -> None:
+        s = self.open()
+        s.append([b"a", b"b"])
+        s.close()
+        [name] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        os.replace(os.path.join(self.dir, name), self.victim)
+        os.symlink(self.victim, os.path.join(self.dir, name))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn(
+            f"cannot read spool file {os.path.join(self.dir, name)}: it is a symbolic", str(e)
+        )
+        # Nor an acknowledgement file: it is written in place.
+        os.remove(os.path.join(self.dir, name))
+        s = self.open()
+        s.append([b"c"])
+        s.append([b"d"])  # so acknowledging "c" records progress rather than deleting the file
+        [name] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        os.symlink(self.victim, os.path.join(self.dir, name[: -len(".xsp")] + ".ack"))
+        b = s.take()
+        assert b is not None
+        with capturedLogs() as events:
+            s.ack(b)
+        self.assertEqual(self.victim.read_bytes()[:4], MAGIC)  # untouched: still the moved data
+        self.assertIn("Could not record progress", " ".join(formatEvent(e) for e in events))
+
+    def test_a_new_directory_is_private_whatever_the_umask(self) -> None:
+        old = os.umask(0o277)
+        try:
+            self.open()
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+
+
 # ---------------------------------------------------------------------------
 # Properties
 

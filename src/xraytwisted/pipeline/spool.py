@@ -45,7 +45,9 @@ disk until ``write_retry_at``; the next write after that is the probe
 (backing off from ``PROBE_MIN`` to ``PROBE_MAX`` seconds while it fails).
 
 Everything runs on the reactor thread; a lock file (flock) keeps a second
-daemon out of the same directory.
+daemon out of the same directory.  Like ssh with its key files, the spool
+refuses a directory that another user could write to or owns, and it never
+follows a symbolic link inside it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import fcntl
 import heapq
 import os
 import re
+import stat
 import struct
 import zlib
 from collections import deque
@@ -99,6 +102,9 @@ _DATA_NAME = re.compile(r"spool-(\d{16})\.xsp")
 _ACK_NAME = re.compile(r"spool-(\d{16})\.ack")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Every file in the spool directory is opened without following symbolic
+# links: a link planted there must not make the daemon write elsewhere.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RESYNC_CHUNK = 1024 * 1024
 
 
@@ -446,9 +452,10 @@ class Spool:
     ) -> Spool:
         """Lock ``directory`` (created 0700 if need be) and read what is in it.
 
-        Raises SpoolError (one line) when the directory cannot be used or
-        another daemon has it.  Torn and corrupt data found are logged and
-        counted as lost; the rest is waiting to be taken.
+        Raises SpoolError (one line) when the directory cannot be used, is
+        not private to this user (see ``check_private``) or another daemon
+        has it.  Torn and corrupt data found are logged and counted as lost;
+        the rest is waiting to be taken.
         """
         if max_bytes <= 0:
             raise SpoolError(f"spool size must be positive, not {max_bytes} bytes")
@@ -456,14 +463,22 @@ class Spool:
             file_bytes = max(MIN_FILE_BYTES, min(DEFAULT_FILE_BYTES, max_bytes // 8))
         directory = os.path.abspath(directory)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            try:
+                os.mkdir(directory, 0o700)
+                created = True
+            except FileExistsError:
+                created = False
             dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            if created:
+                os.fchmod(dir_fd, 0o700)  # whatever the umask took away
         except OSError as e:
             raise SpoolError(
                 f"cannot use spool directory {directory}: {_reason(e)} "
                 "(check --spool-dir / Spool.Dir and its permissions)"
             ) from None
         try:
+            check_private(directory, os.fstat(dir_fd))
             lock_fd = _lock(directory)
         except BaseException:
             os.close(dir_fd)
@@ -520,18 +535,22 @@ class Spool:
         # Not kept open: a large spool has many files; reading opens them again.
         rfd = -1
         try:
-            rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+            rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
             size = os.fstat(rfd).st_size
             acked_at = self._read_ack(f)
             result = walk(lambda off, n: os.pread(rfd, n, off), size, acked_at, f.path)
             if result.torn:
                 # The tail is garbage from an interrupted write: cut it off so
                 # it is reported once, not on every start.
-                os.truncate(f.path, result.end)
-                os.fsync(rfd)
+                wfd = os.open(f.path, os.O_WRONLY | _O_CLOEXEC | _O_NOFOLLOW)
+                try:
+                    os.ftruncate(wfd, result.end)
+                    os.fsync(wfd)
+                finally:
+                    os.close(wfd)
                 size = result.end
         except OSError as e:
-            raise SpoolError(f"cannot read spool file {f.path}: {_reason(e)}") from None
+            raise SpoolError(f"cannot read spool file {f.path}: {_open_reason(e)}") from None
         finally:
             if rfd >= 0:
                 os.close(rfd)
@@ -552,10 +571,8 @@ class Spool:
             self._delete(f)
 
     def _read_ack(self, f: _File) -> int:
-        try:
-            with open(f.ack_path, "rb") as a:
-                data = a.read(ACK.size + 1)
-        except FileNotFoundError:
+        data = _read_small(f.ack_path, ACK.size + 1)
+        if data is None:
             return 0
         offset = decode_ack(data)
         if offset is None:
@@ -670,7 +687,7 @@ class Spool:
         self._next_seq += 1
         f.wfd = os.open(
             f.path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC | _O_NOFOLLOW,
             0o600,
         )
         self._files.append(f)
@@ -808,7 +825,7 @@ class Spool:
         read_at = f.read_at
         try:
             if f.rfd is None:
-                f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+                f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
             rfd = f.rfd
             head = os.pread(rfd, HEADER_SIZE, offset)
             parsed = parse_header(head)
@@ -957,7 +974,9 @@ class Spool:
             return
         try:
             if f.ack_fd is None:
-                f.ack_fd = os.open(f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+                f.ack_fd = os.open(
+                    f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o600
+                )
                 self._dir_dirty = True
             os.pwrite(f.ack_fd, encode_ack(done), 0)
             self._unsynced.add(f.ack_fd)
@@ -1120,16 +1139,13 @@ def inspect(directory: str) -> Summary:
             continue
         path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
         except FileNotFoundError:
             continue  # deleted meanwhile
         try:
             size = os.fstat(fd).st_size
-            try:
-                with open(path[: -len(".xsp")] + ".ack", "rb") as a:
-                    acked_at = decode_ack(a.read(ACK.size + 1)) or 0
-            except FileNotFoundError:
-                acked_at = 0
+            ack = _read_small(path[: -len(".xsp")] + ".ack", ACK.size + 1)
+            acked_at = (decode_ack(ack) or 0) if ack is not None else 0
             result = walk(lambda off, n: os.pread(fd, n, off), size, acked_at, path)  # noqa: B023
         finally:
             os.close(fd)
@@ -1141,12 +1157,55 @@ def inspect(directory: str) -> Summary:
     return Summary(files, pending_docs, pending_bytes, disk_bytes, tuple(problems))
 
 
+def check_private(directory: str, st: os.stat_result) -> None:
+    """Refuse (SpoolError) a directory another user could change, as ssh does for ~/.ssh.
+
+    Whoever can create files in the spool directory can make the daemon
+    read forged batches or, through a planted link, write where they choose.
+    It must belong to this process's user (or root) and not be writable by
+    group or others.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise SpoolError(
+            f"spool directory {directory} belongs to uid {st.st_uid}, not to this daemon's user "
+            f"(uid {uid}), so its owner could change what the daemon reads and writes; "
+            f"chown it to uid {uid} or use another directory"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = {0o020: "its group", 0o002: "all users"}.get(mode & 0o022, "its group and all users")
+        raise SpoolError(
+            f"spool directory {directory} is writable by {who} (mode {mode:04o}), so another "
+            f"user could plant files or links in it; run chmod 700 {directory} or use another "
+            "directory"
+        )
+
+
+def _read_small(path: str, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of ``path`` (not following a link); None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _open_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link, which the spool never follows; remove it"
+    return _reason(e)
+
+
 def _lock(directory: str) -> int:
     path = os.path.join(directory, LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o600)
     except OSError as e:
-        raise SpoolError(f"cannot create spool lock file {path}: {_reason(e)}") from None
+        raise SpoolError(f"cannot create spool lock file {path}: {_open_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
