@@ -39,7 +39,7 @@ from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError
-from xraytwisted.pipeline.spool import Spool, SpoolError
+from xraytwisted.pipeline.spool import Spool, SpoolError, thread_runner
 from xraytwisted.pipeline.uploader import CredentialSource, Uploader
 from xraytwisted.settings import addresses
 from xraytwisted.settings.budget import Budget, buffer_budget
@@ -356,7 +356,11 @@ def build(
     if settings.spool_dir:
         try:
             spool = Spool.open(
-                settings.spool_dir, settings.spool_max_mb * 1024 * 1024, reactor, counters
+                settings.spool_dir,
+                settings.spool_max_mb * 1024 * 1024,
+                reactor,
+                counters,
+                run_blocking=thread_runner(reactor),  # fsync off the event loop
             )
         except SpoolError as e:
             raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None

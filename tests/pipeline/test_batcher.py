@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.disks import temp_dir
 from tests.support.logs import capture_logs
 from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline import batcher as batcher_module
 from xraytwisted.pipeline.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
 from xraytwisted.pipeline.uploader import Outcome, Unprocessed, UploadError
@@ -839,3 +841,56 @@ class ReplayAckTests(SpoolFixture):
         # The remainder went back to the spool; only it is left on disk.
         self.assertEqual(self.crash_and_reopen(), 1)
         self.assertEqual(self.counters.lost, 0)
+
+
+class SpoolWritesPerTurnTests(SpoolFixture):
+    """Writing to the spool is spread over turns of the event loop (UDP is not read meanwhile)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Small numbers, same proportions: a turn writes at most 64 KiB beyond need.
+        self.patch(batcher_module, "PARK_BYTES_PER_TURN", 64 * 1024)
+        self.doc = b'{"id":"%016x",' + b'"p":"' + b"p" * 1000 + b'"}'
+
+    def test_full_memory_moves_a_bounded_amount_per_turn(self) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        self.directory = os.path.join(temp_dir(self), "spool")
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(1024 * 1024, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer, self.uploads, self.clock, self.counters, concurrency=1,
+            random=lambda: 1.0, spool=self.spool, spool_after=1000,
+        )  # fmt: skip
+        self.batcher.startService()
+        per_offer = []
+        for n in range(5000):  # ~5 MB into 1 MB of memory: the upload hangs
+            before = self.counters.spooled
+            self.assertTrue(self.buffer.offer(self.doc % n))
+            per_offer.append(self.counters.spooled - before)
+        self.assertGreater(sum(per_offer), 3000)
+        # 64 KiB is ~62 documents of 1 KB: one batch past the limit at most.
+        self.assertLessEqual(max(per_offer), 64 * 1024 // len(self.doc) + 50)
+        self.assertEqual((self.counters.spillover, self.counters.lost), (0, 0))
+
+    def test_starting_to_spool_writes_the_backlog_over_several_turns(self) -> None:
+        self.make_spooled(
+            spool_after=2, concurrency=1, directory=os.path.join(temp_dir(self), "spool")
+        )
+        for n in range(1000):  # ~1 MB waiting in memory
+            self.assertTrue(self.buffer.offer(self.doc % n))
+        events = capture_logs(self)
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        # Clock.advance also runs the callLater(0) continuations (the next
+        # turns of a real reactor), so the line tells what the first turn did.
+        [line] = [formatEvent(e) for e in events if "Uploads have failed" in formatEvent(e)]
+        match = re.search(r"\((\d+) segments written now, (\d+) more over the next moments\)", line)
+        assert match is not None, line
+        first, rest = int(match.group(1)), int(match.group(2))
+        self.assertLessEqual(first, 64 * 1024 // len(self.doc) + 50)
+        self.assertEqual(first + rest, 1000)
+        self.assertEqual(self.counters.spooled, 1000)
+        self.assertEqual(self.buffer.used, 0)

@@ -10,8 +10,9 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support.disks import small_tmpfs, temp_dir
 from xraytwisted.observe.counters import Counters
@@ -39,10 +41,12 @@ from xraytwisted.pipeline.spool import (
     SpooledBatch,
     SpoolError,
     SpoolWriteError,
+    SyncErrors,
     decode,
     encode,
     inspect,
     parse_header,
+    thread_runner,
 )
 
 
@@ -757,6 +761,117 @@ class PrivateDirectoryTests(SynchronousTestCase):
         finally:
             os.umask(old)
         self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+
+
+class BackgroundSyncTests(SynchronousTestCase):
+    """With a runner, fsync never runs on the event loop, and one job at a time."""
+
+    def setUp(self) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("needs /proc/self/fd")
+        self.dir = os.path.join(temp_dir(self), "spool")
+        self.clock = Clock()
+        self.jobs: list[tuple[Callable[[], SyncErrors], Deferred[SyncErrors]]] = []
+        self.synced: list[int] = []  # inodes, in the order they were synced
+        real = os.fsync
+
+        def recording(fd: int) -> None:
+            self.synced.append(os.fstat(fd).st_ino)
+            real(fd)
+
+        self.patch(os, "fsync", recording)
+
+    def runner(self, call: Callable[[], SyncErrors]) -> Deferred[SyncErrors]:
+        d: Deferred[SyncErrors] = Deferred()
+        self.jobs.append((call, d))
+        return d
+
+    def run_jobs(self) -> None:
+        while self.jobs:
+            call, d = self.jobs.pop(0)
+            d.callback(call())
+
+    def open(self, file_bytes: int | None = None) -> Spool:
+        s = Spool.open(
+            self.dir, 10_000_000, self.clock, file_bytes=file_bytes, run_blocking=self.runner
+        )
+        self.addCleanup(s.close)
+        return s
+
+    def inode(self, *names: str) -> int:
+        return os.stat(os.path.join(self.dir, *names)).st_ino
+
+    def test_the_event_loop_only_hands_duplicated_descriptors_over(self) -> None:
+        s = self.open()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        for n in range(100):
+            s.append(batch(n))
+        self.clock.advance(1)
+        self.assertEqual(self.synced, [])  # not on the event loop
+        self.assertEqual(len(self.jobs), 1)
+        # The disk is slow: while the job runs, no second one, no descriptors pile up.
+        for n in range(100, 200):
+            s.append(batch(n))
+            self.clock.advance(0.1)
+        self.assertEqual(len(self.jobs), 1)
+        [data] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        self.run_jobs()
+        self.assertEqual(sorted(self.synced), sorted([self.inode(data), self.inode()]))
+        self.assertEqual(len(os.listdir("/proc/self/fd")), open_fds + 1)  # the write file only
+        # What was written meanwhile is synced next time round.
+        self.synced.clear()
+        self.clock.advance(1)
+        self.run_jobs()
+        self.assertEqual(self.synced, [self.inode(data)])
+        taken = 0
+        while (b := s.take()) is not None:
+            taken += 1
+            s.ack(b)
+        self.assertEqual(taken, 200)
+
+    def test_a_finished_file_is_synced_and_closed_by_the_job(self) -> None:
+        s = self.open(file_bytes=3 * record_size(batch(0)))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        for n in range(3):
+            s.append(batch(n))
+        [data] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        self.assertEqual((self.synced, len(self.jobs)), ([], 1))
+        self.run_jobs()
+        self.assertIn(self.inode(data), self.synced)
+        # The job closed the finished file (and its duplicate of the directory).
+        self.assertEqual(len(os.listdir("/proc/self/fd")), open_fds)
+
+    def test_close_syncs_at_once_whatever_is_running(self) -> None:
+        s = self.open()
+        s.append(batch(0))
+        self.clock.advance(1)
+        s.append(batch(1))
+        s.close()
+        self.assertNotEqual(self.synced, [])  # close does not wait for the job
+        self.run_jobs()  # the job still owns (and closes) its duplicates
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(inspect(self.dir).pending_docs, 10)
+
+
+class ThreadRunnerTests(TestCase):
+    def test_runs_in_the_reactor_thread_pool_and_answers_on_the_reactor(self) -> None:
+        from twisted.internet import reactor
+
+        caller = threading.get_ident()
+        ran_in: list[int] = []
+
+        def call() -> SyncErrors:
+            ran_in.append(threading.get_ident())
+            return []
+
+        d = thread_runner(reactor)(call)  # type: ignore[arg-type]
+
+        def check(result: SyncErrors) -> None:
+            self.assertEqual(result, [])
+            self.assertNotEqual(ran_in, [caller])
+            self.assertEqual(threading.get_ident(), caller)
+
+        return d.addCallback(check)
 
 
 # ---------------------------------------------------------------------------

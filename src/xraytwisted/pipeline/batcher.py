@@ -63,6 +63,10 @@ Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
 # Kinds of failure logged separately (one line each per interval); error
 # codes come from the server, so the table is bounded.
 MAX_LOG_KINDS = 64
+# Document bytes written to the spool in one turn of the event loop, beyond
+# what an arriving document needs: writing costs ~1.5 ms per MB, and the UDP
+# socket is not read meanwhile.  More waits for the next turn.
+PARK_BYTES_PER_TURN = 1024 * 1024
 
 
 class _Replay:
@@ -129,6 +133,7 @@ class Batcher(Service):
         self._failing_since: float | None = None  # first failure since the last success
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
+        self._park_call: IDelayedCall | None = None  # more to write to the spool, next turn
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
@@ -144,16 +149,20 @@ class Batcher(Service):
         """The memory budget is spent: with a spool, move the oldest waiting batches there.
 
         Down to half the budget, so this happens once in a while rather than
-        for every document; what is in flight stays in memory, and so does
-        what the spool cannot take.
+        for every document, but no more than ``PARK_BYTES_PER_TURN`` beyond
+        what ``size`` needs (a long write would stall the event loop); what
+        is in flight stays in memory, and so does what the spool cannot take.
         """
         spool, buffer = self.spool, self.buffer
         if spool is None or self._abandoned:
             return False
-        moved = 0
+        moved = moved_bytes = 0
         retries = self._retries
         kept: list[tuple[float, int, Batch]] = []
-        while buffer.used + size > buffer.capacity // 2 and spool.accepting():
+        while (
+            buffer.used + size > buffer.capacity
+            or (buffer.used + size > buffer.capacity // 2 and moved_bytes < PARK_BYTES_PER_TURN)
+        ) and spool.accepting():
             if retries:
                 entry = heapq.heappop(retries)
             elif buffer.head() is not None:
@@ -162,6 +171,7 @@ class Batcher(Service):
                 break
             if self._park(entry[2]):
                 moved += len(entry[2])
+                moved_bytes += sum(map(len, entry[2].docs))
             else:
                 kept.append(entry)
         for entry in kept:
@@ -327,14 +337,20 @@ class Batcher(Service):
         if now < self._failing_since + self.spool_after:
             return False
         self._spooling = True
-        written, kept = self._park_waiting(now, everything=True)
+        written, left = self._park_waiting(now, everything=True)
+        if not left:
+            rest = ""
+        elif self.spool.accepting():
+            rest = f", {left} more over the next moments"
+        else:
+            rest = f", {left} kept in memory: the spool cannot take them"
         self.log.warn(
             "Uploads have failed for {seconds:.0f} seconds: writing batches to the spool "
-            "{directory} until X-Ray answers again ({count} segments written now{kept})",
+            "{directory} until X-Ray answers again ({count} segments written now{rest})",
             seconds=now - self._failing_since,
             directory=self.spool.directory,
             count=written,
-            kept=f", {kept} kept in memory: the spool cannot take them" if kept else "",
+            rest=rest,
         )
         return True
 
@@ -368,36 +384,55 @@ class Batcher(Service):
         """Write waiting batches to the spool, oldest first, while it takes them.
 
         The batches waiting for a retry, then the buffer's due ones (all of
-        them with ``everything``).  Returns (documents written, documents
-        that stay in memory because the spool could not take them).
+        them with ``everything``), at most ``PARK_BYTES_PER_TURN`` now: the
+        rest follows in the next turns of the event loop.  Returns
+        (documents written, documents still in memory).
         """
         spool = self.spool
         assert spool is not None
         retries = self._retries
+        buffer = self.buffer
         written = 0
+        budget = PARK_BYTES_PER_TURN
         if spool.accepting():
             # The spool sends back in the order written: oldest data first.
             waiting = sorted(retries, key=lambda entry: entry[2].started)
             retries.clear()
             for entry in waiting:
-                if spool.accepting() and self._park(entry[2]):
+                if budget > 0 and spool.accepting() and self._park(entry[2]):
                     written += len(entry[2])
+                    budget -= sum(map(len, entry[2].docs))
                 else:
                     retries.append(entry)
             heapq.heapify(retries)
-            buffer = self.buffer
             head = buffer.head()
-            while head is not None and (everything or self._due(head, now)) and spool.accepting():
+            while (
+                head is not None
+                and (everything or self._due(head, now))
+                and spool.accepting()
+                and budget > 0
+            ):
                 batch = buffer.pop()
                 if self._park(batch):
                     written += len(batch)
+                    budget -= sum(map(len, batch.docs))
                 else:
                     self._retry(batch, 0.0)
                 head = buffer.head()
-        kept = sum(len(entry[2]) for entry in retries)
+            if budget <= 0 and spool.accepting():
+                self._park_soon()
+        left = sum(len(entry[2]) for entry in retries)
         if everything:
-            kept += self.buffer.queued_docs
-        return written, kept
+            left += buffer.queued_docs
+        return written, left
+
+    def _park_soon(self) -> None:
+        if self._park_call is None:
+            self._park_call = self._clock.callLater(0, self._park_more)
+
+    def _park_more(self) -> None:
+        self._park_call = None
+        self._dispatch()
 
     def _probe(self) -> None:
         """While spooling: one upload at a time tells when X-Ray answers again."""
@@ -684,6 +719,9 @@ class Batcher(Service):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._park_call is not None:
+            self._park_call.cancel()
+            self._park_call = None
         stopped.callback(None)
 
     def _give_up(self) -> None:

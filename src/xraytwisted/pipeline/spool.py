@@ -32,7 +32,14 @@ complete segment document is harmless.
 Data is written to the kernel at once (a kill -9 loses nothing that reached
 the spool) and made durable with fsync at most every ``flush_interval``
 seconds and when a file is finished (a power loss can cost the last
-``flush_interval`` seconds of spooled batches, and may resend some).
+``flush_interval`` seconds of spooled batches, and may resend some).  An
+fsync waits for the device (tens of ms on a busy disk, seconds on a slow
+network volume), so with ``run_blocking`` (the daemon passes
+``thread_runner(reactor)``) it runs in a thread, one job at a time, on
+duplicated descriptors that the job owns: the event loop only duplicates
+descriptors and hands them over.  Writes stay on the event loop: one batch
+is copied to the page cache, well under a millisecond (docs/durability.md
+has the measurements).
 
 Every document appended ends in exactly one of: acknowledged, or counted as
 lost (oldest data dropped when the spool is full, corruption found on
@@ -65,8 +72,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle, suppressed_note
@@ -106,6 +116,21 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 # links: a link planted there must not make the daemon write elsewhere.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RESYNC_CHUNK = 1024 * 1024
+
+
+# (fd, path, close it after?): what one sync job fsyncs; it owns the fds it closes.
+SyncJob = list[tuple[int, str, bool]]
+SyncErrors = list[tuple[str, str, OSError]]  # ("sync" or "close", path, error)
+BlockingRunner = Callable[[Callable[[], SyncErrors]], "Deferred[SyncErrors]"]
+
+
+def thread_runner(reactor: IReactorThreads) -> BlockingRunner:
+    """Run blocking calls in ``reactor``'s thread pool; results come back on the reactor."""
+
+    def run(call: Callable[[], SyncErrors]) -> Deferred[SyncErrors]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), call)
+
+    return run
 
 
 class SpoolError(Exception):
@@ -401,6 +426,7 @@ class Spool:
         flush_interval: float,
         lock_fd: int,
         dir_fd: int,
+        run_blocking: BlockingRunner | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -433,6 +459,10 @@ class Spool:
         self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
         self._unsynced: set[int] = set()  # fds with data or acks written since the last fsync
         self._dir_dirty = False
+        self._sealed: list[tuple[int, str]] = []  # finished files' fds: sync, then close
+        self._run_blocking = run_blocking  # None: fsync here, on the caller's thread
+        self._syncing = False  # a sync job is running (at most one)
+        self._sync_again = False  # something asked for a sync meanwhile
         self._flush_call: IDelayedCall | None = None
         self._throttle = Throttle(clock, 10.0)
         self.closed = False
@@ -449,13 +479,15 @@ class Spool:
         *,
         file_bytes: int | None = None,
         flush_interval: float = FLUSH_INTERVAL,
+        run_blocking: BlockingRunner | None = None,
     ) -> Spool:
         """Lock ``directory`` (created 0700 if need be) and read what is in it.
 
         Raises SpoolError (one line) when the directory cannot be used, is
         not private to this user (see ``check_private``) or another daemon
         has it.  Torn and corrupt data found are logged and counted as lost;
-        the rest is waiting to be taken.
+        the rest is waiting to be taken.  ``run_blocking`` runs the periodic
+        fsync off the caller's thread (see the module docstring).
         """
         if max_bytes <= 0:
             raise SpoolError(f"spool size must be positive, not {max_bytes} bytes")
@@ -492,6 +524,7 @@ class Spool:
             flush_interval,
             lock_fd,
             dir_fd,
+            run_blocking,
         )
         try:
             spool._load()
@@ -696,18 +729,22 @@ class Spool:
         self._dir_dirty = True
         return f
 
-    def _seal(self, f: _File) -> None:
+    def _seal(self, f: _File, inline: bool = False) -> None:
         """No more appends to ``f``: make it durable now (once per file) and close it."""
         if f is self._write:
             self._write = None
         fd, f.wfd = f.wfd, None
         if fd is not None:
             self._unsynced.discard(fd)
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                self._sync_failed(f.path, e)
-            self._close(fd, f.path)
+            if inline or self._run_blocking is None:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    self._sync_failed(f.path, e)
+                self._close(fd, f.path)
+            else:
+                self._sealed.append((fd, f.path))  # the sync job closes it
+                self._sync(inline=False)
         self._advance(f)
 
     def _abandon_write_file(self, f: _File) -> None:
@@ -1030,26 +1067,76 @@ class Spool:
 
     def _timed_flush(self) -> None:
         self._flush_call = None
-        self.flush()
+        self._sync(inline=False)
 
     @property
     def dirty(self) -> bool:
-        return bool(self._unsynced) or self._dir_dirty
+        return bool(self._unsynced) or self._dir_dirty or bool(self._sealed)
 
     def flush(self) -> None:
-        """fsync everything written since the last flush, and the directory."""
-        unsynced, self._unsynced = self._unsynced, set()
-        for fd in unsynced:
+        """fsync, here and now, everything written since the last sync, and the directory."""
+        self._sync(inline=True)
+
+    def _sync(self, inline: bool) -> None:
+        """fsync what changed, and finished files (closing them).
+
+        Off this thread when there is a runner and ``inline`` is False: one
+        job at a time (a sync that hangs on a dead network volume must not
+        pile up jobs and descriptors), on duplicates of the descriptors.
+        """
+        if not inline and self._run_blocking is not None:
+            if self._syncing:
+                self._sync_again = True
+                return
             try:
-                os.fsync(fd)
-            except OSError as e:
-                self._sync_failed(self.directory, e)
+                job = self._take_job(duplicate=True)
+            except OSError:
+                pass  # no descriptor left to duplicate: sync here rather than not at all
+            else:
+                if job:
+                    self._syncing = True
+                    done = self._run_blocking(lambda: sync_job(job))
+                    done.addBoth(self._synced)
+                return
+        self._report_sync(sync_job(self._take_job(duplicate=False)))
+
+    def _take_job(self, duplicate: bool) -> SyncJob:
+        job: SyncJob = []
+        fds = list(self._unsynced)
         if self._dir_dirty:
-            self._dir_dirty = False
-            try:
-                os.fsync(self._dir_fd)
-            except OSError as e:
-                self._sync_failed(self.directory, e)
+            fds.append(self._dir_fd)
+        try:
+            for fd in fds:
+                job.append(
+                    (os.dup(fd), self.directory, True) if duplicate else (fd, self.directory, False)
+                )
+        except OSError:
+            for fd, _, _ in job:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._unsynced = set()
+        self._dir_dirty = False
+        job.extend((fd, path, True) for fd, path in self._sealed)
+        self._sealed = []
+        return job
+
+    def _synced(self, result: SyncErrors | Failure) -> None:
+        self._syncing = False
+        if isinstance(result, Failure):
+            self.log.failure("Unexpected error while syncing the spool", result)
+        else:
+            self._report_sync(result)
+        if self._sync_again:
+            self._sync_again = False
+            self._flush_soon()
+
+    def _report_sync(self, errors: SyncErrors) -> None:
+        for what, path, e in errors:
+            if what == "sync":
+                self._sync_failed(path, e)
+            else:
+                self._close_failed(path, e)
 
     def _sync_failed(self, path: str, e: OSError) -> None:
         suppressed = self._throttle.check("sync failed")
@@ -1067,17 +1154,20 @@ class Spool:
         try:
             os.close(fd)
         except OSError as e:
-            self.close_errors += 1
-            suppressed = self._throttle.check("close failed")
-            if suppressed is not None:
-                self.log.error(
-                    "Could not close spool file {path}: {error}; going on (check the disk if "
-                    "this repeats; {count} close errors so far){note}",
-                    path=path,
-                    error=_errno_text(e),
-                    count=self.close_errors,
-                    note=suppressed_note(suppressed),
-                )
+            self._close_failed(path, e)
+
+    def _close_failed(self, path: str, e: OSError) -> None:
+        self.close_errors += 1
+        suppressed = self._throttle.check("close failed")
+        if suppressed is not None:
+            self.log.error(
+                "Could not close spool file {path}: {error}; going on (check the disk if "
+                "this repeats; {count} close errors so far){note}",
+                path=path,
+                error=_errno_text(e),
+                count=self.close_errors,
+                note=suppressed_note(suppressed),
+            )
 
     def close(self) -> None:
         """Flush and release the directory; batches not acknowledged stay for the next run."""
@@ -1085,8 +1175,8 @@ class Spool:
             return
         write = self._write
         if write is not None:
-            self._seal(write)
-        self.flush()
+            self._seal(write, inline=True)
+        self.flush()  # here: shutting down, nothing else to wait for
         self.closed = True
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
@@ -1100,6 +1190,9 @@ class Spool:
                     self._close(fd, f.path)
             f.wfd = f.rfd = f.ack_fd = None
         self._unsynced.clear()
+        for fd, path in self._sealed:
+            self._close(fd, path)
+        self._sealed = []
         for fd in (self._dir_fd, self._lock_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -1155,6 +1248,25 @@ def inspect(directory: str) -> Summary:
         pending_bytes += result.pending_bytes
         problems.extend(result.problems)
     return Summary(files, pending_docs, pending_bytes, disk_bytes, tuple(problems))
+
+
+def sync_job(job: SyncJob) -> SyncErrors:
+    """fsync each descriptor of ``job`` (closing those it owns); the errors, for the log.
+
+    Touches nothing but its descriptors: it may run in another thread.
+    """
+    errors: SyncErrors = []
+    for fd, path, owned in job:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            errors.append(("sync", path, e))
+        if owned:
+            try:
+                os.close(fd)
+            except OSError as e:
+                errors.append(("close", path, e))
+    return errors
 
 
 def check_private(directory: str, st: os.stat_result) -> None:
