@@ -179,6 +179,24 @@ class DeadlineTests(Fixture):
         self.clock.advance(0.01)
         self.assertEqual(len(self.uploads.calls), 2)
 
+    def test_a_pending_retry_does_not_stretch_a_new_batch_deadline(self) -> None:
+        # A batch whose documents keep coming back throttled: its retry waits
+        # the backoff's 5 s cap (uploads work otherwise: no pause).
+        self.offer(docs(1))
+        self.clock.advance(1)
+        throttled = Outcome(0.1, unprocessed=(Unprocessed(f"{0:016x}", "ThrottledException", ""),))
+        for attempt in range(6):
+            self.uploads.finish(attempt, throttled)
+            self.clock.advance(5)
+        self.uploads.finish(6, throttled)  # the next retry is 5 s away
+        self.assertEqual(len(self.uploads.calls), 7)
+        self.offer(docs(1, 1))  # a new, lone segment
+        self.clock.advance(0.999)
+        self.assertEqual(len(self.uploads.calls), 7)
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.uploads.calls), 8)
+        self.assertEqual(self.uploads.calls[7][0], docs(1, 1))
+
     def test_no_timer_when_idle(self) -> None:
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.offer(docs(1))

@@ -139,8 +139,13 @@ class Batcher(Service):
     # -- BufferListener ---------------------------------------------------
 
     def batch_opened(self, batch: Batch) -> None:
-        if self._timer is None:
-            self._schedule(batch.started + self.max_wait)
+        # Its deadline is its own: a timer set for later (a retry's backoff)
+        # must not hold a new batch back.
+        deadline = batch.started + self.max_wait
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._schedule(deadline)
 
     def batch_filled(self) -> None:
         self._dispatch()
