@@ -410,6 +410,7 @@ def build(
             buffer=buffer,
             waiting_docs=lambda: batcher.waiting_docs,
             oldest_waiting_since=batcher.oldest_waiting_since,
+            credentials_refused=lambda: batcher.credentials_refused,
             credentials_status=(
                 (lambda: (True, "not needed (local sink)"))
                 if local

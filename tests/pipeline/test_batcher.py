@@ -18,7 +18,7 @@ from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline import batcher as batcher_module
 from xraytwisted.pipeline.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
-from xraytwisted.pipeline.uploader import Outcome, Unprocessed, UploadError
+from xraytwisted.pipeline.uploader import Outcome, Unprocessed, UploadError, classify_response
 
 
 class FakeUploads:
@@ -56,7 +56,12 @@ INVALID = UploadError(
 )  # fmt: skip
 NOT_FOUND = UploadError("HTTPCode4XXCount", False, False, "HTTP 404 UnknownOperation", 404)
 # What a web server in front of X-Ray says to a plain-HTTP request on its TLS port.
-HTML_400 = UploadError("HTTPCode4XXCount", False, False, "HTTP 400: <html>...", 400)
+HTML_400 = classify_response(400, {}, b"<html><h1>400 Bad Request</h1></html>")
+FORBIDDEN = classify_response(
+    403,
+    {"x-amzn-errortype": "AccessDeniedException"},
+    b'{"message":"User: arn:aws:sts::123456789012:assumed-role/app is not authorized"}',
+)
 
 
 class Fixture(SynchronousTestCase):
@@ -341,12 +346,69 @@ class RetryTests(Fixture):
         self.assertEqual(len(self.uploads.calls), 99)
         self.assertEqual(self.buffer.used, 0)
 
-    def test_a_400_that_is_not_from_x_ray_is_not_split(self) -> None:
+    def test_a_400_that_is_not_x_rays_verdict_is_retried_whole_and_said_loudly(self) -> None:
         self.offer(docs(50))
-        self.uploads.finish(0, Outcome(0.0, error=HTML_400))
-        self.clock.advance(60)
-        self.assertEqual(len(self.uploads.calls), 1)
-        self.assertEqual(self.counters.rejected, 50)
+        events = capture_logs(self)
+        for attempt in range(3):
+            self.uploads.finish(attempt, Outcome(0.0, error=HTML_400))
+            self.clock.advance(11)
+        self.assertEqual([len(c[0]) for c in self.uploads.calls], [50] * 4)  # not split
+        self.assertEqual((self.counters.rejected, self.counters.lost), (0, 0))
+        self.uploads.finish(3)
+        self.assertEqual(self.counters.sent, 50)
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 3, lines)  # one per kind per 10 s
+        self.assertIn(
+            "Sending segment batch failed with: HTTP 400: <html><h1>400 Bad Request</h1></html>; "
+            "this is not X-Ray's verdict on the segments (no AWS error code: something in front "
+            "of it answered), so they are kept; check --endpoint and the proxy; will retry 50 "
+            "segments (attempt 1",
+            lines[0],
+        )
+
+    def test_an_aborted_request_is_retried(self) -> None:
+        aborted = classify_response(400, {}, b'{"__type":"RequestAbortedException"}')
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=aborted))
+        self.clock.advance(1)
+        self.uploads.finish(1)
+        self.assertEqual((self.counters.sent, self.counters.rejected), (50, 0))
+
+    def test_refused_credentials_are_named_as_the_problem(self) -> None:
+        self.offer(docs(10))
+        self.clock.advance(1)
+        events = capture_logs(self)
+        self.uploads.finish(0, Outcome(0.0, error=FORBIDDEN))
+        self.assertEqual(self.batcher.credentials_refused, FORBIDDEN.message)
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn(
+            "X-Ray refused the credentials (403 AccessDeniedException): check the role's "
+            "xray:PutTraceSegments permission",
+            line,
+        )
+        self.assertIn("will retry 10 segments (attempt 1", line)
+        self.assertIn("is not authorized", line)
+        self.clock.advance(1)
+        self.uploads.finish(1)  # the role was fixed
+        self.assertIsNone(self.batcher.credentials_refused)
+        self.assertEqual(self.counters.sent, 10)
+
+    def test_error_codes_from_the_server_cannot_grow_the_log_table(self) -> None:
+        # A hostile or broken server answering each request with a new code.
+        self.make(concurrency=1)
+        events = capture_logs(self)
+        self.offer(docs(1))
+        self.clock.advance(1)
+        for n in range(1000):
+            error = classify_response(500, {"x-amzn-errortype": f"Bogus{n}"}, b"")
+            self.uploads.finish(n, Outcome(0.0, error=error))
+            self.batcher.resume_at = 0.0  # no pause: one attempt right after the other
+            self.clock.advance(5)
+        lines = [formatEvent(e) for e in events if "Sending segment batch failed" in formatEvent(e)]
+        # 64 kinds of their own, then one shared one (every 10 s: 5 s apart).
+        self.assertLessEqual(len(self.batcher._error_throttle), batcher_module.MAX_LOG_KINDS + 1)
+        self.assertEqual(len(lines), 64 + (1000 - 64) // 2)
+        self.assertRegex(lines[-1], r"\(1 more like this not logged\)$")
 
     def test_a_wrong_endpoint_refusal_is_not_split(self) -> None:
         self.offer(docs(50))

@@ -40,7 +40,13 @@ from xraytwisted.observe.logs import Throttle, printable, suppressed_note
 from xraytwisted.pipeline.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.pipeline.buffer import Batch, SegmentBuffer
 from xraytwisted.pipeline.spool import Spool, SpooledBatch, SpoolWriteError
-from xraytwisted.pipeline.uploader import THROTTLING_CODES, Outcome, Unprocessed, UploadError
+from xraytwisted.pipeline.uploader import (
+    CONTENT_CODES,
+    THROTTLING_CODES,
+    Outcome,
+    Unprocessed,
+    UploadError,
+)
 
 MAX_WAIT = 1.0  # seconds the oldest document of a batch may wait
 MAX_UNPROCESSED_LINES = 10  # per batch; the rest are summarised
@@ -55,9 +61,7 @@ MAX_DOC_ATTEMPTS = 8
 # is about the request (an HTML 400 from something in front of X-Ray, or a
 # 404/405 from a wrong endpoint, would just multiply requests by 2n - 1).
 SPLIT_STATUSES = frozenset({413})
-SPLIT_CODES = frozenset(
-    {"InvalidRequestException", "SerializationException", "ValidationException"}
-)
+SPLIT_CODES = CONTENT_CODES
 
 Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
 # Kinds of failure logged separately (one line each per interval); error
@@ -134,6 +138,8 @@ class Batcher(Service):
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
         self._park_call: IDelayedCall | None = None  # more to write to the spool, next turn
+        # What X-Ray said when it last refused the credentials; None since a success.
+        self.credentials_refused: str | None = None
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
@@ -505,6 +511,7 @@ class Batcher(Service):
             )
         self._failures = 0
         self._failing_since = None
+        self.credentials_refused = None
         replay = self._replays.pop(batch, None)
         self.limit.succeeded()
         counters.batches_ok += 1
@@ -646,16 +653,36 @@ class Batcher(Service):
         if self._failures > 1:
             pause = full_jitter(self._failures - 1, self._random)
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
-        if suppressed is not None:
+        if error.credentials_refused:
+            self.credentials_refused = error.message
+        if suppressed is None:
+            return
+        if error.credentials_refused:
+            why = f"{error.status} {error.code}" if error.code else f"HTTP {error.status}"
             self.log.error(
-                "Sending segment batch failed with: {detail}; will retry {count} segments "
-                "(attempt {attempt}, {waiting} segments waiting){note}",
+                "Sending segment batch failed with: X-Ray refused the credentials ({why}): check "
+                "the role's xray:PutTraceSegments permission and where the credentials come "
+                "from (instance or task role, -r/--role-arn, AWS_* variables); will retry "
+                "{count} segments (attempt {attempt}, {waiting} segments waiting){note}. "
+                "X-Ray said: {detail}",
+                why=why,
                 detail=error.message,
                 count=len(batch),
                 attempt=batch.attempts,
                 waiting=self.waiting_docs,
                 note=note,
             )
+            return
+        self.log.error(
+            "Sending segment batch failed with: {detail}; {advice}will retry {count} segments "
+            "(attempt {attempt}, {waiting} segments waiting){note}",
+            detail=error.message,
+            advice=f"{error.advice}; " if error.advice else "",
+            count=len(batch),
+            attempt=batch.attempts,
+            waiting=self.waiting_docs,
+            note=note,
+        )
 
     def _lose(self, batch: Batch) -> None:
         self._counters.lost += len(batch)
