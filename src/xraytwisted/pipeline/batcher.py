@@ -397,7 +397,7 @@ class Batcher(Service):
         The batches waiting for a retry, then the buffer's due ones (all of
         them with ``everything``), at most ``PARK_BYTES_PER_TURN`` now: the
         rest follows in the next turns of the event loop.  Returns
-        (documents written, documents still in memory).
+        (documents written, documents still in memory; 0 unless ``everything``).
         """
         spool = self.spool
         assert spool is not None
@@ -432,10 +432,9 @@ class Batcher(Service):
                 head = buffer.head()
             if budget <= 0 and spool.accepting():
                 self._park_soon()
-        left = sum(len(entry[2]) for entry in retries)
-        if everything:
-            left += buffer.queued_docs
-        return written, left
+        if not everything:
+            return written, 0  # (not counted: this runs on every dispatch while spooling)
+        return written, sum(len(entry[2]) for entry in retries) + buffer.queued_docs
 
     def _park_soon(self) -> None:
         if self._park_call is None:
