@@ -14,7 +14,9 @@ arrived (duplicates are allowed, counted and bounded):
 3. with a spool, SIGTERM during an outage: the daemon exits at once,
    writing what it still holds to the spool, and the next run sends it;
 4. with a spool, a 3 MB memory budget and a slow endpoint: a burst larger
-   than memory goes to disk instead of being dropped.
+   than memory goes to disk instead of being dropped;
+5. with a spool on a 256 KiB tmpfs that fills up during an outage: what the
+   disk cannot take stays in memory, and every segment arrives.
 
 Every wait is a bounded loop, and every process (daemon, endpoint, sender
 thread) is stopped by a cleanup when a test fails.  Each test logs a
@@ -41,6 +43,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import HEADER, DaemonProcess, clean_env
+from tests.support.disks import small_tmpfs
 from tests.support.fake_sink import FakeSink, fake_credentials
 from tests.support.tempdirs import temp_path
 from xraytwisted.observe.counters import Counters
@@ -534,6 +537,51 @@ class NoLossTests(SynchronousTestCase):
         self.assert_no_loss_logged(daemon)
         log.info(
             "no-loss memory full: {n} sent, {spooled:g} spooled; endpoint {stats}",
+            n=count,
+            spooled=full["xray_daemon_segments_spooled_total"],
+            stats=stats,
+        )
+
+    # -- 5. the spool's disk fills up ------------------------------------------
+
+    def test_a_spool_on_a_disk_that_fills_up_costs_nothing(self) -> None:
+        """300 seg/s for 20 s while X-Ray refuses for 22 s; the spool has 256 KiB of disk.
+
+        Proves (it lost 5 750 of 6 000 before): a batch the spool cannot
+        write stays in memory; the daemon says once that the spool is
+        unwritable (with the error), counts nothing as lost, and sends
+        everything once X-Ray answers.
+        """
+        count, rate, outage = 6000, 300, 22.0
+        spool = Path(small_tmpfs(self, "256k")) / "spool"
+        sink = self.start_sink("refuse")
+        daemon = self.start_daemon(sink, "daemon", *self.spool_args(spool, "--spool-after", "2"))
+        port = tcp_port(daemon)
+        ids = make_ids(count)
+        sender = PacedSender(daemon.udp_port, ids, rate)
+        self.addCleanup(sender.halt)
+        sender.start()
+        start = sender.wait_started()
+        sleep_until(start + outage)
+        full = metrics(port)
+        sink.set_mode("ok")
+        sender.join(count / rate + 20)
+        self.assertEqual(sender.sent, count)
+        stats = self.assert_all_arrived(sink, ids, daemon, timeout=60)
+        self.assert_no_kernel_drops(daemon)
+        out = daemon.output()
+        self.assertEqual(
+            out.count("unwritable: [Errno 28] No space left on device"), 1, notable(daemon)
+        )
+        self.assertIn("Uploads have failed for", out)
+        done = metrics(port)
+        for counter in ("lost", "spillover", "rejected"):
+            self.assertEqual(done[f"xray_daemon_segments_{counter}_total"], 0, counter)
+        self.assertEqual(daemon.stop(timeout=20), 0, notable(daemon))
+        self.assert_no_loss_logged(daemon)
+        log.info(
+            "no-loss full spool disk: {n} sent, {spooled:g} spooled when X-Ray came back; "
+            "endpoint {stats}",
             n=count,
             spooled=full["xray_daemon_segments_spooled_total"],
             stats=stats,

@@ -19,7 +19,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import DaemonProcess, clean_env, run_twistd
-from tests.support.tempdirs import temp_path
+from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted import __version__, tap
 from xraytwisted.daemon import NO_REGION, XRayDaemon
 
@@ -191,6 +191,18 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_bad_log_level(self) -> None:
         self.assert_fails_with(["-n", "us-east-2", "-l", "loud"], "Invalid log level 'loud'")
+
+    def test_a_spool_directory_others_can_write_is_refused(self) -> None:
+        spool = os.path.join(temp_dir(self), "spool")
+        os.mkdir(spool)
+        os.chmod(spool, 0o777)
+        self.patch(os, "environ", {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})
+        self.assert_fails_with(
+            ["-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--spool-dir", spool],
+            f"spool directory {spool} is writable by its group and all users (mode 0777)",
+        )  # fmt: skip
+        self.assertEqual(os.listdir(spool), [])  # not even a lock file
 
 
 class TwistdProcessTests(SynchronousTestCase):

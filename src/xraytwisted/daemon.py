@@ -41,7 +41,7 @@ from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError
-from xraytwisted.pipeline.spool import Spool, SpoolError
+from xraytwisted.pipeline.spool import Spool, SpoolError, thread_runner
 from xraytwisted.pipeline.uploader import CredentialSource, Uploader
 from xraytwisted.settings import addresses
 from xraytwisted.settings.budget import Budget, buffer_budget
@@ -186,18 +186,40 @@ class XRayDaemon(MultiService):
         others = [s for s in self if s not in self.ingest_services and s not in self.drain_services]
 
         def stop_all(services: list[IService]) -> Deferred[Any]:
+            ordered = list(reversed(services))
             return DeferredList(
-                [maybeDeferred(s.stopService) for s in reversed(services)], consumeErrors=True
-            )
+                [maybeDeferred(s.stopService) for s in ordered], consumeErrors=True
+            ).addCallback(self._log_failures, [_service_name(s) for s in ordered])
 
         def run_cleanups(_: object) -> Deferred[Any]:
-            return DeferredList([maybeDeferred(c) for c in self.cleanups], consumeErrors=True)
+            return DeferredList(
+                [maybeDeferred(c) for c in self.cleanups], consumeErrors=True
+            ).addCallback(self._log_failures, [_cleanup_name(c) for c in self.cleanups])
 
         d = stop_all(self.ingest_services)
         d.addCallback(lambda _: stop_all(self.drain_services))
         d.addCallback(lambda _: stop_all(others))
         d.addCallback(run_cleanups)
         return d.addCallback(lambda _: None)
+
+    def _log_failures(self, results: list[tuple[bool, Any]], names: list[str]) -> None:
+        # One failure must neither stop the others nor go unsaid.
+        for (ok, result), name in zip(results, names, strict=True):
+            if not ok:
+                self.log.failure(
+                    "Error while stopping {what}; stopping the rest anyway",
+                    result,
+                    level=LogLevel.error,
+                    what=name,
+                )
+
+
+def _service_name(service: IService) -> str:
+    return service.name or type(service).__name__
+
+
+def _cleanup_name(cleanup: Any) -> str:
+    return str(getattr(cleanup, "__qualname__", None) or repr(cleanup))
 
 
 # cfg.yaml key suffix -> unit shown after the value in the summary line.
@@ -360,7 +382,11 @@ def build(
     if settings.spool_dir:
         try:
             spool = Spool.open(
-                settings.spool_dir, settings.spool_max_mb * 1024 * 1024, reactor, counters
+                settings.spool_dir,
+                settings.spool_max_mb * 1024 * 1024,
+                reactor,
+                counters,
+                run_blocking=thread_runner(reactor),  # fsync off the event loop
             )
         except SpoolError as e:
             raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
@@ -405,6 +431,7 @@ def build(
             buffer=buffer,
             waiting_docs=lambda: batcher.waiting_docs,
             oldest_waiting_since=batcher.oldest_waiting_since,
+            credentials_refused=lambda: batcher.credentials_refused,
             credentials_status=(
                 (lambda: (True, "not needed (local sink)"))
                 if local

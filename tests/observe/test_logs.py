@@ -41,6 +41,7 @@ from xraytwisted.observe.logs import (
     go_timestamp,
     open_destination,
     printable,
+    suppressed_note,
 )
 
 UTC = datetime.timezone.utc
@@ -657,6 +658,23 @@ class ThrottleTests(SynchronousTestCase):
         self.clock.rightNow = 500.0  # wall clock set back
         self.assertEqual(self.throttle.check("r"), 1)
         self.assertIsNone(self.throttle.check("r"))
+
+    def test_reasons_from_outside_cannot_grow_the_table(self) -> None:
+        # A hostile server sending a new error code every time.
+        throttle = Throttle(self.clock, interval=10.0, max_reasons=4)
+        for n in range(4):
+            self.assertEqual(throttle.check(f"code {n}"), 0)
+        self.assertEqual(throttle.check("code 4"), 0)  # the first of the shared key
+        for n in range(5, 1000):
+            self.assertIsNone(throttle.check(f"code {n}"))
+        self.assertEqual(len(throttle), 5)
+        self.assertIsNone(throttle.check("code 1"))  # known reasons keep their own key
+        self.clock.advance(10)
+        self.assertEqual(throttle.check("code 99999"), 995)  # the count survived
+
+    def test_suppressed_note(self) -> None:
+        self.assertEqual(suppressed_note(0), "")
+        self.assertEqual(suppressed_note(7), " (7 more like this not logged)")
 
 
 class PrintableTests(SynchronousTestCase):

@@ -311,9 +311,13 @@ class QueueTests(ServiceFixture):
         self.assertEqual(len(warnings), 1)
         self.assertIn("xray:PutTelemetryRecords", warnings[0])
         self.assertIn("Telemetry.IntervalSeconds", warnings[0])
+        self.assertNotIn("not logged", warnings[0])
         with capturedLogs() as events:
             self.cycle(60)
-        self.assertEqual(len(messages(events, LogLevel.warn)), 1)
+        later = messages(events, LogLevel.warn)
+        self.assertEqual(len(later), 1)
+        # The refusals in between are not forgotten: the next line counts them.
+        self.assertRegex(later[0], r"\(\d+ more like this not logged\)$")
 
 
 class StopTests(ServiceFixture):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
@@ -9,11 +12,13 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.tempdirs import temp_path
+from tests.support.logs import capture_logs
+from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline import batcher as batcher_module
 from xraytwisted.pipeline.batcher import MAX_DOC_ATTEMPTS, Batcher, match_unprocessed, trace_id_of
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
-from xraytwisted.pipeline.uploader import Outcome, Unprocessed, UploadError
+from xraytwisted.pipeline.uploader import Outcome, Unprocessed, UploadError, classify_response
 
 
 class FakeUploads:
@@ -51,7 +56,12 @@ INVALID = UploadError(
 )  # fmt: skip
 NOT_FOUND = UploadError("HTTPCode4XXCount", False, False, "HTTP 404 UnknownOperation", 404)
 # What a web server in front of X-Ray says to a plain-HTTP request on its TLS port.
-HTML_400 = UploadError("HTTPCode4XXCount", False, False, "HTTP 400: <html>...", 400)
+HTML_400 = classify_response(400, {}, b"<html><h1>400 Bad Request</h1></html>")
+FORBIDDEN = classify_response(
+    403,
+    {"x-amzn-errortype": "AccessDeniedException"},
+    b'{"message":"User: arn:aws:sts::123456789012:assumed-role/app is not authorized"}',
+)
 
 
 class Fixture(SynchronousTestCase):
@@ -173,6 +183,24 @@ class DeadlineTests(Fixture):
         self.assertEqual(len(self.uploads.calls), 1)
         self.clock.advance(0.01)
         self.assertEqual(len(self.uploads.calls), 2)
+
+    def test_a_pending_retry_does_not_stretch_a_new_batch_deadline(self) -> None:
+        # A batch whose documents keep coming back throttled: its retry waits
+        # the backoff's 5 s cap (uploads work otherwise: no pause).
+        self.offer(docs(1))
+        self.clock.advance(1)
+        throttled = Outcome(0.1, unprocessed=(Unprocessed(f"{0:016x}", "ThrottledException", ""),))
+        for attempt in range(6):
+            self.uploads.finish(attempt, throttled)
+            self.clock.advance(5)
+        self.uploads.finish(6, throttled)  # the next retry is 5 s away
+        self.assertEqual(len(self.uploads.calls), 7)
+        self.offer(docs(1, 1))  # a new, lone segment
+        self.clock.advance(0.999)
+        self.assertEqual(len(self.uploads.calls), 7)
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.uploads.calls), 8)
+        self.assertEqual(self.uploads.calls[7][0], docs(1, 1))
 
     def test_no_timer_when_idle(self) -> None:
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -318,12 +346,69 @@ class RetryTests(Fixture):
         self.assertEqual(len(self.uploads.calls), 99)
         self.assertEqual(self.buffer.used, 0)
 
-    def test_a_400_that_is_not_from_x_ray_is_not_split(self) -> None:
+    def test_a_400_that_is_not_x_rays_verdict_is_retried_whole_and_said_loudly(self) -> None:
         self.offer(docs(50))
-        self.uploads.finish(0, Outcome(0.0, error=HTML_400))
-        self.clock.advance(60)
-        self.assertEqual(len(self.uploads.calls), 1)
-        self.assertEqual(self.counters.rejected, 50)
+        events = capture_logs(self)
+        for attempt in range(3):
+            self.uploads.finish(attempt, Outcome(0.0, error=HTML_400))
+            self.clock.advance(11)
+        self.assertEqual([len(c[0]) for c in self.uploads.calls], [50] * 4)  # not split
+        self.assertEqual((self.counters.rejected, self.counters.lost), (0, 0))
+        self.uploads.finish(3)
+        self.assertEqual(self.counters.sent, 50)
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 3, lines)  # one per kind per 10 s
+        self.assertIn(
+            "Sending segment batch failed with: HTTP 400: <html><h1>400 Bad Request</h1></html>; "
+            "this is not X-Ray's verdict on the segments (no AWS error code: something in front "
+            "of it answered), so they are kept; check --endpoint and the proxy; will retry 50 "
+            "segments (attempt 1",
+            lines[0],
+        )
+
+    def test_an_aborted_request_is_retried(self) -> None:
+        aborted = classify_response(400, {}, b'{"__type":"RequestAbortedException"}')
+        self.offer(docs(50))
+        self.uploads.finish(0, Outcome(0.0, error=aborted))
+        self.clock.advance(1)
+        self.uploads.finish(1)
+        self.assertEqual((self.counters.sent, self.counters.rejected), (50, 0))
+
+    def test_refused_credentials_are_named_as_the_problem(self) -> None:
+        self.offer(docs(10))
+        self.clock.advance(1)
+        events = capture_logs(self)
+        self.uploads.finish(0, Outcome(0.0, error=FORBIDDEN))
+        self.assertEqual(self.batcher.credentials_refused, FORBIDDEN.message)
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn(
+            "X-Ray refused the credentials (403 AccessDeniedException): check the role's "
+            "xray:PutTraceSegments permission",
+            line,
+        )
+        self.assertIn("will retry 10 segments (attempt 1", line)
+        self.assertIn("is not authorized", line)
+        self.clock.advance(1)
+        self.uploads.finish(1)  # the role was fixed
+        self.assertIsNone(self.batcher.credentials_refused)
+        self.assertEqual(self.counters.sent, 10)
+
+    def test_error_codes_from_the_server_cannot_grow_the_log_table(self) -> None:
+        # A hostile or broken server answering each request with a new code.
+        self.make(concurrency=1)
+        events = capture_logs(self)
+        self.offer(docs(1))
+        self.clock.advance(1)
+        for n in range(1000):
+            error = classify_response(500, {"x-amzn-errortype": f"Bogus{n}"}, b"")
+            self.uploads.finish(n, Outcome(0.0, error=error))
+            self.batcher.resume_at = 0.0  # no pause: one attempt right after the other
+            self.clock.advance(5)
+        lines = [formatEvent(e) for e in events if "Sending segment batch failed" in formatEvent(e)]
+        # 64 kinds of their own, then one shared one (every 10 s: 5 s apart).
+        self.assertLessEqual(len(self.batcher._error_throttle), batcher_module.MAX_LOG_KINDS + 1)
+        self.assertEqual(len(lines), 64 + (1000 - 64) // 2)
+        self.assertRegex(lines[-1], r"\(1 more like this not logged\)$")
 
     def test_a_wrong_endpoint_refusal_is_not_split(self) -> None:
         self.offer(docs(50))
@@ -459,7 +544,7 @@ class MatchUnprocessedTests(SynchronousTestCase):
         self.assertEqual(trace_id_of(b"T1Sxyz"), "(unknown)")
 
 
-class SpoolTests(Fixture):
+class SpoolFixture(Fixture):
     """The batcher with a real disk spool (Spool.Dir)."""
 
     def make_spooled(
@@ -499,6 +584,8 @@ class SpoolTests(Fixture):
     def successful_calls(self) -> list[int]:
         return sorted(i for i, o in self.uploads.outcomes.items() if o.error is None)
 
+
+class SpoolTests(SpoolFixture):
     def test_long_outage_moves_batches_to_disk_and_replays_them_in_order(self) -> None:
         self.make_spooled(spool_after=10)
         self.offer(docs(100))
@@ -628,3 +715,262 @@ class SpoolTests(Fixture):
         for doc in docs(100):
             self.buffer.offer(doc)
         self.assertEqual(self.counters.spillover, 40)
+
+
+def enospc(fd: int, parts: Sequence[bytes]) -> int:
+    """os.writev on a full disk."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class UnwritableSpoolTests(SpoolFixture):
+    """A spool that cannot write never costs data: batches stay in memory."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events = capture_logs(self)
+        self.writes = 0
+
+    def lines(self, text: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if text in formatEvent(e)]
+
+    def disk_full(self) -> None:
+        def counting(fd: int, parts: Sequence[bytes]) -> int:
+            self.writes += 1
+            return enospc(fd, parts)
+
+        self.patch(os, "writev", counting)
+
+    def disk_ok(self) -> None:
+        self.patch(os, "writev", REAL_WRITEV)
+
+    def test_outage_with_an_unwritable_spool_keeps_everything_and_says_so(self) -> None:
+        self.make_spooled(spool_after=2, directory=os.path.join(temp_dir(self), "spool"))
+        self.disk_full()
+        self.offer(docs(100))
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        # Spooling began, but nothing reached the disk: all of it is still here.
+        self.assertEqual((self.counters.spooled, self.counters.lost), (0, 0))
+        self.assertEqual(self.batcher.waiting_docs, 100)
+        self.assertGreater(self.buffer.used, 0)
+        [started] = self.lines("Uploads have failed for")
+        self.assertIn("(0 segments written now, 100 kept in memory: the spool cannot", started)
+        [unwritable] = self.lines("unwritable")
+        self.assertIn(
+            "unwritable: [Errno 28] No space left on device; keeping batches in memory and "
+            "retrying the disk in 1 s",
+            unwritable,
+        )
+        # A minute more of outage and new data: the disk is probed with
+        # backoff (1, 2, 4, 8, 16, 30 s), not on every batch.
+        self.offer(docs(30, 100))
+        writes = self.writes
+        for _ in range(61):
+            self.clock.advance(1)
+            self.assertLessEqual(len(self.uploads.pending()), 1)  # one upload probe at a time
+            self.fail_pending()
+        self.assertLessEqual(self.writes - writes, 6)
+        self.assertGreaterEqual(self.writes - writes, 4)
+        self.assertEqual((self.counters.spooled, self.counters.lost), (0, 0))
+        self.assertEqual(self.batcher.waiting_docs, 130)
+        self.assertEqual(len(self.lines("unwritable")), 1)  # said once
+        # The disk has room again: the next probe writes everything.
+        self.disk_ok()
+        for _ in range(31):
+            self.clock.advance(1)
+            self.fail_pending()
+        self.assertEqual(self.counters.spooled, 130)
+        self.assertEqual(self.buffer.used, 0)
+        [recovered] = self.lines("writable again")
+        self.assertIn("batches go to disk again", recovered)
+        # X-Ray is back: every segment arrives.
+        for _ in range(30):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(set(self.sent_docs())), sorted(docs(130)))
+        self.assertEqual((self.counters.lost, self.spool.pending_docs), (0, 0))
+
+    def test_only_when_memory_is_full_too_is_anything_lost(self) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        doc_cost = len(docs(1)[0]) + DOC_OVERHEAD
+        self.directory = os.path.join(temp_dir(self), "spool")
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(doc_cost * 120, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer, self.uploads, self.clock, self.counters, concurrency=1,
+            random=lambda: 1.0, spool=self.spool, spool_after=1000,
+        )  # fmt: skip
+        self.batcher.startService()
+        self.disk_full()
+        accepted = [doc for doc in docs(400) if self.buffer.offer(doc)]
+        self.assertEqual(len(accepted), 120)  # what memory holds
+        self.assertEqual(self.counters.lost, 280)  # the spool should have taken them
+        self.assertEqual(self.counters.spillover, 0)
+        [lost] = self.lines("Segment lost")
+        self.assertIn("(spool unwritable and memory full)", lost)
+        self.assertIn("[Errno 28] No space left on device", lost)
+        # Nothing accepted is lost.
+        for _ in range(40):
+            self.clock.advance(1)
+            self.succeed_pending()
+        self.assertEqual(sorted(set(self.sent_docs())), sorted(accepted))
+        self.assertEqual(self.counters.lost, 280)
+
+    def test_shutdown_with_an_unwritable_spool_counts_the_rest_as_lost_with_the_reason(
+        self,
+    ) -> None:
+        self.make_spooled(spool_after=1, directory=os.path.join(temp_dir(self), "spool"))
+        self.disk_full()
+        self.offer(docs(70))
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        stopped = self.batcher.stopService()
+        self.fail_pending()
+        self.successResultOf(stopped)
+        self.assertEqual((self.counters.lost, self.counters.spooled), (70, 0))
+        [line] = self.lines("could not be written to the spool")
+        self.assertIn("70 segments were not sent", line)
+        self.assertIn("(spool unwritable at shutdown)", line)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_replayed_record_refused_for_content_is_not_acked_before_its_halves_are_done(
+        self,
+    ) -> None:
+        directory = os.path.join(temp_dir(self), "spool")
+        batch = docs(50)
+        self.write_earlier_run(directory, batch)
+        self.make_spooled(directory=directory)
+        self.disk_full()  # the halves cannot go back to disk: they wait in memory
+        self.refuse_when({batch[3]})
+        self.assertEqual((self.counters.rejected, self.counters.sent), (1, 49))
+        self.assertEqual((self.counters.lost, self.spool.pending_docs), (0, 0))
+
+    def write_earlier_run(self, directory: str, batch: list[bytes]) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        earlier = Spool.open(directory, 64 * 1024 * 1024, self.clock, Counters())
+        earlier.append(batch)
+        earlier.close()
+
+
+REAL_WRITEV = os.writev
+
+
+class ReplayAckTests(SpoolFixture):
+    """A spool record is acknowledged only once all of its documents are safe."""
+
+    def crash_and_reopen(self) -> int:
+        """kill -9: the spool's descriptors vanish, nothing is flushed; what is on disk now?"""
+        from xraytwisted.pipeline.spool import Spool
+
+        self.spool._close_fds()
+        self.spool.closed = True  # its cleanup must not close the descriptors again
+        after = Spool.open(self.directory, 64 * 1024 * 1024, Clock(), Counters())
+        try:
+            return after.pending_docs
+        finally:
+            after.close()
+
+    def replay_one_record(self, batch: list[bytes]) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        directory = os.path.join(temp_dir(self), "spool")
+        earlier = Spool.open(directory, 64 * 1024 * 1024, self.clock, Counters())
+        earlier.append(batch)
+        earlier.close()
+        self.make_spooled(directory=directory)
+        self.assertEqual(len(self.uploads.calls), 1)  # the record is sent at start
+
+    def test_retryable_unprocessed_documents_of_a_replay_survive_kill_9(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.counters.sent, 2)
+        # The throttled document is only in memory now: its record must
+        # still be on disk, or a kill -9 loses it.
+        self.assertEqual(self.crash_and_reopen(), 3)
+
+    def test_the_record_is_acked_once_its_remainder_is_delivered(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.spool.pending_docs, 3)
+        self.clock.advance(1)
+        self.assertEqual(self.uploads.calls[1][0], [batch[1]])
+        self.uploads.finish(1)
+        self.assertEqual(self.counters.sent, 3)
+        self.assertEqual(self.spool.pending_docs, 0)
+        self.assertEqual(self.buffer.used, 0)
+
+    def test_a_remainder_written_back_to_disk_lets_its_record_go(self) -> None:
+        batch = docs(3)
+        self.replay_one_record(batch)
+        throttled = Unprocessed(f"{1:016x}", "ThrottledException", "slow down")
+        self.uploads.finish(0, Outcome(0.1, unprocessed=(throttled,)))
+        self.assertEqual(self.spool.pending_docs, 3)  # not acknowledged yet
+        stopped = self.batcher.stopService()
+        self.clock.advance(self.batcher.shutdown_timeout)  # the retry hangs: the deadline
+        self.fail_pending()
+        self.successResultOf(stopped)
+        # The remainder went back to the spool; only it is left on disk.
+        self.assertEqual(self.crash_and_reopen(), 1)
+        self.assertEqual(self.counters.lost, 0)
+
+
+class SpoolWritesPerTurnTests(SpoolFixture):
+    """Writing to the spool is spread over turns of the event loop (UDP is not read meanwhile)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Small numbers, same proportions: a turn writes at most 64 KiB beyond need.
+        self.patch(batcher_module, "PARK_BYTES_PER_TURN", 64 * 1024)
+        self.doc = b'{"id":"%016x",' + b'"p":"' + b"p" * 1000 + b'"}'
+
+    def test_full_memory_moves_a_bounded_amount_per_turn(self) -> None:
+        from xraytwisted.pipeline.spool import Spool
+
+        self.directory = os.path.join(temp_dir(self), "spool")
+        self.spool = Spool.open(self.directory, 64 * 1024 * 1024, self.clock, self.counters)
+        self.addCleanup(self.spool.close)
+        self.buffer = SegmentBuffer(1024 * 1024, self.clock, self.counters)
+        self.batcher = Batcher(
+            self.buffer, self.uploads, self.clock, self.counters, concurrency=1,
+            random=lambda: 1.0, spool=self.spool, spool_after=1000,
+        )  # fmt: skip
+        self.batcher.startService()
+        per_offer = []
+        for n in range(5000):  # ~5 MB into 1 MB of memory: the upload hangs
+            before = self.counters.spooled
+            self.assertTrue(self.buffer.offer(self.doc % n))
+            per_offer.append(self.counters.spooled - before)
+        self.assertGreater(sum(per_offer), 3000)
+        # 64 KiB is ~62 documents of 1 KB: one batch past the limit at most.
+        self.assertLessEqual(max(per_offer), 64 * 1024 // len(self.doc) + 50)
+        self.assertEqual((self.counters.spillover, self.counters.lost), (0, 0))
+
+    def test_starting_to_spool_writes_the_backlog_over_several_turns(self) -> None:
+        self.make_spooled(
+            spool_after=2, concurrency=1, directory=os.path.join(temp_dir(self), "spool")
+        )
+        for n in range(1000):  # ~1 MB waiting in memory
+            self.assertTrue(self.buffer.offer(self.doc % n))
+        events = capture_logs(self)
+        for _ in range(3):
+            self.fail_pending()
+            self.clock.advance(1)
+        # Clock.advance also runs the callLater(0) continuations (the next
+        # turns of a real reactor), so the line tells what the first turn did.
+        [line] = [formatEvent(e) for e in events if "Uploads have failed" in formatEvent(e)]
+        match = re.search(r"\((\d+) segments written now, (\d+) more over the next moments\)", line)
+        assert match is not None, line
+        first, rest = int(match.group(1)), int(match.group(2))
+        self.assertLessEqual(first, 64 * 1024 // len(self.doc) + 50)
+        self.assertEqual(first + rest, 1000)
+        self.assertEqual(self.counters.spooled, 1000)
+        self.assertEqual(self.buffer.used, 0)

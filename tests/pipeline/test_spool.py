@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import json
 import os
 import stat
 import struct
+import subprocess
+import sys
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +25,29 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from tests.support.tempdirs import temp_path
+from tests.support.disks import small_tmpfs
+from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted.observe.counters import Counters
 from xraytwisted.pipeline.spool import (
     HEADER_SIZE,
     MAGIC,
+    PROBE_MAX,
+    PROBE_MIN,
     Spool,
     SpooledBatch,
     SpoolError,
+    SpoolWriteError,
+    SyncErrors,
     decode,
     encode,
     inspect,
     parse_header,
+    thread_runner,
 )
 
 
@@ -364,7 +376,7 @@ class CrashAndCorruptionTests(SpoolTestCase):
         os.remove(os.path.join(self.dir, "spool-0000000000000001.xsp"))
         self.open()
 
-    def test_write_failure_loses_that_batch_and_leaves_no_partial_record(self) -> None:
+    def test_write_failure_hands_the_batch_back_and_leaves_no_partial_record(self) -> None:
         s = self.open()
         s.append(batch(0))
         real = os.writev
@@ -375,16 +387,155 @@ class CrashAndCorruptionTests(SpoolTestCase):
 
         self.patch(os, "writev", half_then_fail)
         with capturedLogs() as events:
-            self.assertEqual(s.append(batch(1)), 5)
+            e = self.assertRaises(SpoolWriteError, s.append, batch(1))
         self.patch(os, "writev", real)
+        self.assertTrue(e.disk)
+        self.assertEqual(str(e), "[Errno 28] No space left on device")
+        # Not lost: the caller still has it.  Nor counted as spooled.
+        self.assertEqual((self.counters.lost, self.counters.spooled), (0, 5))
         text = " ".join(formatEvent(e) for e in events)
-        self.assertIn("Could not write 5 segments to the spool", text)
-        self.assertIn("No space left on device; they are lost", text)
-        self.assertEqual((self.counters.lost, s.failed_docs), (5, 5))
+        self.assertIn("unwritable: [Errno 28] No space left on device; keeping batches in", text)
+        self.clock.advance(1)  # the probe's first retry
         s.append(batch(2))
         s = self.reopen(s)
         self.assertEqual(list(s.problems), [])  # the partial record was cut off
         self.assertEqual(self.take_all(s), [0, 2])
+
+
+_CHILD_NO_DESCRIPTORS = r"""
+import errno, json, os, resource, sys
+from twisted.internet.task import Clock
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.spool import Spool, SpoolWriteError
+
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+clock, counters = Clock(), Counters()
+# file_bytes=1: every batch is sealed at once, so every append opens a file.
+spool = Spool.open(sys.argv[1], 10_000_000, clock, counters, file_bytes=1)
+spool.append([b"first-%d" % i for i in range(5)])
+result = {}
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+fillers = []
+while True:  # take every descriptor left under the limit
+    try:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        result["filled"] = e.errno == errno.EMFILE
+        break
+try:
+    result["append"] = spool.append([b"second-%d" % i for i in range(5)])
+except SpoolWriteError as e:
+    result["append"] = str(e)
+result["unwritable"] = spool.unwritable
+result["take"] = None if (b := spool.take()) is None else len(b)
+result["lost_while_out_of_descriptors"] = counters.lost
+for fd in fillers:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+clock.advance(60)
+taken = []
+spool.append([b"third-%d" % i for i in range(5)])
+while (b := spool.take()) is not None:
+    taken.extend(d.decode() for d in b.docs)
+    spool.ack(b)
+spool.close()
+result["taken"] = taken
+result["lost"] = counters.lost
+print(json.dumps(result))
+"""
+
+
+class UnwritableTests(SpoolTestCase):
+    """A spool that cannot write hands batches back, says so once, and probes with backoff."""
+
+    def test_the_disk_is_probed_with_backoff_on_the_clock(self) -> None:
+        s = self.open()
+        s.append(batch(0))
+        attempts: list[float] = []
+        real = os.writev
+
+        def full(fd: int, parts: Sequence[bytes]) -> int:
+            attempts.append(self.clock.seconds())
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "writev", full)
+        with capturedLogs() as events:
+            for second in range(120):
+                self.assertRaises(SpoolWriteError, s.append, batch(1))
+                self.assertRaises(SpoolWriteError, s.append, batch(2))
+                self.clock.advance(1)
+                del second
+            self.patch(os, "writev", real)
+            self.assertFalse(s.accepting())
+            self.clock.advance(PROBE_MAX)
+            self.assertTrue(s.accepting())
+            s.append(batch(3))
+        # One try of the disk at a time, after 1, 2, 4, 8, 16, then every 30 s.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+        self.assertEqual(gaps, [1, 2, 4, 8, 16, 30, 30])
+        self.assertIsNone(s.unwritable)
+        self.assertEqual(self.counters.lost, 0)
+        text = [formatEvent(e) for e in events]
+        self.assertEqual(len([t for t in text if "unwritable" in t]), 1, text)
+        [back] = [t for t in text if "writable again" in t]
+        self.assertIn("(failed writes meanwhile: 8)", back)
+        self.assertEqual(self.take_all(s), [0, 3])
+
+    def test_a_full_tmpfs_hands_batches_back_and_a_probe_finds_room_again(self) -> None:
+        self.dir = os.path.join(small_tmpfs(self, "256k"), "spool")
+        s = self.open(max_bytes=64 * 1024 * 1024, file_bytes=None)  # far more than the disk
+        stored = 0
+        with capturedLogs() as events:
+            for n in range(100):
+                try:
+                    s.append(batch(n, 50, 1000))
+                except SpoolWriteError as e:
+                    failure = e
+                    break
+                stored += 1
+            else:
+                self.fail("a 256 KiB tmpfs took 5 MB")
+            self.assertGreater(stored, 0)
+            self.assertTrue(failure.disk)
+            self.assertEqual(str(failure), "[Errno 28] No space left on device")
+            self.assertEqual(self.counters.lost, 0)
+            self.assertEqual((s.pending_docs, self.counters.spooled), (50 * stored, 50 * stored))
+            # Sending what is on disk frees it; the next probe writes again.
+            self.assertEqual(self.take_all(s), list(range(stored)))
+            self.assertRaises(SpoolWriteError, s.append, batch(500, 50, 1000))  # not yet
+            self.clock.advance(PROBE_MIN)
+            s.append(batch(501, 50, 1000))
+        self.assertIsNone(s.unwritable)
+        self.assertEqual(self.take_all(s), [501])
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("Free disk space there", text)
+        self.assertIn("is writable again", text)
+        self.assertEqual(self.counters.lost, 0)
+
+    def test_no_descriptors_left_costs_nothing(self) -> None:
+        # In a child process: RLIMIT_NOFILE is the whole process's.
+        directory = os.path.join(temp_dir(self), "spool")
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env = dict(os.environ, PYTHONPATH=src)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD_NO_DESCRIPTORS, directory],
+            capture_output=True, text=True, env=env, cwd=temp_dir(self), timeout=120,
+            check=False,
+        )  # fmt: skip
+        self.assertEqual(done.returncode, 0, done.stderr)
+        result = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(result["filled"], result)
+        self.assertEqual(result["append"], "[Errno 24] Too many open files", result)
+        self.assertEqual(result["unwritable"], "[Errno 24] Too many open files")
+        self.assertIsNone(result["take"])  # cannot open the file now: later, not lost
+        self.assertEqual(result["lost_while_out_of_descriptors"], 0, result)
+        self.assertEqual(
+            result["taken"], [f"first-{i}" for i in range(5)] + [f"third-{i}" for i in range(5)]
+        )
+        self.assertEqual(result["lost"], 0)
+        self.assertIn("Raise the open-files limit", done.stdout + done.stderr)
 
 
 class LimitTests(SpoolTestCase):
@@ -440,11 +591,14 @@ class LimitTests(SpoolTestCase):
             s.ack(b)
         self.assertEqual(len(self.take_all(s)), 292)
 
-    def test_batch_larger_than_the_spool_is_lost(self) -> None:
+    def test_batch_larger_than_the_spool_is_handed_back(self) -> None:
         s = self.open(max_bytes=200)
-        self.assertEqual(s.append([b"x" * 500]), 1)
-        self.assertEqual(self.counters.lost, 1)
-        self.assertEqual(s.disk_bytes, 0)
+        e = self.assertRaises(SpoolWriteError, s.append, [b"x" * 500])
+        self.assertFalse(e.disk)  # never fits: not a reason to stop using the spool
+        self.assertIn("larger than the whole spool", str(e))
+        self.assertEqual((self.counters.lost, s.disk_bytes), (0, 0))
+        self.assertIsNone(s.unwritable)
+        s.append([b"y" * 10])
 
     def test_lower_limit_at_open_drops_the_oldest(self) -> None:
         size = record_size(batch(0))
@@ -521,6 +675,204 @@ class LockAndFlushTests(SpoolTestCase):
         self.assertGreaterEqual(len(synced), 2)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertRaises(SpoolError, s.append, batch(1))
+
+
+class PrivateDirectoryTests(SynchronousTestCase):
+    """Nobody else can make the daemon read or write through the spool directory."""
+
+    def setUp(self) -> None:
+        self.base = temp_dir(self)
+        self.dir = os.path.join(self.base, "spool")
+        self.victim = Path(self.base, "victim")
+        self.victim.write_text("precious")
+        self.clock = Clock()
+
+    def open(self) -> Spool:
+        s = Spool.open(self.dir, 1_000_000, self.clock)
+        self.addCleanup(s.close)
+        return s
+
+    def test_a_directory_writable_by_others_is_refused(self) -> None:
+        # The reproduction: a "lock" link to a victim file in a 0777 directory.
+        os.mkdir(self.dir)
+        os.chmod(self.dir, 0o777)
+        os.symlink(self.victim, os.path.join(self.dir, "lock"))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertEqual(
+            str(e),
+            f"spool directory {self.dir} is writable by its group and all users (mode 0777), so "
+            f"another user could plant files or links in it; run chmod 700 {self.dir} or use "
+            "another directory",
+        )
+        self.assertEqual(self.victim.read_text(), "precious")
+
+    def test_a_directory_writable_by_its_group_is_refused(self) -> None:
+        os.mkdir(self.dir)
+        os.chmod(self.dir, 0o770)
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn("is writable by its group (mode 0770)", str(e))
+
+    def test_a_directory_of_another_user_is_refused(self) -> None:
+        os.mkdir(self.dir, 0o700)
+        try:
+            os.chown(self.dir, 65534, -1)
+        except PermissionError:
+            raise SkipTest("changing a directory's owner needs root") from None
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn(
+            f"belongs to uid 65534, not to this daemon's user (uid {os.geteuid()})", str(e)
+        )
+
+    def test_a_lock_link_is_never_followed(self) -> None:
+        os.mkdir(self.dir, 0o700)
+        os.symlink(self.victim, os.path.join(self.dir, "lock"))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn("it is a symbolic link, which the spool never follows", str(e))
+        self.assertEqual(self.victim.read_text(), "precious")
+
+    def test_spool_file_links_are_never_followed(self) -> None:
+        s = self.open()
+        s.append([b"a", b"b"])
+        s.close()
+        [name] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        os.replace(os.path.join(self.dir, name), self.victim)
+        os.symlink(self.victim, os.path.join(self.dir, name))
+        e = self.assertRaises(SpoolError, self.open)
+        self.assertIn(
+            f"cannot read spool file {os.path.join(self.dir, name)}: it is a symbolic", str(e)
+        )
+        # Nor an acknowledgement file: it is written in place.
+        os.remove(os.path.join(self.dir, name))
+        s = self.open()
+        s.append([b"c"])
+        s.append([b"d"])  # so acknowledging "c" records progress rather than deleting the file
+        [name] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        os.symlink(self.victim, os.path.join(self.dir, name[: -len(".xsp")] + ".ack"))
+        b = s.take()
+        assert b is not None
+        with capturedLogs() as events:
+            s.ack(b)
+        self.assertEqual(self.victim.read_bytes()[:4], MAGIC)  # untouched: still the moved data
+        self.assertIn("Could not record progress", " ".join(formatEvent(e) for e in events))
+
+    def test_a_new_directory_is_private_whatever_the_umask(self) -> None:
+        old = os.umask(0o277)
+        try:
+            self.open()
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+
+
+class BackgroundSyncTests(SynchronousTestCase):
+    """With a runner, fsync never runs on the event loop, and one job at a time."""
+
+    def setUp(self) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("needs /proc/self/fd")
+        self.dir = os.path.join(temp_dir(self), "spool")
+        self.clock = Clock()
+        self.jobs: list[tuple[Callable[[], SyncErrors], Deferred[SyncErrors]]] = []
+        self.synced: list[int] = []  # inodes, in the order they were synced
+        real = os.fsync
+
+        def recording(fd: int) -> None:
+            self.synced.append(os.fstat(fd).st_ino)
+            real(fd)
+
+        self.patch(os, "fsync", recording)
+
+    def runner(self, call: Callable[[], SyncErrors]) -> Deferred[SyncErrors]:
+        d: Deferred[SyncErrors] = Deferred()
+        self.jobs.append((call, d))
+        return d
+
+    def run_jobs(self) -> None:
+        while self.jobs:
+            call, d = self.jobs.pop(0)
+            d.callback(call())
+
+    def open(self, file_bytes: int | None = None) -> Spool:
+        s = Spool.open(
+            self.dir, 10_000_000, self.clock, file_bytes=file_bytes, run_blocking=self.runner
+        )
+        self.addCleanup(s.close)
+        return s
+
+    def inode(self, *names: str) -> int:
+        return os.stat(os.path.join(self.dir, *names)).st_ino
+
+    def test_the_event_loop_only_hands_duplicated_descriptors_over(self) -> None:
+        s = self.open()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        for n in range(100):
+            s.append(batch(n))
+        self.clock.advance(1)
+        self.assertEqual(self.synced, [])  # not on the event loop
+        self.assertEqual(len(self.jobs), 1)
+        # The disk is slow: while the job runs, no second one, no descriptors pile up.
+        for n in range(100, 200):
+            s.append(batch(n))
+            self.clock.advance(0.1)
+        self.assertEqual(len(self.jobs), 1)
+        [data] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        self.run_jobs()
+        self.assertEqual(sorted(self.synced), sorted([self.inode(data), self.inode()]))
+        self.assertEqual(len(os.listdir("/proc/self/fd")), open_fds + 1)  # the write file only
+        # What was written meanwhile is synced next time round.
+        self.synced.clear()
+        self.clock.advance(1)
+        self.run_jobs()
+        self.assertEqual(self.synced, [self.inode(data)])
+        taken = 0
+        while (b := s.take()) is not None:
+            taken += 1
+            s.ack(b)
+        self.assertEqual(taken, 200)
+
+    def test_a_finished_file_is_synced_and_closed_by_the_job(self) -> None:
+        s = self.open(file_bytes=3 * record_size(batch(0)))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        for n in range(3):
+            s.append(batch(n))
+        [data] = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        self.assertEqual((self.synced, len(self.jobs)), ([], 1))
+        self.run_jobs()
+        self.assertIn(self.inode(data), self.synced)
+        # The job closed the finished file (and its duplicate of the directory).
+        self.assertEqual(len(os.listdir("/proc/self/fd")), open_fds)
+
+    def test_close_syncs_at_once_whatever_is_running(self) -> None:
+        s = self.open()
+        s.append(batch(0))
+        self.clock.advance(1)
+        s.append(batch(1))
+        s.close()
+        self.assertNotEqual(self.synced, [])  # close does not wait for the job
+        self.run_jobs()  # the job still owns (and closes) its duplicates
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(inspect(self.dir).pending_docs, 10)
+
+
+class ThreadRunnerTests(TestCase):
+    def test_runs_in_the_reactor_thread_pool_and_answers_on_the_reactor(self) -> None:
+        from twisted.internet import reactor
+
+        caller = threading.get_ident()
+        ran_in: list[int] = []
+
+        def call() -> SyncErrors:
+            ran_in.append(threading.get_ident())
+            return []
+
+        d = thread_runner(reactor)(call)  # type: ignore[arg-type]
+
+        def check(result: SyncErrors) -> None:
+            self.assertEqual(result, [])
+            self.assertNotEqual(ran_in, [caller])
+            self.assertEqual(threading.get_ident(), caller)
+
+        return d.addCallback(check)
 
 
 # ---------------------------------------------------------------------------

@@ -313,7 +313,9 @@ class PureTests(SynchronousTestCase):
             429: ("HTTPCode4XXCount", True, True),
             408: ("HTTPCode4XXCount", True, False),
             403: ("HTTPCode4XXCount", True, False),
-            400: ("HTTPCode4XXCount", False, False),
+            # No AWS error code: not X-Ray's verdict (a proxy's HTML page, say).
+            400: ("HTTPCode4XXCount", True, False),
+            404: ("HTTPCode4XXCount", False, False),
             413: ("HTTPCode4XXCount", False, False),
             302: ("OtherCount", True, False),
         }
@@ -322,6 +324,33 @@ class PureTests(SynchronousTestCase):
             self.assertEqual((err.error_class, err.retryable, err.throttled), expected, status)
         throttled_400 = classify_response(400, {}, b'{"__type":"ThrottlingException"}')
         self.assertEqual((throttled_400.retryable, throttled_400.throttled), (True, True))
+
+    def test_only_x_rays_content_codes_make_a_400_final(self) -> None:
+        for code in ("InvalidRequestException", "SerializationException", "ValidationException"):
+            err = classify_response(400, {"x-amzn-errortype": code}, b'{"message":"bad"}')
+            self.assertEqual((err.retryable, err.advice), (False, ""), code)
+        html = classify_response(400, {}, b"<html><body>Bad Request</body></html>")
+        self.assertTrue(html.retryable)
+        self.assertEqual(html.message, "HTTP 400: <html><body>Bad Request</body></html>")
+        self.assertIn("not X-Ray's verdict on the segments (no AWS error code", html.advice)
+        aborted = classify_response(400, {}, b'{"__type":"RequestAbortedException"}')
+        self.assertTrue(aborted.retryable)
+        self.assertIn("(the code RequestAbortedException)", aborted.advice)
+
+    def test_refused_credentials_are_marked(self) -> None:
+        cases = [
+            (403, {"x-amzn-errortype": "AccessDeniedException"}, b""),
+            (401, {}, b""),
+            (400, {}, b'{"__type":"UnrecognizedClientException","message":"bad token"}'),
+            (403, {}, b'{"__type":"ExpiredTokenException"}'),
+        ]
+        for status, headers, body in cases:
+            err = classify_response(status, headers, body)
+            self.assertEqual((err.retryable, err.credentials_refused), (True, True), (status, body))
+        self.assertFalse(classify_response(500, {}, b"").credentials_refused)
+        self.assertFalse(
+            classify_response(403, {}, b'{"__type":"ThrottlingException"}').credentials_refused
+        )
 
     def test_classify_exceptions(self) -> None:
         from twisted.web.client import ResponseNeverReceived

@@ -37,6 +37,7 @@ def verdict(
     waiting: int = 0,
     oldest: float | None = None,
     credentials: tuple[bool, str] = (True, "environment"),
+    credentials_refused: str | None = None,
 ) -> Report:
     return assess(
         now=now,
@@ -49,6 +50,7 @@ def verdict(
         buffer_used=640,
         buffer_capacity=1 << 20,
         endpoint=ENDPOINT,
+        credentials_refused=credentials_refused,
     )
 
 
@@ -82,6 +84,11 @@ class AssessTests(SynchronousTestCase):
                 True,
             ),
             ("no credentials", {"credentials": (False, "none found")}, False),
+            (
+                "X-Ray refuses the credentials",
+                {"credentials_refused": "HTTP 403 AccessDeniedException: not authorized"},
+                False,
+            ),
         ]
         for what, kwargs, healthy in table:
             report = verdict(now=now, **kwargs)
@@ -123,6 +130,17 @@ class AssessTests(SynchronousTestCase):
         self.assertIn("last successful upload was 200 seconds ago", second)
         never = verdict(waiting=1, oldest=self.now - 300).body["reasons"][0]
         self.assertIn("no upload has succeeded since the daemon started", never)
+        refused = verdict(credentials_refused="HTTP 403 AccessDeniedException: no").body
+        self.assertEqual(
+            refused["reasons"],
+            [
+                "X-Ray refused the credentials (HTTP 403 AccessDeniedException: no): check the "
+                "role's xray:PutTraceSegments permission"
+            ],
+        )
+        self.assertEqual(
+            refused["credentials"]["refused_by_xray"], "HTTP 403 AccessDeniedException: no"
+        )
 
     def test_credentials_status_helper(self) -> None:
         present = credentials_status(StaticCredentials(Credentials("AKID", "s", None)))
@@ -143,6 +161,7 @@ class Live:
         self.waiting = 0
         self.oldest: float | None = None
         self.credentials = (True, "environment")
+        self.refused: str | None = None  # what X-Ray said when it refused them
         self.broken = False
 
     def waiting_docs(self) -> int:
@@ -166,6 +185,7 @@ class HealthHTTPTests(TestCase):
             waiting_docs=self.live.waiting_docs,
             oldest_waiting_since=lambda: self.live.oldest,
             credentials_status=lambda: self.live.credentials,
+            credentials_refused=lambda: self.live.refused,
             endpoint_url=ENDPOINT,
             started_at=START,
             unhealthy_after=LIMIT,
@@ -223,6 +243,17 @@ class HealthHTTPTests(TestCase):
         self.assertEqual(code, 503)
         self.assertEqual(body["credentials"], {"available": False, "source": "none found"})
         self.live.credentials = (True, "environment")
+        code, _ = yield self.status(url)
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_credentials_x_ray_refuses_are_503_until_an_upload_succeeds(self) -> None:
+        url = self.serve(Site(self.health)) + "/health"
+        self.live.refused = "HTTP 403 AccessDeniedException: not authorized"
+        code, body = yield self.status(url)
+        self.assertEqual(code, 503)
+        self.assertIn("X-Ray refused the credentials (HTTP 403 Acc", body["reasons"][0])
+        self.live.refused = None
         code, _ = yield self.status(url)
         self.assertEqual(code, 200)
 

@@ -43,6 +43,7 @@ __all__ = [
     "go_timestamp",
     "open_destination",
     "printable",
+    "suppressed_note",
     "threshold",
 ]
 
@@ -316,30 +317,49 @@ class Throttle:
     """At most one log line per reason per ``interval`` seconds, counting what was suppressed.
 
     Used for bad-input warnings (a local sender can flood the log otherwise).
-    State is kept per reason forever, so reasons should come from a small fixed
-    set (not, say, sender addresses).
+    ``check`` returns how many occurrences were suppressed since the last
+    line: the caller must put that number in the line it logs, or it is gone.
+    The table holds at most ``max_reasons`` reasons; further ones share
+    ``OTHER``, so reasons that come from outside (error codes a server
+    sends) cannot grow it without bound.
     """
 
-    def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
+    OTHER = "(other)"
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0, max_reasons: int = 64) -> None:
         self._clock = clock
         self._interval = interval
+        self._max_reasons = max_reasons
         # reason -> (time of the last logged line, occurrences suppressed since)
         self._state: dict[str, tuple[float, int]] = {}
 
     def check(self, reason: str) -> int | None:
         """None: suppress (and count) this occurrence; n: log now, n were suppressed."""
         now = self._clock.seconds()
-        previous = self._state.get(reason)
+        state = self._state
+        previous = state.get(reason)
+        if previous is None and len(state) >= self._max_reasons:
+            reason = self.OTHER
+            previous = state.get(reason)
         if previous is not None:
             last, suppressed = previous
             # now < last: the wall clock stepped back; don't go quiet until it catches up.
             if last <= now < last + self._interval:
-                self._state[reason] = (last, suppressed + 1)
+                state[reason] = (last, suppressed + 1)
                 return None
-            self._state[reason] = (now, 0)
+            state[reason] = (now, 0)
             return suppressed
-        self._state[reason] = (now, 0)
+        state[reason] = (now, 0)
         return 0
+
+    def __len__(self) -> int:
+        """How many reasons are tracked (at most ``max_reasons`` + 1)."""
+        return len(self._state)
+
+
+def suppressed_note(suppressed: int) -> str:
+    """What to append to a throttled line: how many like it were not logged ("" if none)."""
+    return f" ({suppressed} more like this not logged)" if suppressed else ""
 
 
 def _escape(byte: int) -> str:

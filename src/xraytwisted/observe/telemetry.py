@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xraytwisted.observe.counters import ERROR_CLASSES, Counters
-from xraytwisted.observe.logs import Throttle
+from xraytwisted.observe.logs import Throttle, suppressed_note
 from xraytwisted.pipeline.uploader import Outcome
 
 PATH = "/TelemetryRecords"
@@ -291,8 +291,9 @@ class TelemetryService(Service):
             return
         self.log.warn(
             "Telemetry records were refused: {problem}. Allow xray:PutTelemetryRecords for the "
-            "daemon's role, or set Telemetry.IntervalSeconds to 0 to turn telemetry off",
+            "daemon's role, or set Telemetry.IntervalSeconds to 0 to turn telemetry off{note}",
             problem=problem,
+            note=suppressed_note(suppressed),
         )
 
 

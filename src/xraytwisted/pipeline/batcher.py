@@ -11,9 +11,14 @@ lowers how many uploads run at once.
 With a spool, batches go to disk instead of waiting in memory once uploads
 have failed for ``spool_after`` seconds (one probe at a time then finds out
 when X-Ray answers again), and spooled batches are sent again, oldest
-first, before fresh ones when uploads work.  On stop, everything is sent
-immediately and the returned Deferred fires once all of it is done or the
-shutdown deadline has passed (what is left then is counted as lost).
+first, before fresh ones when uploads work.  A batch the spool cannot take
+(disk full, no descriptors) stays in memory, within the budget, until the
+spool's own probe finds the disk writable again.  A record read back from
+the spool is acknowledged only once all of its documents are delivered,
+refused for good, or written back to the spool.  On stop, everything is
+sent immediately and the returned Deferred fires once all of it is done or
+the shutdown deadline has passed (what is left then goes to the spool, or
+is counted as lost).
 """
 
 from __future__ import annotations
@@ -31,11 +36,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xraytwisted.observe.counters import Counters
-from xraytwisted.observe.logs import Throttle, printable
+from xraytwisted.observe.logs import Throttle, printable, suppressed_note
 from xraytwisted.pipeline.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.pipeline.buffer import Batch, SegmentBuffer
-from xraytwisted.pipeline.spool import Spool, SpooledBatch
-from xraytwisted.pipeline.uploader import THROTTLING_CODES, Outcome, Unprocessed, UploadError
+from xraytwisted.pipeline.spool import Spool, SpooledBatch, SpoolWriteError
+from xraytwisted.pipeline.uploader import (
+    CONTENT_CODES,
+    THROTTLING_CODES,
+    Outcome,
+    Unprocessed,
+    UploadError,
+)
 
 MAX_WAIT = 1.0  # seconds the oldest document of a batch may wait
 MAX_UNPROCESSED_LINES = 10  # per batch; the rest are summarised
@@ -50,11 +61,37 @@ MAX_DOC_ATTEMPTS = 8
 # is about the request (an HTML 400 from something in front of X-Ray, or a
 # 404/405 from a wrong endpoint, would just multiply requests by 2n - 1).
 SPLIT_STATUSES = frozenset({413})
-SPLIT_CODES = frozenset(
-    {"InvalidRequestException", "SerializationException", "ValidationException"}
-)
+SPLIT_CODES = CONTENT_CODES
 
 Send = Callable[[Sequence[bytes]], "Deferred[Outcome]"]
+# Kinds of failure logged separately (one line each per interval); error
+# codes come from the server, so the table is bounded.
+MAX_LOG_KINDS = 64
+# Document bytes written to the spool in one turn of the event loop, beyond
+# what an arriving document needs: writing costs ~1.5 ms per MB, and the UDP
+# socket is not read meanwhile.  More waits for the next turn.
+PARK_BYTES_PER_TURN = 1024 * 1024
+
+
+class _Replay:
+    """A spool record being sent: acknowledged once every batch carrying its documents is done.
+
+    Done: delivered, refused for good, or written back to the spool.  The
+    halves of a refused record and the retryable remainder of a partly
+    processed one carry it on; until they are done the record stays on disk,
+    so a crash sends it again (duplicates are harmless) instead of losing them.
+    """
+
+    __slots__ = ("original", "parts", "spooled")
+
+    def __init__(self, spooled: SpooledBatch, original: Batch) -> None:
+        self.spooled = spooled
+        self.original = original  # the batch as read from disk
+        self.parts = 1  # batches carrying its documents that are not done
+
+    def untouched(self, batch: Batch) -> bool:
+        """``batch`` is the whole record: giving it back to the spool loses nothing."""
+        return batch is self.original and self.parts == 1
 
 
 class Batcher(Service):
@@ -94,19 +131,27 @@ class Batcher(Service):
         self._abandoned = False  # past the shutdown deadline
         self._stopped: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
-        self._error_throttle = Throttle(clock, 10.0)
+        self._error_throttle = Throttle(clock, 10.0, max_reasons=MAX_LOG_KINDS)
         self.spool = spool
         self.spool_after = spool_after
         self._failing_since: float | None = None  # first failure since the last success
         self._spooling = False  # failing for spool_after: batches are parked on disk
-        self._replays: dict[Batch, SpooledBatch] = {}  # in flight, read from the spool
+        self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
+        self._park_call: IDelayedCall | None = None  # more to write to the spool, next turn
+        # What X-Ray said when it last refused the credentials; None since a success.
+        self.credentials_refused: str | None = None
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
 
     def batch_opened(self, batch: Batch) -> None:
-        if self._timer is None:
-            self._schedule(batch.started + self.max_wait)
+        # Its deadline is its own: a timer set for later (a retry's backoff)
+        # must not hold a new batch back.
+        deadline = batch.started + self.max_wait
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._schedule(deadline)
 
     def batch_filled(self) -> None:
         self._dispatch()
@@ -115,30 +160,68 @@ class Batcher(Service):
         """The memory budget is spent: with a spool, move the oldest waiting batches there.
 
         Down to half the budget, so this happens once in a while rather than
-        for every document; what is in flight stays in memory.
+        for every document, but no more than ``PARK_BYTES_PER_TURN`` beyond
+        what ``size`` needs (a long write would stall the event loop); what
+        is in flight stays in memory, and so does what the spool cannot take.
         """
         spool, buffer = self.spool, self.buffer
         if spool is None or self._abandoned:
             return False
-        moved = 0
-        while buffer.used + size > buffer.capacity // 2:
-            if self._retries:
-                batch = heapq.heappop(self._retries)[2]
+        moved = moved_bytes = 0
+        retries = self._retries
+        kept: list[tuple[float, int, Batch]] = []
+        while (
+            buffer.used + size > buffer.capacity
+            or (buffer.used + size > buffer.capacity // 2 and moved_bytes < PARK_BYTES_PER_TURN)
+        ) and spool.accepting():
+            if retries:
+                entry = heapq.heappop(retries)
             elif buffer.head() is not None:
-                batch = buffer.pop()
+                entry = (self._clock.seconds(), next(self._retry_order), buffer.pop())
             else:
                 break
-            self._park(batch)
-            moved += len(batch)
-        if moved and self._error_throttle.check("memory full: spooling") is not None:
-            self.log.warn(
-                "The memory buffer of {mb} MB is full: wrote {count} waiting segments to the "
-                "spool {directory}; they are sent when uploads catch up",
-                mb=buffer.capacity // (1024 * 1024),
-                count=moved,
-                directory=spool.directory,
-            )
+            if self._park(entry[2]):
+                moved += len(entry[2])
+                moved_bytes += sum(map(len, entry[2].docs))
+            else:
+                kept.append(entry)
+        for entry in kept:
+            heapq.heappush(retries, entry)
+        if moved:
+            suppressed = self._error_throttle.check("memory full: spooling")
+            if suppressed is not None:
+                self.log.warn(
+                    "The memory buffer of {mb} MB is full: wrote {count} waiting segments to "
+                    "the spool {directory}; they are sent when uploads catch up{note}",
+                    mb=buffer.capacity // (1024 * 1024),
+                    count=moved,
+                    directory=spool.directory,
+                    note=suppressed_note(suppressed),
+                )
         return buffer.used + size <= buffer.capacity
+
+    def refused(self) -> bool:
+        """The buffer turned a document away: True if that is a loss (counted here).
+
+        It is when the spool, which would have taken the waiting batches, is
+        unwritable; otherwise it is ordinary spillover (the buffer counts it).
+        """
+        spool = self.spool
+        if spool is None or spool.unwritable is None:
+            return False
+        self._counters.lost += 1
+        suppressed = self._error_throttle.check("memory full: spool unwritable")
+        if suppressed is not None:
+            self.log.error(
+                "Segment lost (spool unwritable and memory full): the memory buffer of {mb} MB "
+                "is full and the spool {directory} cannot be written ({error}). Free space "
+                "for the spool or raise -m/--buffer-memory{note}",
+                mb=self.buffer.capacity // (1024 * 1024),
+                directory=spool.directory,
+                error=spool.unwritable,
+                note=suppressed_note(suppressed),
+            )
+        return True
 
     # -- sending ----------------------------------------------------------
 
@@ -149,7 +232,7 @@ class Batcher(Service):
         now = self._clock.seconds()
         retries = self._retries
         if self._should_spool(now):
-            self._park_due(now)
+            self._park_waiting(now)
             if not self.in_flight and now >= self.resume_at:
                 self._probe()
         elif now >= self.resume_at:
@@ -210,8 +293,18 @@ class Batcher(Service):
             candidates.append(self._retries[0][0])
         if head is not None and not self._due(head, now):
             candidates.append(head.started + self.max_wait)
-        if self._failing_since is not None and self.spool is not None and not self._spooling:
-            candidates.append(self._failing_since + self.spool_after)
+        spool = self.spool
+        if spool is not None:
+            if self._failing_since is not None and not self._spooling:
+                candidates.append(self._failing_since + self.spool_after)
+            if (
+                self._spooling
+                and spool.unwritable is not None
+                and (self._retries or head is not None)
+            ):
+                candidates.append(spool.write_retry_at)  # the spool's next try of the disk
+            if spooled:
+                candidates.append(spool.read_retry_at)
         return min((c for c in candidates if c > now), default=None)
 
     def _retry(self, batch: Batch, delay: float) -> None:
@@ -255,38 +348,101 @@ class Batcher(Service):
         if now < self._failing_since + self.spool_after:
             return False
         self._spooling = True
-        parked = self._park_all()
+        written, left = self._park_waiting(now, everything=True)
+        if not left:
+            rest = ""
+        elif self.spool.accepting():
+            rest = f", {left} more over the next moments"
+        else:
+            rest = f", {left} kept in memory: the spool cannot take them"
         self.log.warn(
             "Uploads have failed for {seconds:.0f} seconds: writing batches to the spool "
-            "{directory} until X-Ray answers again ({count} segments written now)",
+            "{directory} until X-Ray answers again ({count} segments written now{rest})",
             seconds=now - self._failing_since,
             directory=self.spool.directory,
-            count=parked,
+            count=written,
+            rest=rest,
         )
         return True
 
-    def _park(self, batch: Batch) -> None:
-        """Move an in-memory batch to the spool (which counts it, or its loss)."""
-        assert self.spool is not None
-        self.spool.append(batch.docs)
+    def _park(self, batch: Batch) -> bool:
+        """Move an in-memory batch to the spool; False if the spool did not take it (kept)."""
+        spool = self.spool
+        assert spool is not None
+        try:
+            spool.append(batch.docs)
+        except SpoolWriteError as e:
+            # A disk that refuses is reported by the spool, once.
+            if not e.disk:
+                suppressed = self._error_throttle.check("cannot spool")
+                if suppressed is not None:
+                    self.log.warn(
+                        "A batch of {count} segments cannot go to the spool {directory}: {why}; "
+                        "it stays in memory until it is sent{note}",
+                        count=len(batch),
+                        directory=spool.directory,
+                        why=str(e),
+                        note=suppressed_note(suppressed),
+                    )
+            return False
         self.buffer.release(batch)
+        replay = self._replays.pop(batch, None)
+        if replay is not None:
+            self._part_done(replay)  # safe on disk again
+        return True
 
-    def _park_all(self) -> int:
-        """Move every waiting in-memory batch to the spool; how many documents."""
-        batches = [entry[2] for entry in self._retries] + self.buffer.drain()
-        self._retries.clear()
-        # The spool sends back in the order written: oldest data first.
-        batches.sort(key=lambda batch: batch.started)
-        for batch in batches:
-            self._park(batch)
-        return sum(map(len, batches))
+    def _park_waiting(self, now: float, everything: bool = False) -> tuple[int, int]:
+        """Write waiting batches to the spool, oldest first, while it takes them.
 
-    def _park_due(self, now: float) -> None:
+        The batches waiting for a retry, then the buffer's due ones (all of
+        them with ``everything``), at most ``PARK_BYTES_PER_TURN`` now: the
+        rest follows in the next turns of the event loop.  Returns
+        (documents written, documents still in memory; 0 unless ``everything``).
+        """
+        spool = self.spool
+        assert spool is not None
+        retries = self._retries
         buffer = self.buffer
-        head = buffer.head()
-        while head is not None and self._due(head, now):
-            self._park(buffer.pop())
+        written = 0
+        budget = PARK_BYTES_PER_TURN
+        if spool.accepting():
+            # The spool sends back in the order written: oldest data first.
+            waiting = sorted(retries, key=lambda entry: entry[2].started)
+            retries.clear()
+            for entry in waiting:
+                if budget > 0 and spool.accepting() and self._park(entry[2]):
+                    written += len(entry[2])
+                    budget -= sum(map(len, entry[2].docs))
+                else:
+                    retries.append(entry)
+            heapq.heapify(retries)
             head = buffer.head()
+            while (
+                head is not None
+                and (everything or self._due(head, now))
+                and spool.accepting()
+                and budget > 0
+            ):
+                batch = buffer.pop()
+                if self._park(batch):
+                    written += len(batch)
+                    budget -= sum(map(len, batch.docs))
+                else:
+                    self._retry(batch, 0.0)
+                head = buffer.head()
+            if budget <= 0 and spool.accepting():
+                self._park_soon()
+        if not everything:
+            return written, 0  # (not counted: this runs on every dispatch while spooling)
+        return written, sum(len(entry[2]) for entry in retries) + buffer.queued_docs
+
+    def _park_soon(self) -> None:
+        if self._park_call is None:
+            self._park_call = self._clock.callLater(0, self._park_more)
+
+    def _park_more(self) -> None:
+        self._park_call = None
+        self._dispatch()
 
     def _probe(self) -> None:
         """While spooling: one upload at a time tells when X-Ray answers again."""
@@ -294,6 +450,8 @@ class Batcher(Service):
         spooled = self.spool.take()
         if spooled is not None:
             self._send_spooled(spooled)
+        elif self._retries:
+            self._send(heapq.heappop(self._retries)[2])  # what the spool could not take
         elif self.buffer.head() is not None:
             self._send(self.buffer.pop())
 
@@ -301,8 +459,13 @@ class Batcher(Service):
         # Not charged to the memory budget: at most `concurrency` are read in.
         batch = Batch(self._clock.seconds())
         batch.docs = spooled.docs
-        self._replays[batch] = spooled
+        self._replays[batch] = _Replay(spooled, batch)
         self._send(batch)
+
+    def _part_done(self, replay: _Replay) -> None:
+        replay.parts -= 1
+        if replay.parts == 0 and self.spool is not None:
+            self.spool.ack(replay.spooled)
 
     def _send(self, batch: Batch) -> None:
         batch.attempts += 1
@@ -347,9 +510,8 @@ class Batcher(Service):
             )
         self._failures = 0
         self._failing_since = None
-        spooled = self._replays.pop(batch, None)
-        if spooled is not None and self.spool is not None:
-            self.spool.ack(spooled)
+        self.credentials_refused = None
+        replay = self._replays.pop(batch, None)
         self.limit.succeeded()
         counters.batches_ok += 1
         counters.last_success_at = self._clock.seconds()
@@ -364,6 +526,8 @@ class Batcher(Service):
                 seconds=outcome.seconds,
             )
             self.buffer.release(batch)
+            if replay is not None:
+                self._part_done(replay)
             return
         counters.unprocessed += len(unprocessed)
         self.log.info(
@@ -404,39 +568,46 @@ class Batcher(Service):
         if throttled:
             self.limit.throttled()  # X-Ray is asking for fewer requests
         remaining = self.buffer.shrink(batch, retry)
-        if remaining is not None:
-            self._retry(remaining, full_jitter(remaining.attempts, self._random))
+        if remaining is None:
+            if replay is not None:
+                self._part_done(replay)
+            return
+        if replay is not None:
+            # Its record stays on disk, unacknowledged, until these are done too.
+            self._replays[remaining] = replay
+        self._retry(remaining, full_jitter(remaining.attempts, self._random))
 
     def _failed(self, batch: Batch, error: UploadError) -> None:
         counters = self._counters
         counters.batches_failed += 1
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
-        spooled = self._replays.pop(batch, None)
+        replay = self._replays.pop(batch, None)
         if not error.retryable and len(batch) > 1 and _refused_for_content(error):
             # Find the documents X-Ray refuses by halving: the others go.
+            if replay is not None:
+                replay.parts += 1  # one batch of the record became two
             for half in self.buffer.split(batch):
                 # Not a retry: the halves are new requests (their attempt
                 # counts and the `retried` counter stay as they were).
                 half.attempts -= 1
-                if self._spooling or spooled is not None:
-                    # While spooling they are probed from the disk one at a
-                    # time; a replayed batch's halves stay on disk too.
-                    self._park(half)
-                else:
+                if replay is not None:
+                    self._replays[half] = replay
+                # While spooling they are probed from the disk one at a time;
+                # a replayed batch's halves go back to disk too (then its
+                # record is done).  What the spool cannot take stays here.
+                if not ((self._spooling or replay is not None) and self._park(half)):
                     self._retry(half, 0.0)
-            if spooled is not None and self.spool is not None:
-                self.spool.ack(spooled)  # after its halves were written
             return
         # One line per kind of failure per interval: an outage or a sender of
         # invalid documents must not flood the log.
         suppressed = self._error_throttle.check(f"{error.error_class} {error.status} {error.code}")
-        note = f" ({suppressed} similar failures not logged)" if suppressed else ""
+        note = suppressed_note(suppressed or 0)
         if not error.retryable:
-            if spooled is not None and self.spool is not None:
-                self.spool.ack(spooled)  # done with it: X-Ray will never take it
             counters.rejected += len(batch)
             self.buffer.release(batch)
+            if replay is not None:
+                self._part_done(replay)  # done with it: X-Ray will never take it
             if suppressed is None:
                 return
             if len(batch) == 1:  # what halving a refused batch ends with
@@ -471,37 +642,64 @@ class Batcher(Service):
         self._failures += 1
         if self._failing_since is None:
             self._failing_since = self._clock.seconds()
-        if spooled is not None and self.spool is not None:
-            self.spool.release(spooled)  # stays first in line on disk
-        elif self._spooling:
-            self._park(batch)
+        if replay is not None and replay.untouched(batch) and self.spool is not None:
+            self.spool.release(replay.spooled)  # stays first in line on disk
         else:
-            self._retry(batch, full_jitter(batch.attempts, self._random))
+            if replay is not None:
+                self._replays[batch] = replay  # part of a record: it waits here
+            if not (self._spooling and self._park(batch)):
+                self._retry(batch, full_jitter(batch.attempts, self._random))
         if self._failures > 1:
             pause = full_jitter(self._failures - 1, self._random)
             self.resume_at = max(self.resume_at, self._clock.seconds() + pause)
-        if suppressed is not None:
+        if error.credentials_refused:
+            self.credentials_refused = error.message
+        if suppressed is None:
+            return
+        if error.credentials_refused:
+            why = f"{error.status} {error.code}" if error.code else f"HTTP {error.status}"
             self.log.error(
-                "Sending segment batch failed with: {detail}; will retry {count} segments "
-                "(attempt {attempt}, {waiting} segments waiting){note}",
+                "Sending segment batch failed with: X-Ray refused the credentials ({why}): check "
+                "the role's xray:PutTraceSegments permission and where the credentials come "
+                "from (instance or task role, -r/--role-arn, AWS_* variables); will retry "
+                "{count} segments (attempt {attempt}, {waiting} segments waiting){note}. "
+                "X-Ray said: {detail}",
+                why=why,
                 detail=error.message,
                 count=len(batch),
                 attempt=batch.attempts,
                 waiting=self.waiting_docs,
                 note=note,
             )
+            return
+        self.log.error(
+            "Sending segment batch failed with: {detail}; {advice}will retry {count} segments "
+            "(attempt {attempt}, {waiting} segments waiting){note}",
+            detail=error.message,
+            advice=f"{error.advice}; " if error.advice else "",
+            count=len(batch),
+            attempt=batch.attempts,
+            waiting=self.waiting_docs,
+            note=note,
+        )
 
     def _lose(self, batch: Batch) -> None:
         self._counters.lost += len(batch)
         self.buffer.release(batch)
 
     def _keep_or_lose(self, batch: Batch) -> None:
-        """At the shutdown deadline: to the spool if there is one, else lost."""
-        spooled = self._replays.pop(batch, None)
-        if spooled is not None and self.spool is not None:
-            self.spool.release(spooled)  # never left the disk
-        elif self.spool is not None:
-            self._park(batch)
+        """At the shutdown deadline: to the spool if there is one and it takes it, else lost."""
+        spool = self.spool
+        replay = self._replays.get(batch)
+        if spool is not None and replay is not None and replay.untouched(batch):
+            del self._replays[batch]
+            spool.release(replay.spooled)  # never left the disk
+        elif spool is not None and self._park(batch):
+            pass
+        elif replay is not None:
+            # Its record is never acknowledged: the next run sends all of it again.
+            del self._replays[batch]
+            self.buffer.release(batch)
         else:
             self._lose(batch)
 
@@ -552,6 +750,9 @@ class Batcher(Service):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._park_call is not None:
+            self._park_call.cancel()
+            self._park_call = None
         stopped.callback(None)
 
     def _give_up(self) -> None:
@@ -561,6 +762,8 @@ class Batcher(Service):
         self._abandoned = True
         counters = self._counters
         lost, spooled = counters.lost, counters.spooled
+        if self.spool is not None:
+            self.spool.try_writes_now()  # a last try, even if the disk was refusing
         batches = self.buffer.drain() + [entry[2] for entry in self._retries]
         self._retries.clear()
         for batch in batches:
@@ -575,7 +778,16 @@ class Batcher(Service):
                 count=counters.spooled - spooled,
                 directory=self.spool.directory,
             )
-        if counters.lost > lost:
+        if counters.lost > lost and self.spool is not None:
+            self.log.error(
+                "Shutting down: {count} segments were not sent and could not be written to the "
+                "spool {directory} ({error}); they are lost (spool unwritable at shutdown). "
+                "Free space for the spool",
+                count=counters.lost - lost,
+                directory=self.spool.directory,
+                error=self.spool.unwritable or "unknown error",
+            )
+        elif counters.lost > lost:
             self.log.error(
                 "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
                 "sent and are lost",

@@ -5,7 +5,9 @@ Documents are kept in arrival order, already cut into batches of at most
 charged against the budget from the moment it is accepted until its upload
 is over (sent, or given up on), so the budget bounds queued *and* in-flight
 data.  When the budget is exhausted the *newest* document is refused and
-counted as spillover; nothing already accepted is pushed out.
+counted as spillover (as lost when the listener says so: a spool that
+should have made room cannot be written); nothing already accepted is
+pushed out.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class BufferListener(Protocol):
 
     def make_room(self, size: int) -> bool:
         """The budget cannot take ``size`` more bytes: free some if possible (True if so)."""
+
+    def refused(self) -> bool:
+        """``offer`` turned a document away: True if the listener counted it (as lost)."""
 
 
 class SegmentBuffer:
@@ -135,7 +140,8 @@ class SegmentBuffer:
             # Full: the listener may move waiting batches elsewhere (a disk spool).
             self._listener is None or not self._listener.make_room(cost)
         ):
-            self._counters.spillover += 1
+            if self._listener is None or not self._listener.refused():
+                self._counters.spillover += 1
             return False
         self.used += cost
         self.queued_docs += 1

@@ -32,15 +32,29 @@ complete segment document is harmless.
 Data is written to the kernel at once (a kill -9 loses nothing that reached
 the spool) and made durable with fsync at most every ``flush_interval``
 seconds and when a file is finished (a power loss can cost the last
-``flush_interval`` seconds of spooled batches, and may resend some).
+``flush_interval`` seconds of spooled batches, and may resend some).  An
+fsync waits for the device (tens of ms on a busy disk, seconds on a slow
+network volume), so with ``run_blocking`` (the daemon passes
+``thread_runner(reactor)``) it runs in a thread, one job at a time, on
+duplicated descriptors that the job owns: the event loop only duplicates
+descriptors and hands them over.  Writes stay on the event loop: one batch
+is copied to the page cache, well under a millisecond (docs/durability.md
+has the measurements).
 
 Every document appended ends in exactly one of: acknowledged, or counted as
-lost (oldest data dropped when the spool is full, a write that failed,
-corruption found on disk).  The spool counts (``Counters.spooled``,
-``replayed``, ``lost``) and logs those itself.
+lost (oldest data dropped when the spool is full, corruption found on
+disk).  The spool counts (``Counters.spooled``, ``replayed``, ``lost``) and
+logs those itself.  A batch that cannot be written (disk full, no file
+descriptors left, an I/O error) is not appended at all: ``append`` raises
+``SpoolWriteError`` and the batch stays its caller's.  The spool then says
+once that it is unwritable and refuses further writes without touching the
+disk until ``write_retry_at``; the next write after that is the probe
+(backing off from ``PROBE_MIN`` to ``PROBE_MAX`` seconds while it fails).
 
 Everything runs on the reactor thread; a lock file (flock) keeps a second
-daemon out of the same directory.
+daemon out of the same directory.  Like ssh with its key files, the spool
+refuses a directory that another user could write to or owns, and it never
+follows a symbolic link inside it.
 """
 
 from __future__ import annotations
@@ -51,17 +65,21 @@ import fcntl
 import heapq
 import os
 import re
+import stat
 import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xraytwisted.observe.counters import Counters
-from xraytwisted.observe.logs import Throttle
+from xraytwisted.observe.logs import Throttle, suppressed_note
 
 MAGIC = b"XSPL"
 VERSION = 1
@@ -78,23 +96,65 @@ DEFAULT_FILE_BYTES = 8 * 1024 * 1024
 MIN_FILE_BYTES = 64 * 1024
 FLUSH_INTERVAL = 1.0
 MAX_PROBLEMS = 100  # kept in Spool.problems (older ones are only in the log)
+# After a failed write, the disk is tried again after PROBE_MIN seconds,
+# doubling up to PROBE_MAX while it keeps failing: a full disk is not hammered,
+# and one that has room again is used within half a minute.
+PROBE_MIN = 1.0
+PROBE_MAX = 30.0
+# Errors that say "not now" rather than "never": a read that fails with one
+# is tried again later instead of the data being given up as unreadable.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
+)
+READ_RETRY = 1.0  # seconds before a read that failed that way is tried again
 LOCK_NAME = "lock"
 _DATA_NAME = re.compile(r"spool-(\d{16})\.xsp")
 _ACK_NAME = re.compile(r"spool-(\d{16})\.ack")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Every file in the spool directory is opened without following symbolic
+# links: a link planted there must not make the daemon write elsewhere.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RESYNC_CHUNK = 1024 * 1024
+
+
+# (fd, path, close it after?): what one sync job fsyncs; it owns the fds it closes.
+SyncJob = list[tuple[int, str, bool]]
+SyncErrors = list[tuple[str, str, OSError]]  # ("sync" or "close", path, error)
+BlockingRunner = Callable[[Callable[[], SyncErrors]], "Deferred[SyncErrors]"]
+
+
+def thread_runner(reactor: IReactorThreads) -> BlockingRunner:
+    """Run blocking calls in ``reactor``'s thread pool; results come back on the reactor."""
+
+    def run(call: Callable[[], SyncErrors]) -> Deferred[SyncErrors]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), call)
+
+    return run
 
 
 class SpoolError(Exception):
     """The spool cannot be used; str() is the one line to show."""
 
 
+class SpoolWriteError(Exception):
+    """``append`` did not store the batch: it is still the caller's.  str() says why.
+
+    ``disk`` is True when the disk refused (it may take it later: full, no
+    descriptors, I/O error), False when this batch can never be stored (larger
+    than the whole spool).
+    """
+
+    def __init__(self, reason: str, *, disk: bool) -> None:
+        super().__init__(reason)
+        self.disk = disk
+
+
 @dataclass(frozen=True)
 class Problem:
     """Something wrong found in the spool (or done to it) that cost documents."""
 
-    kind: str  # "torn tail", "corrupt record", "spool full", "write failed", "bad ack file"
+    kind: str  # "torn tail", "corrupt record", "spool full"
     path: str
     offset: int
     nbytes: int  # bytes skipped or dropped
@@ -127,6 +187,10 @@ class SpooledBatch:
 
     def __repr__(self) -> str:
         return f"<SpooledBatch {len(self.docs)} docs at {self._file.seq}:{self.offset}>"
+
+
+class _ReadLater(Exception):
+    """``_read`` could not read a record now (a transient error); nothing moved."""
 
 
 class _File:
@@ -362,6 +426,7 @@ class Spool:
         flush_interval: float,
         lock_fd: int,
         dir_fd: int,
+        run_blocking: BlockingRunner | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -382,10 +447,22 @@ class Spool:
         self.disk_bytes = 0  # size of all spool files: what max_bytes limits
         self.dropped_docs = 0  # lost because the spool was full
         self.corrupt_docs = 0  # lost to torn or corrupt records
-        self.failed_docs = 0  # lost because they could not be written
+        self.close_errors = 0  # os.close calls that failed (logged; nothing else to do)
+        # Why the last write failed, None while writes work; no write is
+        # tried before write_retry_at (the probe's backoff).
+        self.unwritable: str | None = None
+        self.unwritable_since = 0.0
+        self.write_retry_at = 0.0
+        self.failed_writes = 0  # since the spool became unwritable
+        self._probe_delay = PROBE_MIN
+        self.read_retry_at = 0.0  # no read before this (after a transient read error)
         self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
         self._unsynced: set[int] = set()  # fds with data or acks written since the last fsync
         self._dir_dirty = False
+        self._sealed: list[tuple[int, str]] = []  # finished files' fds: sync, then close
+        self._run_blocking = run_blocking  # None: fsync here, on the caller's thread
+        self._syncing = False  # a sync job is running (at most one)
+        self._sync_again = False  # something asked for a sync meanwhile
         self._flush_call: IDelayedCall | None = None
         self._throttle = Throttle(clock, 10.0)
         self.closed = False
@@ -402,12 +479,15 @@ class Spool:
         *,
         file_bytes: int | None = None,
         flush_interval: float = FLUSH_INTERVAL,
+        run_blocking: BlockingRunner | None = None,
     ) -> Spool:
         """Lock ``directory`` (created 0700 if need be) and read what is in it.
 
-        Raises SpoolError (one line) when the directory cannot be used or
-        another daemon has it.  Torn and corrupt data found are logged and
-        counted as lost; the rest is waiting to be taken.
+        Raises SpoolError (one line) when the directory cannot be used, is
+        not private to this user (see ``check_private``) or another daemon
+        has it.  Torn and corrupt data found are logged and counted as lost;
+        the rest is waiting to be taken.  ``run_blocking`` runs the periodic
+        fsync off the caller's thread (see the module docstring).
         """
         if max_bytes <= 0:
             raise SpoolError(f"spool size must be positive, not {max_bytes} bytes")
@@ -415,14 +495,22 @@ class Spool:
             file_bytes = max(MIN_FILE_BYTES, min(DEFAULT_FILE_BYTES, max_bytes // 8))
         directory = os.path.abspath(directory)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            try:
+                os.mkdir(directory, 0o700)
+                created = True
+            except FileExistsError:
+                created = False
             dir_fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            if created:
+                os.fchmod(dir_fd, 0o700)  # whatever the umask took away
         except OSError as e:
             raise SpoolError(
                 f"cannot use spool directory {directory}: {_reason(e)} "
                 "(check --spool-dir / Spool.Dir and its permissions)"
             ) from None
         try:
+            check_private(directory, os.fstat(dir_fd))
             lock_fd = _lock(directory)
         except BaseException:
             os.close(dir_fd)
@@ -436,6 +524,7 @@ class Spool:
             flush_interval,
             lock_fd,
             dir_fd,
+            run_blocking,
         )
         try:
             spool._load()
@@ -479,18 +568,22 @@ class Spool:
         # Not kept open: a large spool has many files; reading opens them again.
         rfd = -1
         try:
-            rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+            rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
             size = os.fstat(rfd).st_size
             acked_at = self._read_ack(f)
             result = walk(lambda off, n: os.pread(rfd, n, off), size, acked_at, f.path)
             if result.torn:
                 # The tail is garbage from an interrupted write: cut it off so
                 # it is reported once, not on every start.
-                os.truncate(f.path, result.end)
-                os.fsync(rfd)
+                wfd = os.open(f.path, os.O_WRONLY | _O_CLOEXEC | _O_NOFOLLOW)
+                try:
+                    os.ftruncate(wfd, result.end)
+                    os.fsync(wfd)
+                finally:
+                    os.close(wfd)
                 size = result.end
         except OSError as e:
-            raise SpoolError(f"cannot read spool file {f.path}: {_reason(e)}") from None
+            raise SpoolError(f"cannot read spool file {f.path}: {_open_reason(e)}") from None
         finally:
             if rfd >= 0:
                 os.close(rfd)
@@ -511,10 +604,8 @@ class Spool:
             self._delete(f)
 
     def _read_ack(self, f: _File) -> int:
-        try:
-            with open(f.ack_path, "rb") as a:
-                data = a.read(ACK.size + 1)
-        except FileNotFoundError:
+        data = _read_small(f.ack_path, ACK.size + 1)
+        if data is None:
             return 0
         offset = decode_ack(data)
         if offset is None:
@@ -530,28 +621,40 @@ class Spool:
 
     # -- writing ------------------------------------------------------------
 
+    def accepting(self) -> bool:
+        """Whether ``append`` would try the disk now (False while a failed write backs off)."""
+        return self.unwritable is None or self._clock.seconds() >= self.write_retry_at
+
+    def try_writes_now(self) -> None:
+        """End the backoff: the next ``append`` tries the disk (a last chance at shutdown)."""
+        self.write_retry_at = 0.0
+
     def append(self, docs: Sequence[bytes]) -> int:
-        """Store one batch (one write).  Returns how many documents this cost.
+        """Store one batch (one write).  Returns how many documents making room cost.
 
         To make room, the oldest files are deleted; documents in them not yet
-        sent are lost.  If the batch cannot be written at all (disk full, or
-        larger than the whole spool) it is lost.  Both are counted in
-        ``Counters.lost`` and logged here; the return value is for information.
+        sent are lost (counted in ``Counters.lost`` and logged here).
+
+        Raises SpoolWriteError, having stored and counted nothing, when the
+        batch cannot be written now (the disk refused it, or a write failed
+        less than ``write_retry_at`` ago) or ever (larger than the spool).
         """
         if self.closed:
             raise SpoolError("the spool is closed")
         if not docs:
             return 0
-        count = len(docs)
+        if not self.accepting():
+            raise SpoolWriteError(self.unwritable or "", disk=True)
         try:
             parts = encode(docs)
         except ValueError as e:
-            self._lose_batch(count, str(e))
-            return count
+            raise SpoolWriteError(str(e), disk=False) from None
         size = HEADER_SIZE + len(parts[1]) + len(parts[2])
         if size > self.max_bytes:
-            self._lose_batch(count, f"the batch ({size} bytes) is larger than the whole spool")
-            return count
+            raise SpoolWriteError(
+                f"the batch ({size} bytes) is larger than the whole spool", disk=False
+            )
+        count = len(docs)
         lost = self._make_room(size)
         f = self._write
         try:
@@ -562,8 +665,11 @@ class Spool:
         except OSError as e:
             if f is not None:
                 self._abandon_write_file(f)
-            self._lose_batch(count, _reason(e))
-            return lost + count
+            reason = _errno_text(e)
+            self._write_failed(reason, e)
+            raise SpoolWriteError(reason, disk=True) from None
+        if self.unwritable is not None:
+            self._write_recovered()
         f.end = f.size = f.end + size
         f.pending_docs += count
         f.pending_bytes += size
@@ -577,12 +683,44 @@ class Spool:
             self._seal(f)
         return lost
 
+    def _write_failed(self, reason: str, e: OSError) -> None:
+        now = self._clock.seconds()
+        self.failed_writes += 1
+        if self.unwritable is None:
+            self.unwritable_since = now
+            self._probe_delay = PROBE_MIN
+            self.log.error(
+                "Spool {dir} unwritable: {error}; keeping batches in memory and retrying the "
+                "disk in {delay:g} s, backing off to every {most:g} s. {advice}",
+                dir=self.directory,
+                error=reason,
+                delay=self._probe_delay,
+                most=PROBE_MAX,
+                advice=_write_advice(e),
+            )
+        else:
+            self._probe_delay = min(PROBE_MAX, self._probe_delay * 2)
+        self.unwritable = reason
+        self.write_retry_at = now + self._probe_delay
+
+    def _write_recovered(self) -> None:
+        self.log.info(
+            "Spool {dir} is writable again after {seconds:.0f} s (failed writes meanwhile: "
+            "{failed}); batches go to disk again",
+            dir=self.directory,
+            seconds=self._clock.seconds() - self.unwritable_since,
+            failed=self.failed_writes,
+        )
+        self.unwritable = None
+        self.failed_writes = 0
+        self.write_retry_at = 0.0
+
     def _new_file(self) -> _File:
         f = _File(self.directory, self._next_seq)
         self._next_seq += 1
         f.wfd = os.open(
             f.path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC | _O_NOFOLLOW,
             0o600,
         )
         self._files.append(f)
@@ -591,20 +729,22 @@ class Spool:
         self._dir_dirty = True
         return f
 
-    def _seal(self, f: _File) -> None:
+    def _seal(self, f: _File, inline: bool = False) -> None:
         """No more appends to ``f``: make it durable now (once per file) and close it."""
         if f is self._write:
             self._write = None
         fd, f.wfd = f.wfd, None
         if fd is not None:
             self._unsynced.discard(fd)
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                self.log.error(
-                    "Could not sync spool file {path}: {error}", path=f.path, error=_reason(e)
-                )
-            os.close(fd)
+            if inline or self._run_blocking is None:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    self._sync_failed(f.path, e)
+                self._close(fd, f.path)
+            else:
+                self._sealed.append((fd, f.path))  # the sync job closes it
+                self._sync(inline=False)
         self._advance(f)
 
     def _abandon_write_file(self, f: _File) -> None:
@@ -614,19 +754,6 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.ftruncate(f.wfd, f.end)
         self._seal(f)
-
-    def _lose_batch(self, count: int, why: str) -> None:
-        self.failed_docs += count
-        self._counters.lost += count
-        if self._throttle.check("write failed") is not None:
-            self.log.error(
-                "Could not write {count} segments to the spool {dir}: {why}; they are lost. "
-                "Free disk space there or lower --spool-max-mb (Spool.MaxMB)",
-                count=count,
-                dir=self.directory,
-                why=why,
-            )
-        self.problems.append(Problem("write failed", self.directory, 0, 0, count, why))
 
     def _make_room(self, size: int) -> int:
         """Delete the oldest files until ``size`` more bytes fit; returns documents lost."""
@@ -678,7 +805,7 @@ class Spool:
         The batch stays in the spool until ``ack``: if the daemon stops
         before that, the next run sends it again.
         """
-        if self.closed:
+        if self.closed or self._clock.seconds() < self.read_retry_at:
             return None
         released = self._released
         while released:
@@ -689,7 +816,11 @@ class Spool:
             entry = f.outstanding.get(offset)
             if entry is None or entry[2]:
                 continue
-            batch = self._read(f, offset)
+            try:
+                batch = self._read(f, offset)
+            except _ReadLater:
+                heapq.heappush(released, (seq, offset))
+                return None
             if batch is None:
                 del f.outstanding[offset]
                 self._advance(f)
@@ -709,7 +840,10 @@ class Spool:
             if following is not None:
                 f.read_at = following
                 continue
-            batch = self._read(f, offset)
+            try:
+                batch = self._read(f, offset)
+            except _ReadLater:
+                return None
             if batch is None:
                 self._advance(f)
                 continue
@@ -722,10 +856,13 @@ class Spool:
         """Read the record at ``offset`` (moving ``read_at`` past it if it is next).
 
         A corrupt record is reported and counted as lost, and None returned.
+        Raises _ReadLater when it cannot be read now (no descriptors left,
+        say): nothing moved, and ``take`` tries again after ``READ_RETRY`` s.
         """
+        read_at = f.read_at
         try:
             if f.rfd is None:
-                f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC)
+                f.rfd = os.open(f.path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
             rfd = f.rfd
             head = os.pread(rfd, HEADER_SIZE, offset)
             parsed = parse_header(head)
@@ -741,6 +878,10 @@ class Spool:
                 f.read_at = offset + size
             payload = os.pread(rfd, length, offset + HEADER_SIZE)
         except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                f.read_at = read_at
+                self._read_later(f, e)
+                raise _ReadLater() from None
             # Unreadable (I/O error, file removed by hand): nothing here can be sent.
             self._corrupt(f, offset, f.end - offset, None, _reason(e))
             f.read_at = f.end
@@ -757,6 +898,20 @@ class Spool:
             return None
         return SpooledBatch(f, offset, size, docs)
 
+    def _read_later(self, f: _File, e: OSError) -> None:
+        self.read_retry_at = self._clock.seconds() + READ_RETRY
+        suppressed = self._throttle.check("read later")
+        if suppressed is not None:
+            self.log.error(
+                "Could not read spool file {path} now: {error}; trying again in {delay:g} s "
+                "(nothing is lost). {advice}{note}",
+                path=f.path,
+                error=_errno_text(e),
+                delay=READ_RETRY,
+                advice=_write_advice(e),
+                note=suppressed_note(suppressed),
+            )
+
     def _corrupt(self, f: _File, offset: int, nbytes: int, docs: int | None, why: str) -> None:
         self._report(Problem("corrupt record", f.path, offset, nbytes, docs, why), counted=True)
 
@@ -766,7 +921,8 @@ class Spool:
         if problem.docs and not counted:
             self.corrupt_docs += problem.docs
             self._counters.lost += problem.docs
-        if self._throttle.check(problem.kind) is None:
+        suppressed = self._throttle.check(problem.kind)
+        if suppressed is None:
             return
         if problem.kind == "torn tail":
             what = "ends in a record that was being written when the daemon or machine stopped"
@@ -777,13 +933,14 @@ class Spool:
         docs = "an unknown number of" if problem.docs is None else str(problem.docs)
         self.log.error(
             "Spool file {path} {what} at offset {offset}; skipped {nbytes} bytes, "
-            "{docs} segments in them are lost. {advice}",
+            "{docs} segments in them are lost. {advice}{note}",
             path=problem.path,
             what=what,
             offset=problem.offset,
             nbytes=problem.nbytes,
             docs=docs,
             advice=advice,
+            note=suppressed_note(suppressed),
         )
 
     # -- acknowledging ------------------------------------------------------
@@ -852,21 +1009,25 @@ class Spool:
             return
         if done <= f.acked_at:
             return
-        f.acked_at = done
         try:
             if f.ack_fd is None:
-                f.ack_fd = os.open(f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+                f.ack_fd = os.open(
+                    f.ack_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o600
+                )
                 self._dir_dirty = True
             os.pwrite(f.ack_fd, encode_ack(done), 0)
             self._unsynced.add(f.ack_fd)
+            f.acked_at = done  # only now: a failed write is tried again by the next ack
         except OSError as e:
             # Only costs duplicates after a restart.
-            if self._throttle.check("ack failed") is not None:
+            suppressed = self._throttle.check("ack failed")
+            if suppressed is not None:
                 self.log.error(
                     "Could not record progress in {path}: {error}; after a restart some "
-                    "batches will be sent again",
+                    "batches will be sent again{note}",
                     path=f.ack_path,
-                    error=_reason(e),
+                    error=_errno_text(e),
+                    note=suppressed_note(suppressed),
                 )
         self._flush_soon()
 
@@ -875,7 +1036,7 @@ class Spool:
         for fd in (f.wfd, f.rfd, f.ack_fd):
             if fd is not None:
                 self._unsynced.discard(fd)
-                os.close(fd)
+                self._close(fd, f.path)
         f.wfd = f.rfd = f.ack_fd = None
         if f is self._write:
             self._write = None
@@ -906,26 +1067,107 @@ class Spool:
 
     def _timed_flush(self) -> None:
         self._flush_call = None
-        self.flush()
+        self._sync(inline=False)
 
     @property
     def dirty(self) -> bool:
-        return bool(self._unsynced) or self._dir_dirty
+        return bool(self._unsynced) or self._dir_dirty or bool(self._sealed)
 
     def flush(self) -> None:
-        """fsync everything written since the last flush, and the directory."""
-        unsynced, self._unsynced = self._unsynced, set()
-        for fd in unsynced:
+        """fsync, here and now, everything written since the last sync, and the directory."""
+        self._sync(inline=True)
+
+    def _sync(self, inline: bool) -> None:
+        """fsync what changed, and finished files (closing them).
+
+        Off this thread when there is a runner and ``inline`` is False: one
+        job at a time (a sync that hangs on a dead network volume must not
+        pile up jobs and descriptors), on duplicates of the descriptors.
+        """
+        if not inline and self._run_blocking is not None:
+            if self._syncing:
+                self._sync_again = True
+                return
             try:
-                os.fsync(fd)
-            except OSError as e:
-                self.log.error("Could not sync the spool: {error}", error=_reason(e))
+                job = self._take_job(duplicate=True)
+            except OSError:
+                pass  # no descriptor left to duplicate: sync here rather than not at all
+            else:
+                if job:
+                    self._syncing = True
+                    done = self._run_blocking(lambda: sync_job(job))
+                    done.addBoth(self._synced)
+                return
+        self._report_sync(sync_job(self._take_job(duplicate=False)))
+
+    def _take_job(self, duplicate: bool) -> SyncJob:
+        job: SyncJob = []
+        fds = list(self._unsynced)
         if self._dir_dirty:
-            self._dir_dirty = False
-            try:
-                os.fsync(self._dir_fd)
-            except OSError as e:
-                self.log.error("Could not sync the spool directory: {error}", error=_reason(e))
+            fds.append(self._dir_fd)
+        try:
+            for fd in fds:
+                job.append(
+                    (os.dup(fd), self.directory, True) if duplicate else (fd, self.directory, False)
+                )
+        except OSError:
+            for fd, _, _ in job:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._unsynced = set()
+        self._dir_dirty = False
+        job.extend((fd, path, True) for fd, path in self._sealed)
+        self._sealed = []
+        return job
+
+    def _synced(self, result: SyncErrors | Failure) -> None:
+        self._syncing = False
+        if isinstance(result, Failure):
+            self.log.failure("Unexpected error while syncing the spool", result)
+        else:
+            self._report_sync(result)
+        if self._sync_again:
+            self._sync_again = False
+            self._flush_soon()
+
+    def _report_sync(self, errors: SyncErrors) -> None:
+        for what, path, e in errors:
+            if what == "sync":
+                self._sync_failed(path, e)
+            else:
+                self._close_failed(path, e)
+
+    def _sync_failed(self, path: str, e: OSError) -> None:
+        suppressed = self._throttle.check("sync failed")
+        if suppressed is not None:
+            self.log.error(
+                "Could not sync the spool ({path}): {error}; what was written stays in the "
+                "kernel, but a power loss may cost it. Check the disk{note}",
+                path=path,
+                error=_errno_text(e),
+                note=suppressed_note(suppressed),
+            )
+
+    def _close(self, fd: int, path: str) -> None:
+        """os.close that cannot fail the caller (an I/O error reported at close, say)."""
+        try:
+            os.close(fd)
+        except OSError as e:
+            self._close_failed(path, e)
+
+    def _close_failed(self, path: str, e: OSError) -> None:
+        self.close_errors += 1
+        suppressed = self._throttle.check("close failed")
+        if suppressed is not None:
+            self.log.error(
+                "Could not close spool file {path}: {error}; going on (check the disk if "
+                "this repeats; {count} close errors so far){note}",
+                path=path,
+                error=_errno_text(e),
+                count=self.close_errors,
+                note=suppressed_note(suppressed),
+            )
 
     def close(self) -> None:
         """Flush and release the directory; batches not acknowledged stay for the next run."""
@@ -933,8 +1175,8 @@ class Spool:
             return
         write = self._write
         if write is not None:
-            self._seal(write)
-        self.flush()
+            self._seal(write, inline=True)
+        self.flush()  # here: shutting down, nothing else to wait for
         self.closed = True
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
@@ -945,9 +1187,12 @@ class Spool:
         for f in self._files:
             for fd in (f.wfd, f.rfd, f.ack_fd):
                 if fd is not None:
-                    os.close(fd)
+                    self._close(fd, f.path)
             f.wfd = f.rfd = f.ack_fd = None
         self._unsynced.clear()
+        for fd, path in self._sealed:
+            self._close(fd, path)
+        self._sealed = []
         for fd in (self._dir_fd, self._lock_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -987,16 +1232,13 @@ def inspect(directory: str) -> Summary:
             continue
         path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
         except FileNotFoundError:
             continue  # deleted meanwhile
         try:
             size = os.fstat(fd).st_size
-            try:
-                with open(path[: -len(".xsp")] + ".ack", "rb") as a:
-                    acked_at = decode_ack(a.read(ACK.size + 1)) or 0
-            except FileNotFoundError:
-                acked_at = 0
+            ack = _read_small(path[: -len(".xsp")] + ".ack", ACK.size + 1)
+            acked_at = (decode_ack(ack) or 0) if ack is not None else 0
             result = walk(lambda off, n: os.pread(fd, n, off), size, acked_at, path)  # noqa: B023
         finally:
             os.close(fd)
@@ -1008,12 +1250,74 @@ def inspect(directory: str) -> Summary:
     return Summary(files, pending_docs, pending_bytes, disk_bytes, tuple(problems))
 
 
+def sync_job(job: SyncJob) -> SyncErrors:
+    """fsync each descriptor of ``job`` (closing those it owns); the errors, for the log.
+
+    Touches nothing but its descriptors: it may run in another thread.
+    """
+    errors: SyncErrors = []
+    for fd, path, owned in job:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            errors.append(("sync", path, e))
+        if owned:
+            try:
+                os.close(fd)
+            except OSError as e:
+                errors.append(("close", path, e))
+    return errors
+
+
+def check_private(directory: str, st: os.stat_result) -> None:
+    """Refuse (SpoolError) a directory another user could change, as ssh does for ~/.ssh.
+
+    Whoever can create files in the spool directory can make the daemon
+    read forged batches or, through a planted link, write where they choose.
+    It must belong to this process's user (or root) and not be writable by
+    group or others.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise SpoolError(
+            f"spool directory {directory} belongs to uid {st.st_uid}, not to this daemon's user "
+            f"(uid {uid}), so its owner could change what the daemon reads and writes; "
+            f"chown it to uid {uid} or use another directory"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = {0o020: "its group", 0o002: "all users"}.get(mode & 0o022, "its group and all users")
+        raise SpoolError(
+            f"spool directory {directory} is writable by {who} (mode {mode:04o}), so another "
+            f"user could plant files or links in it; run chmod 700 {directory} or use another "
+            "directory"
+        )
+
+
+def _read_small(path: str, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of ``path`` (not following a link); None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _open_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link, which the spool never follows; remove it"
+    return _reason(e)
+
+
 def _lock(directory: str) -> int:
     path = os.path.join(directory, LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o600)
     except OSError as e:
-        raise SpoolError(f"cannot create spool lock file {path}: {_reason(e)}") from None
+        raise SpoolError(f"cannot create spool lock file {path}: {_open_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -1049,3 +1353,18 @@ def _write_all(fd: int, parts: list[bytes], size: int) -> None:
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
+
+
+def _errno_text(e: OSError) -> str:
+    """``[Errno 28] No space left on device``: the number too, for searching."""
+    if e.errno is None:
+        return str(e)
+    return f"[Errno {e.errno}] {e.strerror or os.strerror(e.errno)}"
+
+
+def _write_advice(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space there or lower --spool-max-mb (Spool.MaxMB)"
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return "Raise the open-files limit (ulimit -n, systemd LimitNOFILE)"
+    return "Check the disk and the permissions of the spool directory"

@@ -43,6 +43,35 @@ THROTTLING_CODES = frozenset(
         "SlowDown",
     }
 )
+# 400s that are X-Ray's verdict on the documents themselves (sending them
+# again cannot succeed).  Any other 400 - no AWS error code (an HTML page from
+# a proxy), RequestAbortedException, an auth code - is not about the
+# documents and is retried like an outage.
+CONTENT_CODES = frozenset(
+    {"InvalidRequestException", "SerializationException", "ValidationException"}
+)
+# Codes that say the request's credentials or signature were refused (with
+# 401/403, or the 400 that some AWS front ends use for them).
+CREDENTIAL_CODES = frozenset(
+    {
+        "AccessDeniedException",
+        "AccessDenied",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "MissingAuthenticationTokenException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "NotAuthorized",
+    }
+)
+# Answers that mean the request went to the wrong place or in the wrong
+# shape (a wrong --endpoint): whatever answers there will say it again.
+WRONG_ENDPOINT_STATUSES = frozenset({404, 405, 411, 414, 415, 422})
+
 # UnprocessedTraceSegments codes worth sending again (the rest describe the
 # document itself, and X-Ray will refuse it again).
 RETRYABLE_UNPROCESSED = THROTTLING_CODES | {
@@ -84,6 +113,8 @@ class UploadError:
     message: str
     status: int | None = None
     code: str = ""
+    credentials_refused: bool = False  # X-Ray (or its front end) refused the credentials
+    advice: str = ""  # what to check, for the log line ("" when the message says it)
 
 
 @dataclass(frozen=True)
@@ -166,11 +197,22 @@ def error_code(headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
 def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
     code, message = error_code(headers, body)
     throttled = status == 429 or code in THROTTLING_CODES
-    # Validation errors (400 InvalidRequestException, 413) describe the
-    # request itself; sending it again cannot succeed.  Everything else -
-    # throttling, 5xx, and auth errors that a credential refresh can cure -
-    # is worth retrying.
-    permanent = status in (400, 404, 405, 411, 413, 414, 415, 422) and not throttled
+    credentials = not throttled and (status in (401, 403) or code in CREDENTIAL_CODES)
+    # Only X-Ray's verdict on the documents (413, or a 400 with one of its
+    # content codes) or a wrong endpoint is final.  Everything else -
+    # throttling, 5xx, auth errors that fixed credentials cure, a 400 from
+    # something in front of X-Ray - is worth retrying.
+    content = status == 413 or (status == 400 and code in CONTENT_CODES)
+    permanent = not throttled and not credentials and (content or status in WRONG_ENDPOINT_STATUSES)
+    advice = ""
+    if status == 400 and not (permanent or throttled or credentials):
+        what = (
+            f"the code {code}" if code else "no AWS error code: something in front of it answered"
+        )
+        advice = (
+            f"this is not X-Ray's verdict on the segments ({what}), so they are kept; check "
+            "--endpoint and the proxy"
+        )
     if status >= 500:
         error_class = "HTTPCode5XXCount"
     elif status >= 400:
@@ -181,9 +223,13 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
         error_class=error_class,
         retryable=not permanent,
         throttled=throttled,
-        message=f"HTTP {status} {code}: {message}".rstrip(": "),
+        message=f"HTTP {status}"
+        + (f" {code}" if code else "")
+        + (f": {message}" if message else ""),
         status=status,
         code=code,
+        credentials_refused=credentials,
+        advice=advice,
     )
 
 

@@ -4,7 +4,8 @@ The verdict is a pure function of a few numbers (``assess``); the resource
 only gathers them through callables, so it knows nothing about the batcher
 or the credential machinery.  The daemon is unhealthy when
 
-* no AWS credentials are available (nothing can be uploaded), or
+* no AWS credentials are available (nothing can be uploaded), or X-Ray
+  refused them at the last upload (and none has succeeded since), or
 * segments are waiting, the oldest has waited ``unhealthy_after`` seconds,
   and no upload has succeeded in that time either.
 
@@ -69,6 +70,7 @@ def assess(
     buffer_used: int,
     buffer_capacity: int,
     endpoint: str,
+    credentials_refused: str | None = None,
 ) -> Report:
     """The health verdict and the JSON body, from plain values.
 
@@ -81,6 +83,11 @@ def assess(
     have_credentials, credentials_source = credentials
     if not have_credentials:
         reasons.append(f"no AWS credentials available ({credentials_source})")
+    if credentials_refused is not None:
+        reasons.append(
+            f"X-Ray refused the credentials ({credentials_refused}): check the role's "
+            "xray:PutTraceSegments permission"
+        )
     oldest_wait: float | None = None
     if waiting > 0:
         since = oldest_waiting_since if oldest_waiting_since is not None else started_at
@@ -117,6 +124,8 @@ def assess(
         "credentials": {"available": have_credentials, "source": credentials_source},
         "unhealthy_after_seconds": unhealthy_after,
     }
+    if credentials_refused is not None:
+        body["credentials"]["refused_by_xray"] = credentials_refused
     return Report(healthy=not reasons, body=body)
 
 
@@ -142,6 +151,7 @@ class HealthState:
     started_at: float
     unhealthy_after: float
     oldest_waiting_since: Callable[[], float | None] | None = field(default=None)
+    credentials_refused: Callable[[], str | None] | None = field(default=None)
 
     def report(self) -> Report:
         return assess(
@@ -157,6 +167,9 @@ class HealthState:
             buffer_used=self.buffer.used,
             buffer_capacity=self.buffer.capacity,
             endpoint=self.endpoint_url,
+            credentials_refused=(
+                self.credentials_refused() if self.credentials_refused is not None else None
+            ),
         )
 
 
