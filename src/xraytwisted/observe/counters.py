@@ -33,6 +33,9 @@ PROXY_OUTCOMES = (
     "timeout",  # 504
     "unreachable",  # 502
     "local",  # /health, /metrics, or sampling answered by the daemon itself
+    "not_allowed",  # 403: an X-Ray API path outside SamplingProxy.Allow
+    "cross_origin",  # 403: a request from a web page (it has an Origin header)
+    "bad_host",  # 403: a Host header outside SamplingProxy.AllowedHosts
     "slow_client",  # 408: the request was not complete within its deadline
 )
 
