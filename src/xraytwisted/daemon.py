@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,10 +51,12 @@ from xraytwisted.tcpport.health import (
     credentials_status,
     monitoring_site,
 )
+from xraytwisted.tcpport.held import HeldBytes, default_hold
 from xraytwisted.tcpport.local_sampling import LocalSamplingResource
+from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
-from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
+from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService, connection_limits
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -207,7 +210,11 @@ def summarize(s: Settings, parts: Parts) -> str:
     Values the daemon worked out are shown resolved (region, endpoint,
     buffer size); a proxy password is masked.
     """
+    factory = parts.tcp.factory
     resolved: dict[str, object] = {
+        "tcp_max_connections": factory.max_connections,
+        "tcp_max_connections_per_peer": factory.max_per_peer,
+        "tcp_hold_kb": factory.hold.capacity // 1024 if factory.hold is not None else 0,
         "region": parts.region,
         "endpoint": "none" if s.local_sink else parts.endpoint.url,
         "buffer_memory_mb": parts.budget.megabytes,
@@ -276,6 +283,46 @@ def _where_to(
     except endpoints.EndpointError as e:
         raise StartupError(str(e)) from None
     return region, endpoint, identity
+
+
+def _descriptors() -> tuple[int | None, int]:
+    """RLIMIT_NOFILE's soft limit (None: unlimited) and the descriptors open now."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # (listdir's own)
+    except OSError:  # no /proc: a typical count at this point
+        in_use = 16
+    return (None if soft == resource.RLIM_INFINITY else soft), in_use
+
+
+def _tcp_limits(settings: Settings, notes: list[tuple[str, str]]) -> tuple[int, int]:
+    """The TCP port's connection limits (total, per peer): configured, or from ulimit -n."""
+    soft, in_use = _descriptors()
+    # One descriptor per upload and proxied request in flight, and telemetry.
+    outbound = settings.concurrency + settings.proxy_max_concurrent + 1
+    total, per_peer, cramped = connection_limits(soft, in_use, outbound)
+    if cramped and not settings.tcp_max_connections:
+        notes.append((
+            "warn",
+            f"The file descriptor limit (ulimit -n) is {soft}, {in_use} are in use: the TCP "
+            f"port takes at most {total} connections, and uploads may still run short of "
+            "descriptors. Raise the limit (e.g. LimitNOFILE= in the systemd unit, "
+            "--ulimit nofile= for docker)",
+        ))  # fmt: skip
+    room = total
+    if settings.tcp_max_connections:
+        total = settings.tcp_max_connections
+        if soft is not None and total > room:
+            notes.append((
+                "warn",
+                f"--tcp-max-connections {total} is more than the file descriptor limit "
+                f"(ulimit -n {soft}) leaves room for besides uploads ({room}): clients could "
+                "use up the descriptors uploads and the spool need",
+            ))  # fmt: skip
+        per_peer = min(total, max(total // 4, 64))
+    if settings.tcp_max_connections_per_peer:
+        per_peer = settings.tcp_max_connections_per_peer
+    return total, min(per_peer, total)
 
 
 def _bind(address: addresses.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
@@ -378,7 +425,8 @@ def build(
     # The TCP port's HTTP side: sampling (signed and proxied, or answered
     # locally), plus /health and /metrics, which are never proxied.
     health = HealthResource(
-        HealthState(
+        show_identity=settings.monitoring_show_identity,
+        state=HealthState(
             clock=reactor,
             counters=counters,
             buffer=buffer,
@@ -392,7 +440,7 @@ def build(
             endpoint_url=sink.path if local else endpoint.url,
             started_at=reactor.seconds(),
             unhealthy_after=settings.unhealthy_after,
-        )
+        ),
     )
 
     def build_metrics() -> Resource:
@@ -411,11 +459,15 @@ def build(
 
     metrics = LazyResource(build_metrics)
     max_body = settings.proxy_max_body_kb * 1024
+    max_line = settings.stream_max_line_kb * 1024
+    # Unfinished stream lines and request bodies: bounded in total too.
+    hold = HeldBytes(settings.tcp_hold_kb * 1024 or default_hold(max_line, max_body), reactor)
     sampling: Resource
+    overloaded = None
     if local:
         sampling = LocalSamplingResource(reactor, counters, max_body=max_body)
     else:
-        sampling = SamplingProxy(
+        sampling = proxy = SamplingProxy(
             client=http_client,
             endpoint=endpoint,
             region=region,
@@ -425,7 +477,10 @@ def build(
             max_body=max_body,
             timeout=settings.proxy_timeout,
             max_concurrent=settings.proxy_max_concurrent,
+            allow=parse_allow(settings.proxy_allow),
+            allowed_hosts=settings.proxy_allowed_hosts.split(","),
         )
+        overloaded = proxy.overloaded
     local_pages: dict[bytes, Resource] = {b"health": health, b"metrics": metrics}
     site = make_site(
         http_root(sampling, local_pages, counters),
@@ -433,8 +488,21 @@ def build(
         max_body=max_body,
         counters=counters,
         reactor=reactor,
+        request_deadline=settings.proxy_request_deadline,
+        hold=hold,
+        overloaded=overloaded,
     )
-    stream = SniffingFactory(ingest, site, settings.stream_max_line_kb * 1024, reactor)
+    max_connections, max_per_peer = _tcp_limits(settings, notes)
+    stream = SniffingFactory(
+        ingest,
+        site,
+        max_line,
+        reactor,
+        stream_idle=settings.stream_idle_timeout or None,
+        max_connections=max_connections,
+        max_per_peer=max_per_peer,
+        hold=hold,
+    )
     telemetry = TelemetryService(
         send=uploader.call,
         counters=counters,
