@@ -35,6 +35,7 @@ from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
 from xraytwisted.listen import bind
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.telemetry import TelemetryService
+from xraytwisted.outbound import resolver
 from xraytwisted.outbound.http_client import make_http, outbound_info, outbound_warnings
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
 from xraytwisted.pipeline.batcher import Batcher
@@ -378,6 +379,9 @@ def build(
         except ProxyConfigError as e:
             raise StartupError(str(e)) from None
         daemon.cleanups.append(pool.closeCachedConnections)
+        # Lookups that fail for want of descriptors end at once, not as
+        # unhandled errors after the upload's timeout.
+        resolver.install(reactor)
         notes += [("info", line) for line in outbound_info(settings, env)]
         notes += [("warn", line) for line in outbound_warnings(settings, env)]
 
