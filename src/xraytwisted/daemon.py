@@ -33,6 +33,7 @@ from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
 from xraytwisted.listen import bind
+from xraytwisted.observe.accept_errors import AcceptErrorFilter
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.telemetry import TelemetryService
 from xraytwisted.outbound import resolver
@@ -358,6 +359,15 @@ def build(
 
     counters = Counters()
     budget = buffer_budget(settings.buffer_memory_mb)
+    # Twisted's own lines about accept() out of descriptors: throttled, and
+    # the listeners pause instead of spinning (see observe/accept_errors).
+    listeners: list[Any] = []
+    if observer is not None:
+        observer = AcceptErrorFilter(
+            observer,
+            reactor,
+            on_accept_error=lambda: [service.pause_accepting() for service in listeners],
+        )
     buffer = SegmentBuffer(budget.bytes, reactor, counters)
     daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
     notes: list[tuple[str, str]] = []
@@ -537,6 +547,7 @@ def build(
         reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
+    listeners.append(tcp)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
 
     # Stop order (XRayDaemon.stopService): ingest, then the batcher drain,
@@ -547,9 +558,9 @@ def build(
         monitor_site = monitoring_site(
             health, metrics, timeout=settings.proxy_client_timeout, reactor=reactor
         )
-        SiteService(reactor, opened[2], monitor_site, "/health and /metrics").setServiceParent(
-            daemon
-        )
+        monitor = SiteService(reactor, opened[2], monitor_site, "/health and /metrics")
+        monitor.setServiceParent(daemon)
+        listeners.append(monitor)
     daemon.ingest_services += [udp, tcp]
     daemon.drain_services.append(batcher)
     daemon.parts = daemon._banner_parts = Parts(
