@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -132,6 +133,39 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(
             names, [k.long or k.attr for k in KEYS if k.attr != "version"] + ["config"]
         )
+
+    def test_tcp_port_limits_are_wired_and_shown_resolved(self) -> None:
+        from xraytwisted.daemon import summarize
+
+        daemon = self.make(
+            "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+            "--proxy-allow", "GetTraceSummaries", "--proxy-request-deadline", "3",
+            "--stream-idle-timeout", "0", "--tcp-max-connections-per-peer", "5",
+        )  # fmt: skip
+        assert daemon.parts is not None
+        self.addCleanup(daemon.parts.udp.stopService)
+        self.addCleanup(daemon.parts.tcp.stopService)
+        factory = daemon.parts.tcp.factory
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.assertGreaterEqual(factory.max_connections or 0, 1)
+        if soft != resource.RLIM_INFINITY:
+            self.assertLess(factory.max_connections or 0, soft)
+        self.assertEqual(factory.max_per_peer, 5)
+        self.assertIsNone(factory.stream_idle)
+        assert factory.hold is not None
+        self.assertEqual(factory.hold.capacity, 4096 * 1024)
+        site = factory.site
+        self.assertIs(site.hold, factory.hold)  # type: ignore[attr-defined]
+        self.assertEqual(site.request_deadline, 3.0)  # type: ignore[attr-defined]
+        proxy = site.overloaded.__self__  # type: ignore[attr-defined]
+        self.assertEqual(
+            proxy.allow, {b"/GetSamplingRules", b"/SamplingTargets", b"/TraceSummaries"}
+        )
+        line = summarize(daemon.parts.settings, daemon.parts)
+        self.assertIn(f"tcp-max-connections={factory.max_connections} ", line)
+        self.assertIn("tcp-max-connections-per-peer=5 ", line)
+        self.assertIn("tcp-hold=4096KB ", line)
+        self.assertIn("proxy-allow=GetTraceSummaries ", line)
 
     def test_region_from_environment(self) -> None:
         self.patch(os, "environ", {**os.environ, "AWS_REGION": "eu-west-1"})

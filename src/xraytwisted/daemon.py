@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,9 +34,11 @@ from xraytwisted.ingest.otlp_http import OtlpHTTPService
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
 from xraytwisted.listen import bind
+from xraytwisted.observe.accept_errors import AcceptErrorFilter
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.telemetry import TelemetryService
 from xraytwisted.otlp_bridge import OtlpBridge, build_bridge
+from xraytwisted.outbound import resolver
 from xraytwisted.outbound.http_client import make_http, outbound_info, outbound_warnings
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
 from xraytwisted.pipeline.batcher import Batcher
@@ -52,10 +55,12 @@ from xraytwisted.tcpport.health import (
     credentials_status,
     monitoring_site,
 )
+from xraytwisted.tcpport.held import HeldBytes, default_hold
 from xraytwisted.tcpport.local_sampling import LocalSamplingResource
+from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
-from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
+from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService, connection_limits
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -232,7 +237,11 @@ def summarize(s: Settings, parts: Parts) -> str:
     Values the daemon worked out are shown resolved (region, endpoint,
     buffer size); a proxy password is masked.
     """
+    factory = parts.tcp.factory
     resolved: dict[str, object] = {
+        "tcp_max_connections": factory.max_connections,
+        "tcp_max_connections_per_peer": factory.max_per_peer,
+        "tcp_hold_kb": factory.hold.capacity // 1024 if factory.hold is not None else 0,
         "region": parts.region,
         "endpoint": "none" if s.local_sink else parts.endpoint.url,
         "buffer_memory_mb": parts.budget.megabytes,
@@ -303,6 +312,46 @@ def _where_to(
     return region, endpoint, identity
 
 
+def _descriptors() -> tuple[int | None, int]:
+    """RLIMIT_NOFILE's soft limit (None: unlimited) and the descriptors open now."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # (listdir's own)
+    except OSError:  # no /proc: a typical count at this point
+        in_use = 16
+    return (None if soft == resource.RLIM_INFINITY else soft), in_use
+
+
+def _tcp_limits(settings: Settings, notes: list[tuple[str, str]]) -> tuple[int, int]:
+    """The TCP port's connection limits (total, per peer): configured, or from ulimit -n."""
+    soft, in_use = _descriptors()
+    # One descriptor per upload and proxied request in flight, and telemetry.
+    outbound = settings.concurrency + settings.proxy_max_concurrent + 1
+    total, per_peer, cramped = connection_limits(soft, in_use, outbound)
+    if cramped and not settings.tcp_max_connections:
+        notes.append((
+            "warn",
+            f"The file descriptor limit (ulimit -n) is {soft}, {in_use} are in use: the TCP "
+            f"port takes at most {total} connections, and uploads may still run short of "
+            "descriptors. Raise the limit (e.g. LimitNOFILE= in the systemd unit, "
+            "--ulimit nofile= for docker)",
+        ))  # fmt: skip
+    room = total
+    if settings.tcp_max_connections:
+        total = settings.tcp_max_connections
+        if soft is not None and total > room:
+            notes.append((
+                "warn",
+                f"--tcp-max-connections {total} is more than the file descriptor limit "
+                f"(ulimit -n {soft}) leaves room for besides uploads ({room}): clients could "
+                "use up the descriptors uploads and the spool need",
+            ))  # fmt: skip
+        per_peer = min(total, max(total // 4, 64))
+    if settings.tcp_max_connections_per_peer:
+        per_peer = settings.tcp_max_connections_per_peer
+    return total, min(per_peer, total)
+
+
 def _bind(address: addresses.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
     try:
         if kind == "udp":
@@ -336,6 +385,15 @@ def build(
 
     counters = Counters()
     budget = buffer_budget(settings.buffer_memory_mb)
+    # Twisted's own lines about accept() out of descriptors: throttled, and
+    # the listeners pause instead of spinning (see observe/accept_errors).
+    listeners: list[Any] = []
+    if observer is not None:
+        observer = AcceptErrorFilter(
+            observer,
+            reactor,
+            on_accept_error=lambda: [service.pause_accepting() for service in listeners],
+        )
     buffer = SegmentBuffer(budget.bytes, reactor, counters)
     daemon = XRayDaemon(observer=observer, reactor=reactor, handle_signals=handle_signals)
     notes: list[tuple[str, str]] = []
@@ -357,6 +415,9 @@ def build(
         except ProxyConfigError as e:
             raise StartupError(str(e)) from None
         daemon.cleanups.append(pool.closeCachedConnections)
+        # Lookups that fail for want of descriptors end at once, not as
+        # unhandled errors after the upload's timeout.
+        resolver.install(reactor)
         notes += [("info", line) for line in outbound_info(settings, env)]
         notes += [("warn", line) for line in outbound_warnings(settings, env)]
 
@@ -425,7 +486,8 @@ def build(
     # The TCP port's HTTP side: sampling (signed and proxied, or answered
     # locally), plus /health and /metrics, which are never proxied.
     health = HealthResource(
-        HealthState(
+        show_identity=settings.monitoring_show_identity,
+        state=HealthState(
             clock=reactor,
             counters=counters,
             buffer=buffer,
@@ -440,7 +502,7 @@ def build(
             endpoint_url=sink.path if local else endpoint.url,
             started_at=reactor.seconds(),
             unhealthy_after=settings.unhealthy_after,
-        )
+        ),
     )
 
     def build_metrics() -> Resource:
@@ -469,11 +531,15 @@ def build(
 
     metrics = LazyResource(build_metrics)
     max_body = settings.proxy_max_body_kb * 1024
+    max_line = settings.stream_max_line_kb * 1024
+    # Unfinished stream lines and request bodies: bounded in total too.
+    hold = HeldBytes(settings.tcp_hold_kb * 1024 or default_hold(max_line, max_body), reactor)
     sampling: Resource
+    overloaded = None
     if local:
         sampling = LocalSamplingResource(reactor, counters, max_body=max_body)
     else:
-        sampling = SamplingProxy(
+        sampling = proxy = SamplingProxy(
             client=http_client,
             endpoint=endpoint,
             region=region,
@@ -483,7 +549,10 @@ def build(
             max_body=max_body,
             timeout=settings.proxy_timeout,
             max_concurrent=settings.proxy_max_concurrent,
+            allow=parse_allow(settings.proxy_allow),
+            allowed_hosts=settings.proxy_allowed_hosts.split(","),
         )
+        overloaded = proxy.overloaded
     local_pages: dict[bytes, Resource] = {b"health": health, b"metrics": metrics}
     site = make_site(
         http_root(sampling, local_pages, counters),
@@ -491,8 +560,21 @@ def build(
         max_body=max_body,
         counters=counters,
         reactor=reactor,
+        request_deadline=settings.proxy_request_deadline,
+        hold=hold,
+        overloaded=overloaded,
     )
-    stream = SniffingFactory(ingest, site, settings.stream_max_line_kb * 1024, reactor)
+    max_connections, max_per_peer = _tcp_limits(settings, notes)
+    stream = SniffingFactory(
+        ingest,
+        site,
+        max_line,
+        reactor,
+        stream_idle=settings.stream_idle_timeout or None,
+        max_connections=max_connections,
+        max_per_peer=max_per_peer,
+        hold=hold,
+    )
     telemetry = TelemetryService(
         send=uploader.call,
         counters=counters,
@@ -525,6 +607,7 @@ def build(
         reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
+    listeners.append(tcp)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
 
     # Stop order (XRayDaemon.stopService): ingest, then the batcher drain,
@@ -535,9 +618,9 @@ def build(
         monitor_site = monitoring_site(
             health, metrics, timeout=settings.proxy_client_timeout, reactor=reactor
         )
-        SiteService(reactor, opened[2], monitor_site, "/health and /metrics").setServiceParent(
-            daemon
-        )
+        monitor = SiteService(reactor, opened[2], monitor_site, "/health and /metrics")
+        monitor.setServiceParent(daemon)
+        listeners.append(monitor)
     daemon.ingest_services += [udp, tcp]
     daemon.drain_services.append(batcher)
     if bridge is not None:

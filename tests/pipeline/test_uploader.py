@@ -372,3 +372,7 @@ class PureTests(SynchronousTestCase):
             err = classify_exception(Failure(exc))
             self.assertEqual(err.error_class, expected, repr(exc))
             self.assertTrue(err.retryable)
+        # socket() failing in a connect: what tcp.Client reports for EMFILE.
+        emfile = classify_exception(Failure(error.ConnectBindError(24, "Too many open files")))
+        self.assertIn("out of file descriptors", emfile.message)
+        self.assertIn("ulimit -n", emfile.message)

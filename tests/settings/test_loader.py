@@ -188,10 +188,17 @@ class GoSampleFileTests(ConfigTestCase):
                 "Socket.UDPReceiveBufferKB",
                 "Socket.UDPReadIntervalMS",
                 "Socket.StreamMaxLineKB",
+                "Socket.StreamIdleTimeoutSeconds",
+                "Socket.TCPMaxConnections",
+                "Socket.TCPMaxConnectionsPerPeer",
+                "Socket.TCPHoldKB",
                 "SamplingProxy.MaxBodyKB",
                 "SamplingProxy.TimeoutSeconds",
                 "SamplingProxy.ClientTimeoutSeconds",
                 "SamplingProxy.MaxConcurrentRequests",
+                "SamplingProxy.RequestDeadlineSeconds",
+                "SamplingProxy.Allow",
+                "SamplingProxy.AllowedHosts",
                 "Telemetry.IntervalSeconds",
                 "Socket.OTLPAddress",
                 "OTLP.Gzip",
@@ -199,6 +206,7 @@ class GoSampleFileTests(ConfigTestCase):
                 "OTLP.RequestDeadlineSeconds",
                 "Monitoring.Address",
                 "Monitoring.UnhealthyAfterSeconds",
+                "Monitoring.ShowIdentity",
                 "Spool.Dir",
                 "Spool.MaxMB",
                 "Spool.AfterSeconds",
@@ -798,6 +806,42 @@ class ValidateTests(SynchronousTestCase):
             self.assertEqual(resolve({}, {"udp_read_interval_ms": ok}).udp_read_interval_ms, ok)
         for bad in (-1.0, 1000.5, math.nan, math.inf):
             self.invalid("Invalid Socket.UDPReadIntervalMS", udp_read_interval_ms=bad)
+
+    def test_tcp_port_limits(self) -> None:
+        settings = resolve({}, {})
+        self.assertEqual(
+            (settings.tcp_max_connections, settings.tcp_max_connections_per_peer), (0, 0)
+        )
+        self.assertEqual((settings.tcp_hold_kb, settings.stream_idle_timeout), (0, 300.0))
+        self.assertEqual(settings.proxy_request_deadline, 10.0)
+        self.assertEqual(resolve({}, {"stream_idle_timeout": 0.0}).stream_idle_timeout, 0.0)
+        for attr, key in (
+            ("tcp_max_connections", "Socket.TCPMaxConnections"),
+            ("tcp_max_connections_per_peer", "Socket.TCPMaxConnectionsPerPeer"),
+            ("tcp_hold_kb", "Socket.TCPHoldKB"),
+        ):
+            self.invalid(f"Invalid {key} -1: must be 0 (automatic) or more", **{attr: -1})
+        for bad in (-1.0, math.nan, math.inf):
+            self.invalid("Invalid Socket.StreamIdleTimeoutSeconds", stream_idle_timeout=bad)
+        for bad in (0.0, -1.0, math.nan):
+            self.invalid("Invalid SamplingProxy.RequestDeadlineSeconds", proxy_request_deadline=bad)
+        # The hold budget must fit one of the longest lines or bodies allowed.
+        self.assertEqual(resolve({}, {"tcp_hold_kb": 1024}).tcp_hold_kb, 1024)
+        self.invalid(
+            "Invalid Socket.TCPHoldKB 1000: must hold at least one of the longest lines or "
+            "bodies allowed (2048 KB",
+            tcp_hold_kb=1000,
+            stream_max_line_kb=2048,
+        )
+
+    def test_proxy_allow(self) -> None:
+        ok = "/TraceSummaries, GetServiceGraph,*"
+        self.assertEqual(resolve({}, {"proxy_allow": ok}).proxy_allow, ok)
+        self.invalid(
+            "Invalid SamplingProxy.Allow '/Nope,Deletesamplingrule': /Nope, Deletesamplingrule: "
+            "not an X-Ray API path or operation name",
+            proxy_allow="/Nope,Deletesamplingrule",
+        )
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(

@@ -311,3 +311,24 @@ class HealthHTTPTests(TestCase):
             formatEvent(e) for e in events if "_HTTP11ClientFactory" not in formatEvent(e)
         ]
         self.assertEqual(server_side, [])
+
+    @defer.inlineCallbacks
+    def test_account_ids_and_arns_are_hidden_unless_asked_for(self) -> None:
+        # What an assumed role and a failing STS call put in the status line.
+        self.live.credentials = (
+            False,
+            "missing: AssumeRole arn:aws:iam::123456789012:role/xray-writer with credentials "
+            "from env (AKIAIOSFODNN7EXAMPLE) failed: User: "
+            "arn:aws:sts::210987654321:assumed-role/node/i-0abc is not authorized",
+        )
+        url = self.serve(Site(self.health)) + "/health"
+        code, body = yield self.status(url)
+        self.assertEqual(code, 503)
+        text = json.dumps(body)
+        for secret in ("123456789012", "210987654321", "arn:aws", "AKIAIOSFODNN7EXAMPLE"):
+            self.assertNotIn(secret, text)
+        self.assertIn("AssumeRole (hidden: Monitoring.ShowIdentity) with credentials", text)
+        self.assertEqual(body["uptime_seconds"], 0)  # numbers are left alone
+        shown = self.serve(Site(HealthResource(self.state, show_identity=True))) + "/health"
+        code, body = yield self.status(shown)
+        self.assertIn("arn:aws:iam::123456789012:role/xray-writer", body["credentials"]["source"])

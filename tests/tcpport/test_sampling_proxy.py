@@ -47,6 +47,7 @@ from xraytwisted.observe.counters import Counters
 from xraytwisted.outbound.http_client import make_client, make_pool
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.settings.addresses import Address
+from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import OPERATIONS, SamplingProxy
 from xraytwisted.tcpport.site import http_root, make_site
 from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
@@ -144,6 +145,8 @@ class ProxyTests(TestCase):
         max_concurrent: int = 64,
         client: Any = None,
         client_timeout: float = 5.0,
+        allow: tuple[bytes, ...] = (),
+        allowed_hosts: tuple[str, ...] = (),
     ) -> SamplingProxy:
         proxy = SamplingProxy(
             client=client or make_client(reactor, self.pool),
@@ -155,10 +158,17 @@ class ProxyTests(TestCase):
             max_body=max_body,
             timeout=timeout,
             max_concurrent=max_concurrent,
+            allow=allow,
+            allowed_hosts=allowed_hosts,
         )
         root = http_root(proxy, {b"health": Data(b"ok", "text/plain")}, self.counters)
         site = make_site(
-            root, timeout=client_timeout, max_body=max_body, counters=self.counters, reactor=reactor
+            root,
+            timeout=client_timeout,
+            max_body=max_body,
+            counters=self.counters,
+            reactor=reactor,
+            overloaded=proxy.overloaded,
         )
         ingest = Ingest(SegmentBuffer(1_000_000, reactor, self.counters), self.counters, reactor)
         service = TCPPortService(
@@ -232,8 +242,84 @@ class ProxyTests(TestCase):
             self.assertEqual(s.headers["host"], self.upstream.url.removeprefix("http://"))
         self.assertEqual(self.outcomes(), {"forwarded": 2})
 
-    async def test_every_x_ray_operation_is_forwarded(self) -> None:
+    async def test_only_the_calls_sdks_make_are_forwarded_by_default(self) -> None:
         self.serve()
+        signed_by_the_go_daemon = [
+            "/DeleteSamplingRule",
+            "/PutEncryptionConfig",
+            "/UpdateTraceSegmentDestination",
+            "/PutResourcePolicy",
+            "/Traces",  # BatchGetTraces
+            "/TraceSegments",
+        ]
+        for path in signed_by_the_go_daemon:
+            response = await self.call(post(path))
+            document = self.assert_json_error(response, 403, "AccessDeniedException")
+            self.assertIn("--proxy-allow or SamplingProxy.Allow", document["message"])
+        self.assertEqual(self.fake.requests, [])
+        for path in ("/GetSamplingRules", "/SamplingTargets"):
+            self.assertEqual((await self.call(post(path))).status, 200)
+        self.assertEqual(
+            self.outcomes(), {"not_allowed": len(signed_by_the_go_daemon), "forwarded": 2}
+        )
+
+    async def test_the_allow_list_widens_what_is_forwarded(self) -> None:
+        self.serve(allow=parse_allow("GetTraceSummaries,/ServiceGraph"))
+        for path in ("/TraceSummaries", "/ServiceGraph", "/GetSamplingRules"):
+            self.assertEqual((await self.call(post(path))).status, 200, path)
+        refused = await self.call(post("/DeleteSamplingRule"))
+        self.assert_json_error(refused, 403, "AccessDeniedException")
+        self.assertEqual(
+            [s.path for s in self.fake.requests],
+            ["/TraceSummaries", "/ServiceGraph", "/GetSamplingRules"],
+        )
+
+    async def test_a_browser_request_is_refused_and_never_signed(self) -> None:
+        # What a web page's fetch() (or form) sends to the daemon: browsers
+        # add Origin to every POST, SDKs never do.
+        self.serve(allow=parse_allow("*"))
+        browser = {
+            "Origin": "https://evil.example",
+            "Referer": "https://evil.example/page",
+            "Content-Type": "text/plain;charset=UTF-8",
+            "Sec-Fetch-Site": "cross-site",
+            "Sec-Fetch-Mode": "no-cors",
+            "Sec-Fetch-Dest": "empty",
+            "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0",
+            "Accept": "*/*",
+        }
+        with capturedLogs() as events:
+            for path in ("/DeleteSamplingRule", "/GetSamplingRules", "/SamplingTargets"):
+                response = await self.call(post(path, b'{"RuleName":"Default"}', browser))
+                self.assert_json_error(response, 403, "AccessDeniedException")
+            # The same origin (DNS rebinding) is a web page too.
+            rebinding = {**browser, "Origin": "http://127.0.0.1:2000"}
+            response = await self.call(post("/GetSamplingRules", headers=rebinding))
+            self.assert_json_error(response, 403, "AccessDeniedException")
+        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(self.outcomes(), {"cross_origin": 4})
+        lines = warnings(events)
+        self.assertEqual(len(lines), 1, lines)  # rate-limited
+        self.assertIn("from a web page (https://evil.example)", lines[0])
+
+    async def test_an_allowed_hosts_list_refuses_other_host_headers(self) -> None:
+        self.serve(allowed_hosts=("xray-daemon", "127.0.0.1:2000"))
+        ok = [
+            {"Host": "xray-daemon:2000"},
+            {"Host": "XRAY-DAEMON"},
+            {"Host": "127.0.0.1:2000"},
+        ]
+        for headers in ok:
+            response = await self.call(post("/GetSamplingRules", headers=headers))
+            self.assertEqual(response.status, 200, headers)
+        for host in ("127.0.0.1:2001", "attacker.example:2000", "localhost"):
+            response = await self.call(post("/GetSamplingRules", headers={"Host": host}))
+            self.assert_json_error(response, 403, "AccessDeniedException")
+        self.assertEqual(len(self.fake.requests), len(ok))
+        self.assertEqual(self.outcomes(), {"forwarded": 3, "bad_host": 3})
+
+    async def test_every_x_ray_operation_is_forwarded_when_allowed(self) -> None:
+        self.serve(allow=parse_allow("*"))
         for path in OPERATIONS:
             response = await self.call(post(path.decode()))
             self.assertEqual(response.status, 200, path)
@@ -452,6 +538,76 @@ class ProxyTests(TestCase):
         self.assertEqual(exactly.status, 200)
         self.assertEqual([len(s.body) for s in self.fake.requests], [1000])
         self.assertEqual(self.outcomes(), {"too_large": 4, "forwarded": 1})
+
+    async def test_a_client_sending_a_2_mib_body_reads_its_413(self) -> None:
+        # A plain client: send the whole request, then read the answer.  If
+        # the daemon closed on unread data the kernel would reset the
+        # connection, and the client would get a broken pipe instead.
+        self.serve(max_body=1024 * 1024)
+        body = b"x" * (2 * 1024 * 1024)
+
+        def send_then_read() -> bytes:
+            with socket.socket() as sock:
+                # A small send buffer, as over a real network: the client is
+                # still sending when the daemon has answered.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", self.port))
+                request = post("/SamplingTargets", body)
+                for i in range(0, len(request), 16384):
+                    sock.sendall(request[i : i + 16384])
+                chunks = []
+                while data := sock.recv(65536):
+                    chunks.append(data)
+                return b"".join(chunks)
+
+        response = parse_response(await threads.deferToThread(send_then_read))
+        document = self.assert_json_error(response, 413, "InvalidRequestException")
+        self.assertIn("SamplingProxy.MaxBodyKB", document["message"])
+        chunked = (
+            b"POST /SamplingTargets HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(body), body)
+            + b"0\r\n\r\n"
+        )
+
+        def send_chunked() -> bytes:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", self.port))
+                for i in range(0, len(chunked), 16384):
+                    sock.sendall(chunked[i : i + 16384])
+                return sock.recv(65536)
+
+        raw = await threads.deferToThread(send_chunked)
+        self.assert_json_error(parse_response(raw), 413, "InvalidRequestException")
+        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(self.outcomes(), {"too_large": 2})
+
+    async def test_max_concurrent_is_checked_before_the_body_arrives(self) -> None:
+        self.serve(max_concurrent=1)
+        self.fake.mode = "hang"
+        first = threads.deferToThread(raw_http, self.port, post("/GetSamplingRules"))
+        for _ in range(500):
+            if self.fake.hanging:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+
+        def headers_only() -> bytes:
+            # Announces a body it never sends: answered anyway, at once.
+            head = post("/SamplingTargets", b"", headers={"Content-Length": "5000"})
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(head)
+                return sock.recv(65536)
+
+        raw = await threads.deferToThread(headers_only)
+        response = parse_response(raw)
+        self.assert_json_error(response, 503, "ServiceUnavailableException")
+        self.assertEqual(response.headers["retry-after"], "1")
+        (hanging,) = self.fake.hanging
+        hanging.finish()
+        await first
+        self.assertEqual(self.outcomes(), {"forwarded": 1, "overloaded": 1})
 
     # -- upstream trouble -----------------------------------------------------
 

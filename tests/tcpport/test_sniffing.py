@@ -22,7 +22,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRef
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -44,13 +44,16 @@ from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
 from xraytwisted.pipeline.uploader import Uploader
 from xraytwisted.settings.addresses import Address
+from xraytwisted.tcpport.held import HeldBytes
 from xraytwisted.tcpport.site import http_root, make_site
 from xraytwisted.tcpport.sniffing import (
+    AUTO_MAX_CONNECTIONS,
     Kind,
     SniffingFactory,
     SniffingProtocol,
     TCPPortService,
     classify,
+    connection_limits,
 )
 
 HEADER = b'{"format":"json","version":1}'
@@ -103,18 +106,31 @@ class Proxied(Resource):
 class Env:
     """Ingest, buffer and a sniffing factory on a Clock."""
 
-    def __init__(self, capacity: int = 10_000_000, max_line: int = 4096) -> None:
+    def __init__(
+        self,
+        capacity: int = 10_000_000,
+        max_line: int = 4096,
+        *,
+        hold: int = 2**40,
+        **factory: Any,
+    ) -> None:
         self.clock = Clock()
         self.counters = Counters()
         self.buffer = CollectingBuffer(capacity, self.clock, self.counters)
         self.ingest = Ingest(self.buffer, self.counters, self.clock)
+        self.hold = HeldBytes(hold, self.clock)
         root = http_root(Proxied(), {b"health": Data(b"ok", "text/plain")}, self.counters)
-        self.site = make_site(root, timeout=30, counters=self.counters, reactor=self.clock)
-        self.factory = SniffingFactory(self.ingest, self.site, max_line, self.clock)
+        self.site = make_site(
+            root, timeout=30, counters=self.counters, reactor=self.clock, hold=self.hold
+        )
+        self.factory = SniffingFactory(
+            self.ingest, self.site, max_line, self.clock, hold=self.hold, **factory
+        )
 
-    def connect(self) -> tuple[SniffingProtocol, StringTransport]:
-        protocol = self.factory.buildProtocol(PEER)
-        transport = StringTransport(peerAddress=PEER)
+    def connect(self, peer: IPv4Address = PEER) -> tuple[SniffingProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(peer)
+        assert protocol is not None, "refused"
+        transport = StringTransport(peerAddress=peer)
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -238,7 +254,7 @@ class SniffingTests(SynchronousTestCase):
     def test_decided_connections_do_not_get_the_sniff_timeout(self) -> None:
         env = Env()
         _, stream = env.stream(record(b"{}"))
-        env.clock.advance(3600)
+        env.clock.advance(299)  # past the sniff timeout, within the stream's idle timeout
         self.assertFalse(stream.disconnecting)
 
 
@@ -491,6 +507,179 @@ class StopTests(SynchronousTestCase):
 
     def test_nothing_open(self) -> None:
         self.successResultOf(Env().factory.stop())
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    def test_a_silent_stream_is_closed_after_the_idle_timeout(self) -> None:
+        env = Env(stream_idle=60.0)
+        protocol, transport = env.stream(record(b"one"))
+        env.clock.advance(59)
+        protocol.dataReceived(record(b"two"))  # any bytes: not idle
+        env.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        with capturedLogs() as events:
+            env.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(env.buffer.accepted, [b"one", b"two"])
+        self.assertEqual(env.counters.rejected, 0)
+        # Routine (a sender that went quiet): not a warning.
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.info], [])
+        self.assertIn("Socket.StreamIdleTimeoutSeconds", lines_of(events)[0])
+
+    def test_a_stream_that_stops_mid_line_is_closed_and_the_record_counted(self) -> None:
+        env = Env(stream_idle=60.0)
+        protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b'{"id":')
+        env.clock.advance(60)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(env.buffer.accepted, [b"one"])
+        self.assertEqual((env.counters.received, env.counters.rejected), (2, 1))
+        self.assertEqual(env.hold.used, 0)
+
+    def test_no_idle_timeout_while_the_daemon_is_not_reading(self) -> None:
+        env = Env(capacity=100 + DOC_OVERHEAD, stream_idle=60.0)
+        _protocol, transport = env.stream(record(doc(0, 100)), record(doc(1, 100)))
+        self.assertEqual(transport.producerState, "paused")
+        env.clock.advance(600)  # an X-Ray outage: the buffer stays full
+        self.assertFalse(transport.disconnecting)
+        env.buffer.release_all()
+        env.clock.advance(0)
+        self.assertEqual(transport.producerState, "producing")
+        env.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        env.clock.advance(1)  # idle again since it was resumed
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(env.buffer.accepted, [doc(0, 100), doc(1, 100)])
+
+    def test_zero_means_no_idle_timeout(self) -> None:
+        env = Env(stream_idle=None)
+        _, transport = env.stream(record(b"one"))
+        env.clock.advance(10 * 86400)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+
+class HoldTests(SynchronousTestCase):
+    """Bytes held for unfinished lines are charged to the port's shared budget."""
+
+    def test_unfinished_lines_are_charged_and_given_back(self) -> None:
+        env = Env()
+        protocol, _ = env.stream(record(b"one"), HEADER + b"\n" + b'{"id":"tw')
+        self.assertEqual(env.hold.used, len(b'{"id":"tw'))
+        protocol.dataReceived(b'o"}\n' + HEADER)
+        self.assertEqual(env.hold.used, len(HEADER))
+        protocol.dataReceived(b"\n")
+        self.assertEqual(env.hold.used, 0)
+        protocol.dataReceived(b"x" * 100)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(env.hold.used, 0)
+        self.assertEqual(env.buffer.accepted, [b"one", b'{"id":"two"}'])
+
+    def test_streams_holding_bytes_stop_being_read_when_the_budget_is_spent(self) -> None:
+        env = Env(hold=1000, max_line=4096)
+        # Three senders each leave an unfinished line: the third one tips
+        # the budget, and every one holding bytes from then on is paused.
+        a, ta = env.stream(record(b"a") + HEADER + b"\n" + b"{" + b"a" * 399)
+        b, tb = env.stream(HEADER + b"\n" + b"{" + b"b" * 399)
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+        c, tc = env.stream(HEADER + b"\n" + b"{" + b"c" * 399)
+        self.assertEqual(env.hold.used, 1200)
+        self.assertEqual(tc.producerState, "paused")
+        # A stream whose reads end with whole lines holds nothing: still read.
+        d, td = env.stream(record(b"d"))
+        self.assertEqual(td.producerState, "producing")
+        self.assertEqual(env.hold.used, 1200)
+        a.dataReceived(b"}\n")  # a finishes its line and gives its 400 bytes back
+        self.assertEqual(env.hold.used, 800)
+        env.clock.advance(0)
+        self.assertEqual(tc.producerState, "producing")
+        c.dataReceived(b"}\n")
+        self.assertEqual(
+            env.buffer.accepted, [b"a", b"d", b"{" + b"a" * 399 + b"}", b"{" + b"c" * 399 + b"}"]
+        )
+        for protocol in (a, b, c, d):
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(env.hold.used, 0)
+
+    def test_lines_and_the_document_waiting_for_buffer_room_are_held(self) -> None:
+        bodies = [doc(i, 100) for i in range(5)]
+        env = Env(capacity=100 + DOC_OVERHEAD)
+        _protocol, transport = env.stream(b"".join(record(b) for b in bodies))
+        self.assertEqual(transport.producerState, "paused")
+        waiting = sum(len(record(b)) for b in bodies[2:]) + len(bodies[1])
+        self.assertEqual(env.hold.used, waiting)
+        rounds = 0
+        while len(env.buffer.accepted) < len(bodies) and rounds < 10:
+            rounds += 1
+            env.buffer.release_all()
+            env.clock.advance(0)
+        self.assertEqual(env.buffer.accepted, bodies)
+        self.assertEqual(env.hold.used, 0)
+
+    def test_an_over_long_line_gives_its_bytes_back(self) -> None:
+        env = Env(max_line=100)
+        protocol, transport = env.stream(HEADER + b"\n" + b"{" + b"x" * 60, b"x" * 60)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(env.hold.used, 0)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(env.hold.used, 0)
+
+    def test_lines_split_in_every_way_across_reads(self) -> None:
+        # Lines shorter and longer than the pieces handed to LineReceiver,
+        # cut at every offset of a 7-byte and a 4099-byte read.
+        bodies = [doc(i, size) for i, size in enumerate((0, 5000, 40, 9000, 4090, 4100, 1))]
+        data = b"".join(record(b) for b in bodies)
+        for step in (1, 7, 4099, len(data)):
+            env = Env(max_line=10_000)
+            _protocol, _ = env.stream(*(data[i : i + step] for i in range(0, len(data), step)))
+            self.assertEqual(env.buffer.accepted, bodies, step)
+            self.assertEqual(env.hold.used, 0, step)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def test_connections_over_the_total_are_refused_counted_and_warned_once(self) -> None:
+        env = Env(max_connections=2, warn_interval=10)
+        first, _ = env.connect(IPv4Address("TCP", "10.0.0.1", 1))
+        env.connect(IPv4Address("TCP", "10.0.0.2", 1))
+        with capturedLogs() as events:
+            for port in range(5):
+                self.assertIsNone(env.factory.buildProtocol(IPv4Address("TCP", "10.0.0.3", port)))
+        self.assertEqual(env.counters.tcp_refused, 5)
+        (line,) = [formatEvent(e) for e in events]
+        self.assertIn("Refusing TCP connection from 10.0.0.3:0: 2 connections are open", line)
+        self.assertIn("--tcp-max-connections", line)
+        first.connectionLost(Failure(ConnectionDone()))
+        env.connect(IPv4Address("TCP", "10.0.0.3", 9))  # room again
+        env.clock.advance(10)
+        with capturedLogs() as events:
+            self.assertIsNone(env.factory.buildProtocol(PEER))
+        self.assertIn("(4 more refused connections not logged)", formatEvent(events[0]))
+
+    def test_one_address_may_not_take_every_connection(self) -> None:
+        env = Env(max_connections=10, max_per_peer=2)
+        mine = [env.connect(IPv4Address("TCP", "10.0.0.1", port))[0] for port in (1, 2)]
+        with capturedLogs() as events:
+            self.assertIsNone(env.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 3)))
+        self.assertIn("that address already has 2 connections open", formatEvent(events[0]))
+        env.connect(IPv4Address("TCP", "10.0.0.2", 1))  # another address still gets in
+        mine[0].connectionLost(Failure(ConnectionDone()))
+        env.connect(IPv4Address("TCP", "10.0.0.1", 4))
+        self.assertEqual(env.counters.tcp_refused, 1)
+        self.assertEqual(env.factory.per_peer, {"10.0.0.1": 2, "10.0.0.2": 1})
+
+    def test_defaults_follow_the_descriptor_limit(self) -> None:
+        cases = [
+            # (soft limit, in use, outbound) -> (total, per peer, cramped)
+            ((1024, 20, 73), (899, 224, False)),
+            ((65536, 20, 73), (AUTO_MAX_CONNECTIONS, 256, False)),
+            ((None, 20, 73), (AUTO_MAX_CONNECTIONS, 256, False)),
+            ((256, 20, 73), (131, 64, False)),
+            ((40, 15, 73), (6, 6, True)),  # ulimit -n 40: a quarter of what is free
+            ((16, 16, 73), (1, 1, True)),
+        ]
+        for args, expected in cases:
+            self.assertEqual(connection_limits(*args), expected, args)
 
 
 # ---------------------------------------------------------------------------

@@ -10,16 +10,23 @@ when its first byte is ``{``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from xraytwisted.ingest.core import Ingest, is_header
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD
+from xraytwisted.tcpport.held import HeldBytes
+
+# Bytes of whole lines handed to LineReceiver at a time (see _feed).
+PIECE = 4096
 
 # Seconds a stream may take to finish its current record once the port
 # stops, before it is cut off (ingest stops before the batcher drains, so
@@ -36,7 +43,7 @@ def abort_connection(transport: ITransport) -> None:
         transport.loseConnection()
 
 
-class SegmentStream(LineReceiver):
+class SegmentStream(LineReceiver, TimeoutMixin):
     """A line-framed segment stream: ``header\\n`` ``document\\n``, repeated.
 
     A line where a header belongs that is not a valid header is rejected;
@@ -46,67 +53,117 @@ class SegmentStream(LineReceiver):
     step at its next header, and a bad header costs one rejection, as a bad
     datagram would.  A trailing ``\\r`` (CRLF framing) is removed from
     every line.
+
+    A stream that sends nothing for ``idle_timeout`` seconds is closed
+    (not while it waits for buffer room: then the daemon is the one not
+    reading).  Every byte read and not yet accepted - the unfinished line,
+    lines waiting while the buffer is full, the document waiting for room -
+    is charged to ``hold``, the TCP port's shared budget; a stream holding
+    bytes when that budget is spent stops being read until it frees up.
     """
 
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, ingest: Ingest, max_line: int, clock: IReactorTime, peer: str = "") -> None:
+    def __init__(
+        self,
+        ingest: Ingest,
+        max_line: int,
+        clock: IReactorTime,
+        peer: str = "",
+        *,
+        idle_timeout: float | None = None,
+        hold: HeldBytes | None = None,
+    ) -> None:
         self.ingest = ingest
         self.buffer = ingest.buffer
         self.MAX_LENGTH = max_line
         self.peer = peer
         self._clock = clock
+        self._idle = idle_timeout or None
+        self._hold = hold if hold is not None else HeldBytes(2**62, clock)
+        self._buffered = 0  # bytes read and not yet taken off as lines
+        self._partial: list[bytes] = []  # the unfinished line (while LineReceiver is not paused)
+        self._partial_size = 0
+        self._held = 0  # bytes of this stream charged to _hold
+        self._hold_paused = False  # not read until _hold has room again
         self._header: bytes | None = None  # a valid header, waiting for its document line
         self._bad: bytes | None = None  # a line where a header belonged that is not one
         self._pending: bytes | None = None  # an accepted document waiting for buffer room
-        self._scanned = 0  # bytes at the start of _buffer known to hold no newline
         self._stopping = False  # the port is stopping: close at the next record boundary
         self._final = False  # the connection is gone: nothing may wait any more
         self._closed_by_us = False
         self._give_up: IDelayedCall | None = None
         self._lost: list[Deferred[None]] = []
 
+    def connectionMade(self) -> None:
+        self.setTimeout(self._idle)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's idle timer runs on our clock, not the global reactor.
+        return self._clock.callLater(period, func)
+
     # -- reading -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        # LineReceiver's own loop copies the rest of the buffer for every
-        # line it takes off (quadratic in lines per read); this one slices.
-        if self._busyReceiving:
-            self._buffer += data
-            return
         if self._closed_by_us:
             return  # what a sender writes after we closed is not read
-        buf = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        start = self._scanned
-        pos = 0
-        max_length = self.MAX_LENGTH
-        self._busyReceiving = True
-        try:
-            while not self.paused:
-                end = buf.find(b"\n", start)
-                if end < 0:
-                    break
-                if end - pos > max_length:
-                    self.lineLengthExceeded(buf[pos:end])
-                    return
-                line = buf[pos:end]
-                pos = start = end + 1
-                self.lineReceived(line)
-            rest = buf[pos:] if pos else buf
-            if not self.paused and len(rest) > max_length:
-                self.lineLengthExceeded(rest)
-                return
-            self._scanned = 0 if self.paused else len(rest)
-            # (data that arrived re-entrantly goes after what is left here)
-            self._buffer = rest + self._buffer
-        finally:
-            self._busyReceiving = False
+        if data:
+            self.resetTimeout()
+            self._buffered += len(data)
+        if self.paused or not data:
+            # Paused: LineReceiver keeps the data until resumeProducing, which
+            # calls this with b"" to work through it.
+            super().dataReceived(data)
+            if not (self.paused or self._closed_by_us):
+                self._keep_partial(self.clearLineBuffer())
+        else:
+            self._feed(data)
+        self._settle_hold()
         if self._stopping:
             self._close_if_between_records()
 
+    def _feed(self, data: bytes) -> None:
+        # LineReceiver copies what is left of its buffer for every line it
+        # takes off, and re-scans and copies an unfinished line on every read
+        # (quadratic): it gets at most about PIECE bytes of whole lines at a
+        # time, and the unfinished line stays here as a list of reads.
+        end = data.find(b"\n")
+        if end < 0:
+            self._keep_partial(data)
+            return
+        start = 0
+        partial = self._partial
+        if partial:
+            self._partial, self._partial_size = [], 0
+            partial.append(data[: end + 1])
+            super().dataReceived(b"".join(partial))
+            start = end + 1
+        size = len(data)
+        while start < size and not (self.paused or self._closed_by_us):
+            end = data.rfind(b"\n", start, start + PIECE)
+            if end < 0:
+                end = data.find(b"\n", start + PIECE)
+                if end < 0:
+                    self._keep_partial(data[start:])
+                    return
+            super().dataReceived(data[start : end + 1] if start or end + 1 < size else data)
+            start = end + 1
+        if start < size and not self._closed_by_us:
+            super().dataReceived(data[start:])  # paused: LineReceiver keeps it
+
+    def _keep_partial(self, data: bytes) -> None:
+        if not data:
+            return
+        self._partial.append(data)
+        self._partial_size += len(data)
+        if self._partial_size > self.MAX_LENGTH:
+            line = b"".join(self._partial)
+            self._partial, self._partial_size = [], 0
+            self.lineLengthExceeded(line)
+
     def lineReceived(self, line: bytes) -> None:
+        self._buffered -= len(line) + 1
         if line[-1:] == b"\r":
             line = line[:-1]
         header = self._header
@@ -142,8 +199,50 @@ class SegmentStream(LineReceiver):
             peer=self.peer,
             limit=self.MAX_LENGTH,
         )
-        self._scanned = 0
+        self._buffered = 0  # nothing more of this stream is read
         self._close(abort=False)
+
+    def timeoutConnection(self) -> None:
+        self.log.debug(
+            "Closing segment stream from {peer}: nothing received for {idle:g} seconds "
+            "(Socket.StreamIdleTimeoutSeconds)",
+            peer=self.peer,
+            idle=self._idle or 0,
+        )
+        self._close(abort=False)
+
+    # -- the TCP port's hold budget ------------------------------------------
+
+    def _settle_hold(self) -> None:
+        """Charge ``hold`` with what this stream holds now; stop reading if it is spent."""
+        held = 0 if self._final else self._buffered + len(self._pending or b"")
+        change = held - self._held
+        if change:
+            self._held = held
+            if change > 0:
+                self._hold.charge(change)
+            else:
+                self._hold.release(-change)
+        if held and not self._hold_paused and self._hold.over():
+            # Other connections hold the rest of the budget: stop reading
+            # this one (its idle timer keeps running) until they give back.
+            self._hold_paused = True
+            self._pause_transport()
+            self._hold.notify_when_free(self._hold_freed)
+
+    def _pause_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _hold_freed(self) -> None:
+        if not self._hold_paused or self._final:
+            return
+        if self._hold.over():
+            self._hold.notify_when_free(self._hold_freed)
+            return
+        self._hold_paused = False
+        if not self.paused and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- buffering and backpressure -------------------------------------------
 
@@ -158,8 +257,10 @@ class SegmentStream(LineReceiver):
         else:
             # Stop reading until uploads give budget back; the sender's
             # socket buffer fills and its writes block: nothing is dropped.
+            # Not idle meanwhile: it is the daemon that is not reading.
             self._pending = body
             self.pauseProducing()
+            self.setTimeout(None)
             buffer.notify_when_space(self._space_freed)
 
     def _space_freed(self) -> None:
@@ -171,7 +272,11 @@ class SegmentStream(LineReceiver):
             return
         self._pending = None
         self.buffer.offer(body)
+        self.setTimeout(self._idle)
         self.resumeProducing()  # reads the lines already here, then the socket
+        if self._hold_paused and not self._final:
+            self._pause_transport()  # resumeProducing started it again
+        self._settle_hold()
 
     # -- closing ---------------------------------------------------------------
 
@@ -194,7 +299,8 @@ class SegmentStream(LineReceiver):
         return d
 
     def _close_if_between_records(self) -> bool:
-        if self._pending is None and self._header is None and not self._buffer:
+        # Nothing held: no unfinished line, no lines or document waiting.
+        if self._pending is None and self._header is None and not self._buffered:
             self._close(abort=False)
             return True
         return False
@@ -206,6 +312,7 @@ class SegmentStream(LineReceiver):
         if self._final or self.transport is None:
             return
         self._closed_by_us = True
+        self.setTimeout(None)
         if abort:
             abort_connection(self.transport)
         else:
@@ -213,17 +320,20 @@ class SegmentStream(LineReceiver):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._final = True
+        self.setTimeout(None)
         if self._give_up is not None and self._give_up.active():
             self._give_up.cancel()
         self._give_up = None
         self.buffer.cancel_notify(self._space_freed)
+        self._hold.cancel_notify(self._hold_freed)
         self.paused = False
         pending, self._pending = self._pending, None
         if pending is not None:
             self._store(pending)
         # Every complete line read is the sender's data: account for it.
-        rest = self.clearLineBuffer()
-        self._scanned = 0
+        rest = self.clearLineBuffer() + b"".join(self._partial)
+        self._partial, self._partial_size = [], 0
+        self._settle_hold()  # (_final: nothing is held any more)
         if rest:
             *lines, partial = rest.split(b"\n")
             for line in lines:
@@ -257,6 +367,7 @@ class SegmentStream(LineReceiver):
         bad, self._bad = self._bad, None
         if bad is not None:
             self.ingest.invalid_header(bad)
+        self._buffered = 0
         waiters, self._lost = self._lost, []
         for d in waiters:
             d.callback(None)

@@ -26,6 +26,7 @@ class AdoptedPortService(Service):
         self._reactor = reactor
         self._socket: socket.socket | None = sock
         self.port: Any = None
+        self._resume: Any = None  # IDelayedCall: see pause_accepting
         host, port = sock.getsockname()[:2]
         self.address = Address(str(host), int(port))
 
@@ -60,8 +61,28 @@ class AdoptedPortService(Service):
             self.privilegedStartService()
         super().startService()
 
+    def pause_accepting(self, seconds: float = 1.0) -> None:
+        """Stop reading a stream listener for ``seconds``.
+
+        For when accept() keeps failing (no descriptors left): the listener
+        stays readable, and the event loop would spin on it.
+        """
+        port = self.port
+        if port is None or self._resume is not None:
+            return
+        port.stopReading()
+        self._resume = self._reactor.callLater(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self.port is not None:
+            self.port.startReading()
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.active():
+            resume.cancel()
         port, self.port = self.port, None
         if self._socket is not None:  # never started
             self._socket.close()

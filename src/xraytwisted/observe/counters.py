@@ -33,6 +33,10 @@ PROXY_OUTCOMES = (
     "timeout",  # 504
     "unreachable",  # 502
     "local",  # /health, /metrics, or sampling answered by the daemon itself
+    "not_allowed",  # 403: an X-Ray API path outside SamplingProxy.Allow
+    "cross_origin",  # 403: a request from a web page (it has an Origin header)
+    "bad_host",  # 403: a Host header outside SamplingProxy.AllowedHosts
+    "slow_client",  # 408: the request was not complete within its deadline
 )
 
 UPLOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -79,6 +83,7 @@ class Counters:
     spooled: int = 0  # documents written to the disk spool
     replayed: int = 0  # documents read back from the spool for upload
     stream_connections: int = 0  # TCP segment-stream connections accepted
+    tcp_refused: int = 0  # TCP connections closed at once: connection limits reached
     first_received_at: float | None = None  # clock time of the first record
     last_success_at: float | None = None  # clock time of the last successful upload
     backend_errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_CLASSES, 0))

@@ -8,7 +8,9 @@ about it (count, log, retry) is the batcher's job.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
@@ -242,6 +244,28 @@ _TIMEOUTS = (
 )
 
 
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _out_of_descriptors(exc: BaseException | None) -> bool:
+    """The connect failed for want of a file descriptor (EMFILE/ENFILE).
+
+    A name lookup needs descriptors too, and Twisted reports one that fails
+    for want of them as "hostname not found": a lookup failure is checked
+    against the process's state now.
+    """
+    if getattr(exc, "osError", None) in _NO_DESCRIPTORS:  # ConnectError(errno, text)
+        return True
+    if isinstance(exc, OSError) and exc.errno in _NO_DESCRIPTORS:
+        return True
+    if isinstance(exc, error.DNSLookupError):
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+        except OSError as e:
+            return e.errno in _NO_DESCRIPTORS
+    return False
+
+
 def classify_exception(failure: Failure) -> UploadError:
     exc = failure.value
     # twisted.web wraps the real cause (ResponseNeverReceived, RequestTransmissionFailed, ...).
@@ -252,6 +276,12 @@ def classify_exception(failure: Failure) -> UploadError:
     # connect or request is a timeout.
     if isinstance(exc, _TIMEOUTS):
         cls, message = "TimeoutCount", "request timed out"
+    elif _out_of_descriptors(exc):
+        cls, message = (
+            "OtherCount",
+            "the daemon is out of file descriptors (too many open files); raise its limit "
+            "(ulimit -n) or lower --tcp-max-connections",
+        )
     elif isinstance(exc, error.ConnectionRefusedError):
         cls, message = "ConnectionRefusedCount", "connection refused"
     elif isinstance(exc, error.DNSLookupError):

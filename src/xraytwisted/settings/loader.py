@@ -34,6 +34,7 @@ from xraytwisted.settings.table import (
     ConfigError,
     Settings,
 )
+from xraytwisted.tcpport import operations
 
 # Where the Go daemon looks when no -c is given (its third, repository-
 # relative path is a build artefact and is not searched here).
@@ -127,13 +128,14 @@ def validate(s: Settings) -> None:
         "shutdown_timeout",
         "proxy_timeout",
         "proxy_client_timeout",
+        "proxy_request_deadline",
         "unhealthy_after",
         "otlp_request_deadline",
     ):
         value = getattr(s, attr)
         if not (math.isfinite(value) and value > 0):
             raise _invalid(attr, value, "must be a positive number of seconds")
-    for attr in ("telemetry_interval", "spool_after"):
+    for attr in ("telemetry_interval", "spool_after", "stream_idle_timeout"):
         value = getattr(s, attr)
         if not (math.isfinite(value) and value >= 0):
             raise _invalid(attr, value, "must be 0 or more seconds")
@@ -142,6 +144,21 @@ def validate(s: Settings) -> None:
             raise _invalid(attr, getattr(s, attr), "must be at least 1")
     if s.otlp_max_connections < 1:
         raise _invalid("otlp_max_connections", s.otlp_max_connections, "must be at least 1")
+    for attr in ("tcp_max_connections", "tcp_max_connections_per_peer", "tcp_hold_kb"):
+        if getattr(s, attr) < 0:
+            raise _invalid(attr, getattr(s, attr), "must be 0 (automatic) or more")
+    largest = max(s.stream_max_line_kb, s.proxy_max_body_kb)
+    if 0 < s.tcp_hold_kb < largest:
+        raise _invalid(
+            "tcp_hold_kb",
+            s.tcp_hold_kb,
+            f"must hold at least one of the longest lines or bodies allowed ({largest} KB: "
+            "Socket.StreamMaxLineKB, SamplingProxy.MaxBodyKB), or be 0 (automatic)",
+        )
+    try:
+        operations.parse_allow(s.proxy_allow)
+    except ValueError as e:
+        raise _invalid("proxy_allow", repr(s.proxy_allow), str(e)) from None
     if not 0 <= s.udp_receive_buffer_kb <= MAX_UDP_RECEIVE_BUFFER_KB:
         raise ConfigError(
             f"Invalid Socket.UDPReceiveBufferKB {s.udp_receive_buffer_kb}: use 0 to keep "

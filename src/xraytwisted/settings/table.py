@@ -95,6 +95,21 @@ KEYS: tuple[Key, ...] = (
     Key("Socket.StreamMaxLineKB", "stream_max_line_kb", "int", 1024,
         "Longest line accepted on the TCP segment stream, in KiB; a longer line closes "
         "that connection.", None, "stream-max-line", go=False, metavar="KB"),
+    Key("Socket.StreamIdleTimeoutSeconds", "stream_idle_timeout", "float", 300.0,
+        "Seconds a TCP segment stream may send nothing before it is closed (0: never).",
+        None, "stream-idle-timeout", go=False, metavar="SECONDS"),
+    Key("Socket.TCPMaxConnections", "tcp_max_connections", "int", 0,
+        "Most connections open on the TCP port at once; more are closed at once "
+        "(0: what the descriptor limit leaves room for, at most 1024).",
+        None, "tcp-max-connections", go=False, metavar="N"),
+    Key("Socket.TCPMaxConnectionsPerPeer", "tcp_max_connections_per_peer", "int", 0,
+        "Most connections one client address may hold open on the TCP port "
+        "(0: a quarter of the total, at least 64).",
+        None, "tcp-max-connections-per-peer", go=False, metavar="N"),
+    Key("Socket.TCPHoldKB", "tcp_hold_kb", "int", 0,
+        "KiB the TCP port may hold in unfinished stream lines and request bodies, all "
+        "connections together (0: 4096, or twice the longest line or body if more).",
+        None, "tcp-hold", go=False, metavar="KB"),
     Key("SamplingProxy.MaxBodyKB", "proxy_max_body_kb", "int", 1024,
         "Largest request body the sampling proxy accepts, in KiB (larger: HTTP 413).",
         None, "proxy-max-body", go=False, metavar="KB"),
@@ -107,6 +122,18 @@ KEYS: tuple[Key, ...] = (
     Key("SamplingProxy.MaxConcurrentRequests", "proxy_max_concurrent", "int", 64,
         "Proxied requests allowed in flight at once (more: HTTP 503).",
         None, "proxy-max-concurrent", go=False, metavar="N"),
+    Key("SamplingProxy.RequestDeadlineSeconds", "proxy_request_deadline", "float", 10.0,
+        "Seconds a client on the TCP port has to send a whole HTTP request, headers and "
+        "body, from its first byte (later: HTTP 408).",
+        None, "proxy-request-deadline", go=False, metavar="SECONDS"),
+    Key("SamplingProxy.Allow", "proxy_allow", "str", "",
+        "More X-Ray API calls to sign and forward besides GetSamplingRules and "
+        "SamplingTargets: paths or operation names, comma-separated (* for all).",
+        None, "proxy-allow", go=False, metavar="PATH,..."),
+    Key("SamplingProxy.AllowedHosts", "proxy_allowed_hosts", "str", "",
+        "Host header values the sampling proxy answers, comma-separated, host or host:port "
+        "(empty: any); guards against DNS rebinding.",
+        None, "proxy-allowed-hosts", go=False, metavar="HOST,..."),
     Key("Telemetry.IntervalSeconds", "telemetry_interval", "float", 60.0,
         "Seconds between PutTelemetryRecords calls (0 turns telemetry off).",
         None, "telemetry-interval", go=False, metavar="SECONDS"),
@@ -129,6 +156,9 @@ KEYS: tuple[Key, ...] = (
     Key("Monitoring.UnhealthyAfterSeconds", "unhealthy_after", "float", 120.0,
         "/health answers 503 once segments have waited this long with no successful upload.",
         None, "unhealthy-after", go=False, metavar="SECONDS"),
+    Key("Monitoring.ShowIdentity", "monitoring_show_identity", "bool", False,
+        "Show AWS account ids and ARNs in /health (hidden by default: the TCP port has "
+        "no authentication).", None, "monitoring-show-identity", go=False),
     Key("Spool.Dir", "spool_dir", "str", "",
         "Directory for an on-disk spool of batches that cannot be uploaded yet (off if empty).",
         None, "spool-dir", go=False, metavar="DIR"),
@@ -172,10 +202,17 @@ class Settings:
     udp_receive_buffer_kb: int = 16384
     udp_read_interval_ms: float = 20.0
     stream_max_line_kb: int = 1024
+    stream_idle_timeout: float = 300.0
+    tcp_max_connections: int = 0
+    tcp_max_connections_per_peer: int = 0
+    tcp_hold_kb: int = 0
     proxy_max_body_kb: int = 1024
     proxy_timeout: float = 10.0
     proxy_client_timeout: float = 30.0
     proxy_max_concurrent: int = 64
+    proxy_request_deadline: float = 10.0
+    proxy_allow: str = ""
+    proxy_allowed_hosts: str = ""
     telemetry_interval: float = 60.0
     otlp_address: str = ""
     otlp_gzip: bool = True
@@ -183,6 +220,7 @@ class Settings:
     otlp_request_deadline: float = 30.0
     monitoring_address: str = ""
     unhealthy_after: float = 120.0
+    monitoring_show_identity: bool = False
     spool_dir: str = ""
     spool_max_mb: int = 1024
     spool_after: float = 10.0

@@ -14,11 +14,16 @@ A full buffer with uploads succeeding is overload, not ill health (a
 restart would not help), so it shows in the body but not in the status.
 
 ``monitoring_site`` serves /health and /metrics (only) on their own address.
+
+Anyone who can reach the port can read /health, so ARNs, account ids and
+access key ids in it (a role being assumed, an STS or X-Ray error) are
+hidden unless ``show_identity`` (Monitoring.ShowIdentity) is set.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,6 +41,23 @@ from xraytwisted.tcpport.site import make_site
 CredentialsStatus = Callable[[], "tuple[bool, str]"]
 
 MAX_BODY = 4096  # bytes of request body the monitoring listener accepts
+
+_IDENTITY = re.compile(
+    r"arn:aws[a-z-]*:[^\s\"',;()\[\]]*"  # an ARN
+    r"|\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b"  # an access key id
+    r"|(?<![\d.])\d{12}(?![\d.])"  # an account id (not part of a longer number)
+)
+
+
+def hide_identity(value: Any) -> Any:
+    """``value`` (a JSON document) with ARNs, account ids and access key ids replaced."""
+    if isinstance(value, str):
+        return _IDENTITY.sub("(hidden: Monitoring.ShowIdentity)", value)
+    if isinstance(value, dict):
+        return {key: hide_identity(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [hide_identity(item) for item in value]
+    return value
 
 
 class BufferUse(Protocol):
@@ -196,9 +218,10 @@ class HealthResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, state: HealthState) -> None:
+    def __init__(self, state: HealthState, show_identity: bool = False) -> None:
         super().__init__()
         self.state = state
+        self.show_identity = show_identity
 
     def render(self, request: Request) -> bytes:
         # HEAD gets the same status and headers; twisted.web drops the body.
@@ -210,7 +233,8 @@ class HealthResource(Resource):
             # A probe must get an answer; a broken check counts as unhealthy.
             self.log.failure("Health check failed; answering 503")
             return _json(request, 503, {"status": "unhealthy", "reasons": ["health check failed"]})
-        return _json(request, report.code, report.body)
+        body = report.body if self.show_identity else hide_identity(report.body)
+        return _json(request, report.code, body)
 
 
 class _MonitoringRoot(Resource):

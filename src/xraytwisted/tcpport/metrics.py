@@ -71,6 +71,8 @@ _SIMPLE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("received_bytes", "received_bytes", "Bytes of segment records received."),
     ("sent_bytes", "sent_bytes", "Bytes of segment documents in successful uploads."),
     ("stream_connections", "stream_connections", "TCP segment-stream connections accepted."),
+    ("tcp_connections_refused", "tcp_refused",
+     "TCP connections closed at once because the connection limits were reached."),
 )  # fmt: skip
 
 

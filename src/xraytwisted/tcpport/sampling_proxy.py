@@ -8,8 +8,15 @@ relays X-Ray's answer, status and body unchanged.
 Unlike the Go daemon's proxy (which forwards any method and path, and
 forwards unsigned when it has no credentials):
 
-* only the X-Ray API's own operations (``OPERATIONS``) are forwarded, with
-  their method; anything else is a JSON 404/405 that never leaves the host;
+* only the calls SDKs make (``SDK_PATHS``: GetSamplingRules and
+  SamplingTargets) are forwarded, plus the X-Ray API operations
+  ``SamplingProxy.Allow`` names; another X-Ray operation is a JSON 403,
+  any other path a 404 and another method a 405, and none of them leaves
+  the host;
+* a request with an ``Origin`` header comes from a web page (browsers send
+  it with every POST; SDKs never do): 403, so no page the host's browser
+  opens can make the daemon sign requests.  With ``allowed_hosts``, a
+  ``Host`` header not in it is refused too (DNS rebinding);
 * the request is re-signed over a minimal header set (host, content-type,
   x-amz-date, x-amz-security-token), so headers a sidecar adds or rewrites
   (Envoy, Istio; the Go daemon's issue #199) cannot break the signature;
@@ -25,10 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -48,6 +53,7 @@ from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.uploader import SERVICE, CredentialSource, HTTPClient, classify_exception
+from xraytwisted.tcpport.operations import OPERATIONS, SDK_PATHS, Operation
 from xraytwisted.tcpport.site import DEFAULT_MAX_BODY, body_too_large, json_error, read_body
 
 DEFAULT_TIMEOUT = 10.0  # SamplingProxy.TimeoutSeconds
@@ -56,61 +62,6 @@ DEFAULT_MAX_CONCURRENT = 64  # SamplingProxy.MaxConcurrentRequests
 # be a few MiB.  Anything bigger is not X-Ray: 502.
 MAX_RESPONSE = 16 * 1024 * 1024
 
-
-@dataclass(frozen=True)
-class Operation:
-    name: str
-    method: bytes
-
-
-# Every operation of the X-Ray API with its HTTP method and request URI, from
-# botocore's xray/2016-04-12/service-2.json.  All are POST to a fixed path:
-# no URI labels and no query parameters, so an exact path match is complete.
-OPERATIONS: Mapping[bytes, Operation] = MappingProxyType(
-    {
-        path.encode("ascii"): Operation(name, b"POST")
-        for name, path in (
-            ("BatchGetTraces", "/Traces"),
-            ("CancelTraceRetrieval", "/CancelTraceRetrieval"),
-            ("CreateGroup", "/CreateGroup"),
-            ("CreateSamplingRule", "/CreateSamplingRule"),
-            ("DeleteGroup", "/DeleteGroup"),
-            ("DeleteResourcePolicy", "/DeleteResourcePolicy"),
-            ("DeleteSamplingRule", "/DeleteSamplingRule"),
-            ("GetEncryptionConfig", "/EncryptionConfig"),
-            ("GetGroup", "/GetGroup"),
-            ("GetGroups", "/Groups"),
-            ("GetIndexingRules", "/GetIndexingRules"),
-            ("GetInsight", "/Insight"),
-            ("GetInsightEvents", "/InsightEvents"),
-            ("GetInsightImpactGraph", "/InsightImpactGraph"),
-            ("GetInsightSummaries", "/InsightSummaries"),
-            ("GetRetrievedTracesGraph", "/GetRetrievedTracesGraph"),
-            ("GetSamplingRules", "/GetSamplingRules"),
-            ("GetSamplingStatisticSummaries", "/SamplingStatisticSummaries"),
-            ("GetSamplingTargets", "/SamplingTargets"),
-            ("GetServiceGraph", "/ServiceGraph"),
-            ("GetTimeSeriesServiceStatistics", "/TimeSeriesServiceStatistics"),
-            ("GetTraceGraph", "/TraceGraph"),
-            ("GetTraceSegmentDestination", "/GetTraceSegmentDestination"),
-            ("GetTraceSummaries", "/TraceSummaries"),
-            ("ListResourcePolicies", "/ListResourcePolicies"),
-            ("ListRetrievedTraces", "/ListRetrievedTraces"),
-            ("ListTagsForResource", "/ListTagsForResource"),
-            ("PutEncryptionConfig", "/PutEncryptionConfig"),
-            ("PutResourcePolicy", "/PutResourcePolicy"),
-            ("PutTelemetryRecords", "/TelemetryRecords"),
-            ("PutTraceSegments", "/TraceSegments"),
-            ("StartTraceRetrieval", "/StartTraceRetrieval"),
-            ("TagResource", "/TagResource"),
-            ("UntagResource", "/UntagResource"),
-            ("UpdateGroup", "/UpdateGroup"),
-            ("UpdateIndexingRule", "/UpdateIndexingRule"),
-            ("UpdateSamplingRule", "/UpdateSamplingRule"),
-            ("UpdateTraceSegmentDestination", "/UpdateTraceSegmentDestination"),
-        )
-    }
-)
 
 # Client headers passed on to X-Ray, unsigned (Content-Type is signed).
 # Everything else - Authorization, Connection and hop-by-hop headers, Host,
@@ -211,6 +162,8 @@ class SamplingProxy(Resource):
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         max_response: int = MAX_RESPONSE,
         warn_interval: float = 10.0,
+        allow: Iterable[bytes] = (),
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         super().__init__()
         self.client = client
@@ -224,6 +177,8 @@ class SamplingProxy(Resource):
         self.max_concurrent = max_concurrent
         self.max_response = max_response
         self.in_flight = 0
+        self.allow = SDK_PATHS | frozenset(allow)
+        self.allowed_hosts = frozenset(h.strip().lower() for h in allowed_hosts if h.strip())
         self._throttle = Throttle(clock, warn_interval)
 
     def _count(self, outcome: str) -> None:
@@ -231,6 +186,40 @@ class SamplingProxy(Resource):
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            self._count("cross_origin")
+            self._warn(
+                "cross origin",
+                "Sampling proxy: refused {path} from a web page ({origin}); answered 403 "
+                "(SDKs never send an Origin header)",
+                path=printable(path),
+                origin=printable(origin.encode("latin-1") if isinstance(origin, str) else origin),
+            )
+            return json_error(
+                request,
+                403,
+                "AccessDeniedException",
+                "requests from web pages (with an Origin header) are not forwarded: the daemon "
+                "signs only what X-Ray SDKs send",
+            )
+        if self.allowed_hosts and not self._host_allowed(request.getHeader(b"host")):
+            self._count("bad_host")
+            host = request.getHeader(b"host") or b""
+            self._warn(
+                "bad host",
+                "Sampling proxy: refused {path} for Host {host}; answered 403 (not in "
+                "--proxy-allowed-hosts / SamplingProxy.AllowedHosts)",
+                path=printable(path),
+                host=printable(host.encode("latin-1") if isinstance(host, str) else host),
+            )
+            return json_error(
+                request,
+                403,
+                "AccessDeniedException",
+                "this Host is not one the daemon answers to (--proxy-allowed-hosts or "
+                "SamplingProxy.AllowedHosts)",
+            )
         operation = OPERATIONS.get(path)
         if operation is None:
             self._count("not_found")
@@ -241,6 +230,20 @@ class SamplingProxy(Resource):
                 "NotFoundException",
                 f"{printable(path)} is not an X-Ray API operation; the daemon forwards only "
                 "X-Ray API calls such as POST /GetSamplingRules",
+            )
+        if path not in self.allow:
+            self._count("not_allowed")
+            self.log.debug(
+                "Sampling proxy: {operation} is not allowed (SamplingProxy.Allow)",
+                operation=operation.name,
+            )
+            return json_error(
+                request,
+                403,
+                "AccessDeniedException",
+                f"the daemon forwards only the calls X-Ray SDKs make (POST /GetSamplingRules, "
+                f"POST /SamplingTargets); to forward {operation.name} ({printable(path)}), "
+                "add it to --proxy-allow or SamplingProxy.Allow",
             )
         if request.method != operation.method:
             self._count("bad_method")
@@ -258,12 +261,7 @@ class SamplingProxy(Resource):
             return body_too_large(request, self.max_body)
         if self.in_flight >= self.max_concurrent:
             self._count("overloaded")
-            self._warn(
-                "overloaded",
-                "Sampling proxy: {limit} requests already in flight; answered 503 "
-                "(SamplingProxy.MaxConcurrentRequests)",
-                limit=self.max_concurrent,
-            )
+            self._warn_overloaded()
             request.setHeader(b"retry-after", b"1")
             return json_error(
                 request,
@@ -274,6 +272,31 @@ class SamplingProxy(Resource):
             )
         self._forward(request, operation, path, body)
         return NOT_DONE_YET
+
+    def overloaded(self) -> bool:
+        """Asked when a request's headers are in: True answers 503 before its body is read."""
+        if self.in_flight < self.max_concurrent:
+            return False
+        self._warn_overloaded()
+        return True
+
+    def _warn_overloaded(self) -> None:
+        self._warn(
+            "overloaded",
+            "Sampling proxy: {limit} requests already in flight; answered 503 "
+            "(SamplingProxy.MaxConcurrentRequests)",
+            limit=self.max_concurrent,
+        )
+
+    def _host_allowed(self, host: bytes | str | None) -> bool:
+        if host is None:
+            return False
+        name = (host.decode("latin-1") if isinstance(host, bytes) else host).strip().lower()
+        if name in self.allowed_hosts:
+            return True
+        # An entry without a port allows the name on any port.
+        bare = name.rsplit(":", 1)[0] if not name.endswith("]") else name
+        return bare in self.allowed_hosts
 
     # -- forwarding --------------------------------------------------------
 

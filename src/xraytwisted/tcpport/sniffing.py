@@ -12,6 +12,13 @@ Each connection's first bytes decide what it is (``classify``):
   dropping; see docs/stream-format.md;
 * anything else: closed, and counted as one rejected record.
 
+The port is bounded: at most ``max_connections`` connections at once, and
+``max_per_peer`` from one address; more are closed as soon as they are
+accepted (counted as ``tcp_refused``, warned about at most every 10 s).
+``connection_limits`` derives safe defaults from the descriptor limit
+(``ulimit -n``), leaving room for uploads and the spool.  Stream lines and
+request bodies not yet accepted share one byte budget (``HeldBytes``).
+
 ``TCPPortService`` adopts the listening socket bound at startup.  On stop it
 closes the listener, lets each stream finish the record it is in the middle
 of (bounded by a short grace period) and closes the HTTP connections, so
@@ -27,17 +34,53 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.observe.logs import Throttle
 from xraytwisted.settings.addresses import Address
+from xraytwisted.tcpport.held import HeldBytes
 
 # Longest HTTP method token we wait for before deciding (RFC 9110's
 # methods have at most 7 letters, WebDAV's at most 11).
 MAX_METHOD = 16
+
+DEFAULT_STREAM_IDLE = 300.0  # Socket.StreamIdleTimeoutSeconds
+# Socket.TCPMaxConnections: 0 picks at most this many (each connection
+# costs a descriptor and some memory; SDKs keep one each).
+AUTO_MAX_CONNECTIONS = 1024
+# Descriptors kept free for everything but TCP clients, on top of one per
+# upload and proxied request in flight: log file, spool files, the DNS
+# resolver's threads, credential and metadata lookups, /proc reads.
+SPARE_DESCRIPTORS = 32
+
+
+def connection_limits(soft_limit: int | None, in_use: int, outbound: int) -> tuple[int, int, bool]:
+    """Default (total, per peer) TCP connection limits; the bool: the limit is cramped.
+
+    ``soft_limit`` is RLIMIT_NOFILE (None: unlimited), ``in_use`` the
+    descriptors open at startup, ``outbound`` how many connections uploads
+    and the sampling proxy may open at once.  TCP clients get what is left
+    after those and ``SPARE_DESCRIPTORS``; when that leaves almost nothing,
+    a quarter of what is free (and the caller warns).
+    """
+    if soft_limit is None:
+        total, cramped = AUTO_MAX_CONNECTIONS, False
+    else:
+        free = soft_limit - in_use
+        total = free - outbound - SPARE_DESCRIPTORS
+        cramped = total < 16
+        if cramped:
+            total = free // 4
+        total = max(1, min(total, AUTO_MAX_CONNECTIONS))
+    # One address may take a quarter, but never fewer than 64: with the
+    # default 127.0.0.1 binding every client is the same address.
+    per_peer = min(total, max(total // 4, 64))
+    return total, per_peer, cramped
 
 
 class Kind(enum.Enum):
@@ -72,9 +115,10 @@ def format_peer(address: IAddress | None) -> str:
 class SniffingProtocol(Protocol):
     """Buffers a connection's first bytes, then hands it to HTTP or the segment stream."""
 
-    def __init__(self, factory: SniffingFactory, peer: str) -> None:
+    def __init__(self, factory: SniffingFactory, peer: str, host: str = "") -> None:
         self.factory = factory
         self.peer = peer
+        self.host = host  # the peer's address without the port: per-peer limit
         self.kind: Kind | None = None
         self.inner: Protocol | None = None
         self._head = b""
@@ -83,7 +127,7 @@ class SniffingProtocol(Protocol):
         self._gone = False
 
     def connectionMade(self) -> None:
-        self.factory.connections.add(self)
+        self.factory.opened(self)
         timeout = self.factory.sniff_timeout
         if timeout:
             self._timer = self.factory.clock.callLater(timeout, self._silent)
@@ -106,7 +150,14 @@ class SniffingProtocol(Protocol):
             self._become(channel, head)
         elif kind is Kind.STREAM:
             factory.ingest.counters.stream_connections += 1
-            stream = SegmentStream(factory.ingest, factory.max_line, factory.clock, self.peer)
+            stream = SegmentStream(
+                factory.ingest,
+                factory.max_line,
+                factory.clock,
+                self.peer,
+                idle_timeout=factory.stream_idle,
+                hold=factory.hold,
+            )
             self._become(stream, head)
         else:
             factory.ingest.reject(
@@ -150,7 +201,8 @@ class SniffingProtocol(Protocol):
             # in-flight proxied requests are cut; SDKs poll again later.
             self.transport.loseConnection()
             self._cancel_timer()
-            self._timer = self.factory.clock.callLater(grace, self._abort)
+            if not self._gone:  # (a half-closed connection is lost at once)
+                self._timer = self.factory.clock.callLater(grace, self._abort)
         return lost
 
     def _abort(self) -> None:
@@ -169,7 +221,7 @@ class SniffingProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_timer()
-        self.factory.connections.discard(self)
+        self.factory.closed(self)
         if self.inner is not None:
             self.inner.connectionLost(reason)
         waiters, self._lost = self._lost, []
@@ -178,9 +230,10 @@ class SniffingProtocol(Protocol):
 
 
 class SniffingFactory(Factory):
-    """Builds a ``SniffingProtocol`` per connection of the TCP port."""
+    """Builds a ``SniffingProtocol`` per connection of the TCP port, within the limits."""
 
     noisy = False  # no "Starting factory" lines
+    log = Logger()
 
     def __init__(
         self,
@@ -190,6 +243,11 @@ class SniffingFactory(Factory):
         clock: IReactorTime,
         *,
         sniff_timeout: float | None = None,
+        stream_idle: float | None = DEFAULT_STREAM_IDLE,
+        max_connections: int | None = None,
+        max_per_peer: int | None = None,
+        hold: HeldBytes | None = None,
+        warn_interval: float = 10.0,
     ) -> None:
         self.ingest = ingest
         self.site = site
@@ -197,10 +255,63 @@ class SniffingFactory(Factory):
         self.clock = clock
         # A connection that sends nothing is dropped after the HTTP idle timeout.
         self.sniff_timeout = site.timeOut if sniff_timeout is None else sniff_timeout
+        self.stream_idle = stream_idle
+        self.max_connections = max_connections  # None: no limit
+        self.max_per_peer = max_per_peer
+        self.hold = hold
         self.connections: set[SniffingProtocol] = set()
+        self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
+        self._throttle = Throttle(clock, warn_interval)
 
-    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol:
-        return SniffingProtocol(self, format_peer(addr))
+    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol | None:
+        host = str(getattr(addr, "host", addr))
+        limit = self.max_connections
+        if limit is not None and len(self.connections) >= limit:
+            self._refuse(
+                "total",
+                "Refusing TCP connection from {peer}: {limit} connections are open, the "
+                "most allowed (--tcp-max-connections or Socket.TCPMaxConnections; the default "
+                "follows ulimit -n). Raise the limit, or find the client that holds them",
+                addr,
+                limit,
+            )
+            return None
+        limit = self.max_per_peer
+        if limit is not None and self.per_peer.get(host, 0) >= limit:
+            self._refuse(
+                "peer",
+                "Refusing TCP connection from {peer}: that address already has {limit} "
+                "connections open, the most one address may hold "
+                "(--tcp-max-connections-per-peer or Socket.TCPMaxConnectionsPerPeer)",
+                addr,
+                limit,
+            )
+            return None
+        return SniffingProtocol(self, format_peer(addr), host)
+
+    def _refuse(self, kind: str, message: str, addr: IAddress | None, limit: int) -> None:
+        # buildProtocol then returns None: the port closes the socket at once.
+        self.ingest.counters.tcp_refused += 1
+        suppressed = self._throttle.check(kind)
+        if suppressed is not None:
+            if suppressed:
+                message += " ({suppressed} more refused connections not logged)"
+            self.log.warn(message, peer=format_peer(addr), limit=limit, suppressed=suppressed)
+        return None
+
+    def opened(self, connection: SniffingProtocol) -> None:
+        self.connections.add(connection)
+        self.per_peer[connection.host] = self.per_peer.get(connection.host, 0) + 1
+
+    def closed(self, connection: SniffingProtocol) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        left = self.per_peer.get(connection.host, 1) - 1
+        if left > 0:
+            self.per_peer[connection.host] = left
+        else:
+            self.per_peer.pop(connection.host, None)
 
     def stop(self, grace: float = STOP_GRACE) -> Deferred[None]:
         """Close every open connection; fires once all are gone (within ~``grace`` s)."""
