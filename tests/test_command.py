@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -110,6 +111,18 @@ class ModuleTests(SynchronousTestCase):
         self.assert_one_error(
             result,
             "Bogus flag is invalid. Please refer to AWS X-Ray Documentation for more information.",
+        )
+
+    def test_bad_sampling_rules_file(self) -> None:
+        (self.workdir / "rules.json").write_text('{"SamplingRuleRecords": []}')
+        result = self.xray("--local-sink", "out.jsonl", "--local-sampling-rules", "rules.json",
+                           "-b", "127.0.0.1:0", "-t", "127.0.0.1:0")  # fmt: skip
+        self.assert_one_error(
+            result,
+            "Cannot use the local sampling rules file rules.json: it needs a non-empty "
+            '"SamplingRuleRecords" list; give a JSON file in the GetSamplingRules format (what '
+            "`aws xray get-sampling-rules` prints) with --local-sampling-rules or "
+            "LocalSampling.RulesFile",
         )
 
     def assert_one_error(self, result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -318,6 +331,35 @@ print(json.dumps({"rules": [[r.name, r.rate, r.can_borrow] for r in rules], "tar
 """
 
 
+# Centralized sampling (the SDK's default): the rules come from the daemon's
+# TCP port.  Until its poller has fetched them the SDK samples with its own
+# fallback rule (1 a second + 5 %), so the app waits for them first, as a
+# server that has been up for a moment would have them.
+CENTRALIZED_APP = """
+import json, sys, time
+from aws_xray_sdk.core import xray_recorder
+
+udp_port, tcp_port, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+xray_recorder.configure(
+    service="local-app",
+    context_missing="LOG_ERROR",
+    daemon_address=f"udp:127.0.0.1:{udp_port} tcp:127.0.0.1:{tcp_port}",
+)
+sampler = xray_recorder.sampler
+sampler.start()
+deadline = time.monotonic() + 20
+while not sampler._cache.rules and time.monotonic() < deadline:
+    time.sleep(0.02)
+sampled = []
+for i in range(count):
+    segment = xray_recorder.begin_segment(f"request-{i}")
+    if segment.sampled:
+        sampled.append(segment.trace_id)
+    xray_recorder.end_segment()
+print(json.dumps({"rules": [r.name for r in sampler._cache.rules], "sampled": sampled}))
+"""
+
+
 class LocalSinkTests(SynchronousTestCase):
     """``xray --local-sink FILE``: the real SDK, no region, no credentials.
 
@@ -332,11 +374,11 @@ class LocalSinkTests(SynchronousTestCase):
         self.sink = self.workdir / "traces.jsonl"
         self.tcp_port = closed_port()
 
-    def start(self) -> DaemonProcess:
+    def start(self, *extra: str) -> DaemonProcess:
         # clean_env: no AWS_REGION, no credentials of any kind.
         daemon = DaemonProcess(
             ["--local-sink", str(self.sink), "-b", "127.0.0.1:0",
-             "-t", f"127.0.0.1:{self.tcp_port}"],
+             "-t", f"127.0.0.1:{self.tcp_port}", *extra],
             clean_env(),
             str(self.workdir / "daemon"),
             twistd_args=(),
@@ -407,7 +449,36 @@ class LocalSinkTests(SynchronousTestCase):
         daemon = self.start()
         answer = self.run_app(SAMPLING_APP, str(self.tcp_port))
         assert isinstance(answer, dict)
-        self.assertEqual(answer["rules"], [["Default", 0.05, True]])
+        self.assertEqual(answer["rules"], [["Default", 1.0, True]])
         target = answer["targets"]["Default"]
-        self.assertEqual((target["rate"], target["quota"], target["interval"]), (0.05, 1, 10))
+        self.assertEqual((target["rate"], target["quota"], target["interval"]), (1.0, 1, 10))
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        self.assertIn(
+            "[Info] Answering sampling requests locally: every request is sampled", daemon.output()
+        )
+
+    def test_centralized_sampling_keeps_every_trace(self) -> None:
+        daemon = self.start()
+        result = self.run_app(CENTRALIZED_APP, str(daemon.udp_port), str(self.tcp_port), "20")
+        assert isinstance(result, dict) and daemon.process is not None
+        self.assertEqual(result["rules"], ["Default"])  # the daemon's rules, not the fallback
+        self.assertEqual(len(result["sampled"]), 20)
+        wait_for_text(self.sink, r"^(.*\n){20}", daemon.process)
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        written = [json.loads(line)["trace_id"] for line in _read(self.sink).splitlines()]
+        self.assertEqual(sorted(written), sorted(result["sampled"]))
+
+    def test_sampling_rules_file(self) -> None:
+        rules = self.workdir / "rules.json"
+        rules.write_text(json.dumps({"SamplingRuleRecords": [
+            {"SamplingRule": {"RuleName": "api", "Priority": 1, "FixedRate": 0.25,
+                              "ReservoirSize": 2, "URLPath": "/api/*"}},
+            {"SamplingRule": {"RuleName": "Default", "Priority": 10000, "FixedRate": 0.05,
+                              "ReservoirSize": 1}},
+        ]}))  # fmt: skip
+        daemon = self.start("--local-sampling-rules", str(rules))
+        answer = self.run_app(SAMPLING_APP, str(self.tcp_port))
+        assert isinstance(answer, dict)
+        self.assertEqual(answer["rules"], [["api", 0.25, True], ["Default", 0.05, True]])
+        self.assertEqual(answer["targets"]["api"]["quota"], 2)
         self.assertEqual(daemon.stop(), 0, daemon.output())

@@ -50,7 +50,13 @@ from xraytwisted.tcpport.health import (
     credentials_status,
     monitoring_site,
 )
-from xraytwisted.tcpport.local_sampling import LocalSamplingResource
+from xraytwisted.tcpport.local_sampling import (
+    LocalRules,
+    LocalSamplingResource,
+    RulesFileError,
+    default_rules,
+    load_rules_file,
+)
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
 from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
@@ -278,6 +284,21 @@ def _where_to(
     return region, endpoint, identity
 
 
+def _local_rules(settings: Settings) -> LocalRules:
+    """The sampling rules --local-sink answers with (read now: a bad file stops the start)."""
+    path = settings.local_sampling_rules
+    if not path:
+        return default_rules(settings.local_sampling_rate)
+    try:
+        return load_rules_file(path)
+    except RulesFileError as e:
+        raise StartupError(
+            f"Cannot use the local sampling rules file {path}: {e}; give a JSON file in the "
+            "GetSamplingRules format (what `aws xray get-sampling-rules` prints) with "
+            "--local-sampling-rules or LocalSampling.RulesFile"
+        ) from None
+
+
 def _bind(address: addresses.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
     try:
         if kind == "udp":
@@ -413,8 +434,18 @@ def build(
     max_body = settings.proxy_max_body_kb * 1024
     sampling: Resource
     if local:
-        sampling = LocalSamplingResource(reactor, counters, max_body=max_body)
+        rules = _local_rules(settings)
+        notes.append(("info", f"Answering sampling requests locally: {rules.source}"))
+        sampling = LocalSamplingResource(reactor, counters, max_body=max_body, rules=rules)
     else:
+        if settings.local_sampling_rules or settings.local_sampling_rate != 1:
+            notes.append(
+                (
+                    "warn",
+                    "--local-sampling-rate and --local-sampling-rules apply only "
+                    "with --local-sink; sampling requests go to X-Ray and use its rules",
+                )
+            )
         sampling = SamplingProxy(
             client=http_client,
             endpoint=endpoint,

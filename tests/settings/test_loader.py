@@ -198,6 +198,8 @@ class GoSampleFileTests(ConfigTestCase):
                 "Spool.MaxMB",
                 "Spool.AfterSeconds",
                 "LocalSink",
+                "LocalSampling.FixedRate",
+                "LocalSampling.RulesFile",
             },
         )
 
@@ -793,6 +795,12 @@ class ValidateTests(SynchronousTestCase):
             self.assertEqual(resolve({}, {"udp_read_interval_ms": ok}).udp_read_interval_ms, ok)
         for bad in (-1.0, 1000.5, math.nan, math.inf):
             self.invalid("Invalid Socket.UDPReadIntervalMS", udp_read_interval_ms=bad)
+
+    def test_local_sampling_rate(self) -> None:
+        for ok in (0.0, 0.05, 1.0):
+            self.assertEqual(resolve({}, {"local_sampling_rate": ok}).local_sampling_rate, ok)
+        for bad in (-0.1, 1.5, math.nan):
+            self.invalid("Invalid LocalSampling.FixedRate", local_sampling_rate=bad)
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(

@@ -148,6 +148,8 @@ def validate(s: Settings) -> None:
         raise _invalid(
             "udp_read_interval_ms", s.udp_read_interval_ms, "must be 0 to 1000 milliseconds"
         )
+    if not (math.isfinite(s.local_sampling_rate) and 0 <= s.local_sampling_rate <= 1):
+        raise _invalid("local_sampling_rate", s.local_sampling_rate, "must be from 0 to 1")
     if s.proxy_address and "://" not in s.proxy_address:
         raise ConfigError(
             f"Bad proxy URL: {s.proxy_address!r} has no scheme; write it as http://host:port"

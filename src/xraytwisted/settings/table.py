@@ -129,6 +129,14 @@ KEYS: tuple[Key, ...] = (
         "Write segments as JSON Lines to PATH (- for stdout) instead of uploading them; "
         "no region or credentials needed, sampling is answered locally.",
         None, "local-sink", go=False, metavar="PATH"),
+    Key("LocalSampling.FixedRate", "local_sampling_rate", "float", 1.0,
+        "With --local-sink: share of requests sampled beyond the first each second "
+        "(1 = every request; 0.05 = X-Ray's default rule).",
+        None, "local-sampling-rate", go=False, metavar="RATE"),
+    Key("LocalSampling.RulesFile", "local_sampling_rules", "str", "",
+        "With --local-sink: answer sampling with the rules in this JSON file "
+        "(GetSamplingRules format, as `aws xray get-sampling-rules` prints it).",
+        None, "local-sampling-rules", go=False, metavar="PATH"),
 )  # fmt: skip
 
 KEYS_BY_NAME: Mapping[str, Key] = {k.name: k for k in KEYS}
@@ -170,6 +178,8 @@ class Settings:
     spool_max_mb: int = 1024
     spool_after: float = 10.0
     local_sink: str = ""
+    local_sampling_rate: float = 1.0
+    local_sampling_rules: str = ""
     # Where the file values came from ("" = built-in defaults only).
     config_path: str = field(default="", compare=False)
 
