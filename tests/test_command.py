@@ -253,6 +253,100 @@ class RunningTests(SynchronousTestCase):
         self.assertIn("[Info] Got shutdown signal: terminated", _read(log))
 
 
+class HealthCheckTests(SynchronousTestCase):
+    """``xray --health-check`` against real daemons: exit 0/1 and one line on stderr."""
+
+    def setUp(self) -> None:
+        self.patch(support, "TWISTD", XRAY_AS_TWISTD)
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir()
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(args, env or clean_env(), str(self.workdir / "daemon"), ())
+        self.addCleanup(daemon.kill)
+        return daemon.start()
+
+    def check(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*MODULE, "--health-check", *args],
+            env=clean_env(),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def test_healthy_daemon(self) -> None:
+        port = closed_port()
+        daemon = self.start(["--local-sink", "out.jsonl", "-b", "127.0.0.1:0",
+                             "-t", f"127.0.0.1:{port}"])  # fmt: skip
+        result = self.check("-t", f"127.0.0.1:{port}")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        # The address comes from ./cfg.yaml as for the daemon itself.
+        (self.workdir / "cfg.yaml").write_text(
+            f"Version: 2\nSocket:\n  TCPAddress: 127.0.0.1:{port}\n"
+        )
+        result = self.check()
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(daemon.stop(), 0)
+        # Nothing listens there any more.
+        result = self.check("-t", f"127.0.0.1:{port}")
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(
+            result.stderr,
+            f"unhealthy: cannot get http://127.0.0.1:{port}/health: Connection refused; is the "
+            "daemon running and listening there (set with -t/--bind-tcp or "
+            "Socket.TCPAddress)?\n",
+        )
+
+    def test_monitoring_address_is_asked_when_set(self) -> None:
+        monitoring = closed_port()
+        cfg = self.workdir / "cfg.yaml"
+        # The file's TCP address is not where this daemon listens: only the
+        # monitoring address can answer.
+        cfg.write_text(f"Version: 2\nSocket:\n  TCPAddress: 127.0.0.1:{closed_port()}\n"
+                       f"Monitoring:\n  Address: 127.0.0.1:{monitoring}\n")  # fmt: skip
+        daemon = self.start(["-c", str(cfg), "--local-sink", "out.jsonl", "-b", "127.0.0.1:0",
+                             "-t", "127.0.0.1:0"])  # fmt: skip
+        result = self.check("-c", str(cfg))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_unhealthy_daemon(self) -> None:
+        port = closed_port()
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", f"127.0.0.1:{port}",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--unhealthy-after", "0.5",
+             "--shutdown-timeout", "1"],
+            env,
+        )  # fmt: skip
+        daemon.send(b'{"id":"1"}')
+        deadline = time.monotonic() + 30
+        while True:  # bounded: segments must first wait --unhealthy-after
+            result = self.check("-t", f"127.0.0.1:{port}")
+            if result.returncode != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual((result.returncode, result.stdout), (1, ""), result.stderr)
+        self.assertRegex(
+            result.stderr,
+            rf"^unhealthy: http://127.0.0.1:{port}/health answered 503 \(unhealthy\): 1 segments "
+            r"waiting, the oldest for \d+ seconds, and no upload has succeeded since the daemon "
+            r"started \(limit 0.5 seconds\)\n$",
+        )
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_bad_settings(self) -> None:
+        result = self.check("-t", "nowhere")
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (1, "unhealthy: cannot tell where the daemon listens: address nowhere: missing port "
+                "in address\n"),
+        )  # fmt: skip
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()

@@ -48,6 +48,10 @@ class Options(usage.Options):
         if self.parsed.version:
             print(VERSION_LINE)
             sys.exit(0)
+        if self.parsed.health_check:
+            from xraytwisted import health_check
+
+            sys.exit(health_check.run(self.parsed))
 
     def getUsage(self, width: int | None = None) -> str:
         return go_flags.usage_text("twistd xray")
