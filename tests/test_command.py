@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_metadata import closed_port  # a free loopback TCP port
+from tests.support.tls import zero_serial_ca_pem
 from xraytwisted import __version__, command
 from xraytwisted.settings import go_flags
 
@@ -234,6 +235,29 @@ class RunningTests(SynchronousTestCase):
             for line in out.splitlines():
                 self.assertRegex(line, GO_LINE)
             self.assertNotIn("twistd", out)  # no twistd runner here
+
+    def test_only_go_format_lines(self) -> None:
+        # A CA bundle with a zero serial number made cryptography print a
+        # Python warning on stderr at every start; Twisted added "UDPIngest
+        # starting on ..." lines.  Everything must be the daemon's own lines.
+        bundle = self.workdir / "bundle.pem"
+        bundle.write_bytes(zero_serial_ca_pem())
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET",
+                         "AWS_CA_BUNDLE": str(bundle)})  # fmt: skip
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--shutdown-timeout", "1"],
+            env,
+        )  # fmt: skip
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        out = daemon.output()
+        for line in out.splitlines():
+            self.assertRegex(line, GO_LINE)
+        warned = [line for line in out.splitlines() if "[Warn]" in line]
+        self.assertEqual(len(warned), 1, out)
+        self.assertIn(f"AWS_CA_BUNDLE={bundle} holds 1 CA certificates with a serial", warned[0])
+        self.assertNotIn("starting on", out)
+        self.assertNotIn("Port", out)  # "(UDP Port 2000 Closed)"
 
     def test_log_file(self) -> None:
         env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
