@@ -236,6 +236,32 @@ class RunningTests(SynchronousTestCase):
                 self.assertRegex(line, GO_LINE)
             self.assertNotIn("twistd", out)  # no twistd runner here
 
+    def test_second_interrupt_stops_now(self) -> None:
+        # X-Ray unreachable and a drain deadline far away: the second Ctrl-C
+        # must end the drain instead of being ignored.
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--shutdown-timeout", "600"],
+            env,
+        )  # fmt: skip
+        daemon.send(b'{"id":"1"}', b'{"id":"2"}')
+        daemon.wait_for_log("Sending segment batch failed")  # both are waiting for a retry
+        daemon.signal(signal.SIGINT)
+        daemon.wait_for_log(r"Shutting down: sending 2 buffered segments \(up to 600 seconds\)")
+        daemon.signal(signal.SIGINT)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        self.assertIn(
+            "[Info] Got a second shutdown signal: interrupt; stopping without waiting", out
+        )
+        self.assertIn(
+            "[Error] Stopped early by the second shutdown signal: 2 segments were not sent and "
+            "are lost",
+            out,
+        )
+        self.assertNotIn("deadline", out)
+
     def test_only_go_format_lines(self) -> None:
         # A CA bundle with a zero serial number made cryptography print a
         # Python warning on stderr at every start; Twisted added "UDPIngest

@@ -107,6 +107,7 @@ class XRayDaemon(MultiService):
         self._reactor = reactor
         self._handle_signals = handle_signals
         self._stopping_on_signal = False
+        self._stopping_now = False
         self._signals_taken = False
         self._banner_parts: Parts | None = None
         self.observer = observer
@@ -154,11 +155,22 @@ class XRayDaemon(MultiService):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self._stopping_on_signal:
-            return  # as the Go daemon: later signals do not cut the drain short
-        self._stopping_on_signal = True
         name = "interrupt" if signum == signal.SIGINT else "terminated"
+        if self._stopping_on_signal:
+            # A second Ctrl-C means "now": the drain ends, what is left is
+            # spooled or counted as lost.  Later signals change nothing.
+            if not self._stopping_now:
+                self._stopping_now = True
+                self._reactor.callFromThread(self._stop_now, name)
+            return
+        self._stopping_on_signal = True
         self._reactor.callFromThread(self._stop_on_signal, name)
+
+    def _stop_now(self, name: str) -> None:
+        self.log.info("Got a second shutdown signal: {name}; stopping without waiting", name=name)
+        for service in self.drain_services:
+            if isinstance(service, Batcher):
+                service.stop_now("Stopped early by the second shutdown signal")
 
     def _stop_on_signal(self, name: str) -> None:
         self.log.info("Got shutdown signal: {name}", name=name)

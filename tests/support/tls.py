@@ -15,6 +15,7 @@ so a request that reaches it must have gone through a proxy that maps it to
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,9 @@ def zero_serial_ca_pem() -> bytes:
     version_and_serial = b"\xa0\x03\x02\x01\x02\x02\x01\x01"  # v3, INTEGER 1
     assert der.count(version_and_serial) == 1
     der = der.replace(version_and_serial, version_and_serial[:-1] + b"\x00")
-    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    with warnings.catch_warnings():  # cryptography warns about exactly this serial
+        warnings.simplefilter("ignore")
+        return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
 def server_options(ca: trustme.CA, hostnames: Sequence[str]) -> CertificateOptions:

@@ -92,6 +92,7 @@ class Batcher(Service):
         self.resume_at = 0.0  # no new attempts before this time (backoff)
         self._flushing = False  # stopping: every batch is due now
         self._abandoned = False  # past the shutdown deadline
+        self._cut_short = ""  # why the drain was ended before its deadline
         self._stopped: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
         self._error_throttle = Throttle(clock, 10.0)
@@ -539,7 +540,19 @@ class Batcher(Service):
         self._dispatch()
         stopped = self._stopped
         self._check_stopped()
+        if self._cut_short and not stopped.called:
+            self._give_up()
         return stopped
+
+    def stop_now(self, why: str) -> None:
+        """End the drain at once (a second shutdown signal); now, or as soon as it starts.
+
+        What is left goes to the spool, or is counted and logged as lost.
+        """
+        self._cut_short = why
+        stopped = self._stopped
+        if stopped is not None and not stopped.called and not self._abandoned:
+            self._give_up()
 
     def _check_stopped(self) -> None:
         stopped = self._stopped
@@ -577,9 +590,9 @@ class Batcher(Service):
             )
         if counters.lost > lost:
             self.log.error(
-                "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
-                "sent and are lost",
-                timeout=self.shutdown_timeout,
+                "{why}: {count} segments were not sent and are lost",
+                why=self._cut_short
+                or f"Shutdown deadline of {self.shutdown_timeout:g} seconds reached",
                 count=counters.lost - lost,
             )
         self._check_stopped()
