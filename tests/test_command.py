@@ -544,7 +544,13 @@ class LocalSinkTests(SynchronousTestCase):
         self.assertEqual(daemon.stop(), 0, daemon.output())
         # Every document exactly as the SDK sent it, one per line, nothing else.
         self.assertEqual(sorted(_read(self.sink).splitlines()), sorted(sent))
-        self.assertNotIn("[Error]", daemon.output())
+        out = daemon.output()
+        self.assertNotIn("[Error]", out)
+        # Nothing is uploaded: no region, and the lines say where segments went.
+        self.assertIn(" region=none ", out)
+        self.assertNotIn("us-east-1", out)
+        self.assertRegex(out, rf"\[Info\] Wrote \d+ segments to {re.escape(str(self.sink))} \(")
+        self.assertNotIn("Successfully sent batch", out)
 
         result = subprocess.run(
             [sys.executable, "-m", "xraytwisted.view", str(self.sink)],

@@ -226,7 +226,7 @@ def summarize(s: Settings, parts: Parts) -> str:
     buffer size); a proxy password is masked.
     """
     resolved: dict[str, object] = {
-        "region": parts.region,
+        "region": "none" if s.local_sink else parts.region,  # nothing is uploaded
         "endpoint": "none" if s.local_sink else parts.endpoint.url,
         "buffer_memory_mb": parts.budget.megabytes,
         "proxy_address": mask_password(s.proxy_address) if s.proxy_address else "none",
@@ -404,6 +404,7 @@ def build(
         shutdown_timeout=settings.shutdown_timeout,
         spool=spool,
         spool_after=settings.spool_after,
+        destination=("stdout" if sink.path == "-" else sink.path) if local else "",
     )
     ingest = Ingest(buffer, counters, reactor)
     drop_monitor = UdpDropMonitor(reactor, counters)
@@ -505,7 +506,11 @@ def build(
             sock.close()
         raise
     udp = UDPIngestService(
-        reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
+        reactor,
+        opened[0],
+        ingest,
+        read_interval=settings.udp_read_interval_ms / 1000,
+        asked_receive_buffer=settings.udp_receive_buffer_kb * 1024,
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])

@@ -466,6 +466,18 @@ class ShutdownTests(Fixture):
         self.assertEqual(self.counters.lost, 10)
 
 
+class DestinationTests(Fixture):
+    def test_a_local_sink_is_written_to_not_sent_to(self) -> None:
+        self.batcher.destination = "/tmp/traces.jsonl"  # what daemon.build passes
+        with capturedLogs() as events:
+            self.offer(docs(50))
+            self.uploads.finish(0, Outcome(0.002))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Wrote 50 segments to /tmp/traces.jsonl (0.002 seconds)"],
+        )
+
+
 class MatchUnprocessedTests(SynchronousTestCase):
     def test_matches_with_and_without_whitespace(self) -> None:
         compact = b'{"id":"aaaaaaaaaaaaaaaa","trace_id":"1-1-a"}'

@@ -73,6 +73,7 @@ class Batcher(Service):
         random: Callable[[], float] = _random.random,
         spool: Spool | None = None,
         spool_after: float = 10.0,
+        destination: str = "",
     ) -> None:
         self.buffer = buffer
         self._send_docs = send
@@ -98,6 +99,8 @@ class Batcher(Service):
         self._error_throttle = Throttle(clock, 10.0)
         self.spool = spool
         self.spool_after = spool_after
+        # Where batches go when not to X-Ray (a local sink file), for the log.
+        self.destination = destination
         self._failing_since: float | None = None  # first failure since the last success
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, SpooledBatch] = {}  # in flight, read from the spool
@@ -359,11 +362,19 @@ class Batcher(Service):
         counters.sent += len(batch) - len(unprocessed)
         counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
-            self.log.info(
-                "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",
-                count=len(batch),
-                seconds=outcome.seconds,
-            )
+            if self.destination:
+                self.log.info(
+                    "Wrote {count} segments to {destination} ({seconds:1.3f} seconds)",
+                    count=len(batch),
+                    destination=self.destination,
+                    seconds=outcome.seconds,
+                )
+            else:
+                self.log.info(
+                    "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",
+                    count=len(batch),
+                    seconds=outcome.seconds,
+                )
             self.buffer.release(batch)
             return
         counters.unprocessed += len(unprocessed)
