@@ -107,11 +107,12 @@ class ModuleTests(SynchronousTestCase):
         )
 
     def test_invalid_config_file(self) -> None:
-        (self.workdir / "cfg.yaml").write_text("Version: 2\nRegion: us-east-2\nBogus: 1\n")
+        (self.workdir / "cfg.yaml").write_text("Version: 2\nRegoin: us-east-2\nBogus: 1\n")
         result = self.xray("-c", "cfg.yaml")
         self.assert_one_error(
             result,
-            "Bogus flag is invalid. Please refer to AWS X-Ray Documentation for more information.",
+            "Regoin flag is invalid. Please refer to AWS X-Ray Documentation for more information. "
+            "(in cfg.yaml line 2: did you mean Region?)",
         )
 
     def test_bad_sampling_rules_file(self) -> None:

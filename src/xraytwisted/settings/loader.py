@@ -76,10 +76,19 @@ def load(explicit: str | None, search: Iterable[str] = SEARCH_PATHS) -> dict[str
     # The YAML reader (and PyYAML) is imported only when there is a file.
     from xraytwisted.settings import cfg_yaml
 
-    document = cfg_yaml.read_document(path)
-    if strict:
-        cfg_yaml.validate_strict(cfg_yaml.flatten(document))
-    values = cfg_yaml.file_values(document)
+    try:
+        document = cfg_yaml.read_document(path)
+        if strict:
+            keys = cfg_yaml.flatten_with_lines(document)
+            cfg_yaml.validate_strict([name for name, _ in keys], dict(keys))
+        values = cfg_yaml.file_values(document)
+    except ConfigError as e:
+        if path in e.go_text:  # "open cfg.yaml: no such file or directory"
+            raise
+        # Go's text names neither the file nor the key: say which file.
+        where = f"in {path}"
+        hint = f"{where}{' ' if e.hint.startswith('line ') else ': '}{e.hint}" if e.hint else where
+        raise ConfigError(e.go_text, hint) from None
     values["config_path"] = path
     return values
 

@@ -20,7 +20,19 @@ MAX_UDP_RECEIVE_BUFFER_KB = (2**31 - 1) // 2 // 1024
 
 
 class ConfigError(Exception):
-    """A configuration problem; str() is the one line shown to the user."""
+    """A configuration problem; str() is the one line shown to the user.
+
+    ``go_text`` is the Go daemon's wording where it has one (scripts grep
+    it, so it comes first); ``hint`` says where and what to do, after it.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.go_text = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.go_text} ({self.hint})" if self.hint else self.go_text
 
 
 Kind = Literal["int", "float", "str", "bool"]
