@@ -30,6 +30,10 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # Numeric, so Kubernetes' runAsNonRoot can check it (uid 10001 is "xray").
 USER 10001:10001
 EXPOSE 2000/udp 2000/tcp
+# Asks GET /health where the daemon listens: the TCP port (127.0.0.1 reaches
+# the 0.0.0.0 below), or what a cfg.yaml mounted at /etc/amazon/xray/cfg.yaml
+# says. With another -t in `docker run` arguments, give the same one with
+# --health-cmd "xray --health-check -t ...".
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:2000/health', timeout=3)"]
+    CMD ["xray", "--health-check"]
 ENTRYPOINT ["xray", "-t", "0.0.0.0:2000", "-b", "0.0.0.0:2000"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_metadata import closed_port  # a free loopback TCP port
 from tests.support.tempdirs import temp_path
+from tests.support.tls import zero_serial_ca_pem
 from xraytwisted import __version__, command
 from xraytwisted.settings import go_flags
 
@@ -106,11 +108,24 @@ class ModuleTests(SynchronousTestCase):
         )
 
     def test_invalid_config_file(self) -> None:
-        (self.workdir / "cfg.yaml").write_text("Version: 2\nRegion: us-east-2\nBogus: 1\n")
+        (self.workdir / "cfg.yaml").write_text("Version: 2\nRegoin: us-east-2\nBogus: 1\n")
         result = self.xray("-c", "cfg.yaml")
         self.assert_one_error(
             result,
-            "Bogus flag is invalid. Please refer to AWS X-Ray Documentation for more information.",
+            "Regoin flag is invalid. Please refer to AWS X-Ray Documentation for more information. "
+            "(in cfg.yaml line 2: did you mean Region?)",
+        )
+
+    def test_bad_sampling_rules_file(self) -> None:
+        (self.workdir / "rules.json").write_text('{"SamplingRuleRecords": []}')
+        result = self.xray("--local-sink", "out.jsonl", "--local-sampling-rules", "rules.json",
+                           "-b", "127.0.0.1:0", "-t", "127.0.0.1:0")  # fmt: skip
+        self.assert_one_error(
+            result,
+            "Cannot use the local sampling rules file rules.json: it needs a non-empty "
+            '"SamplingRuleRecords" list; give a JSON file in the GetSamplingRules format (what '
+            "`aws xray get-sampling-rules` prints) with --local-sampling-rules or "
+            "LocalSampling.RulesFile",
         )
 
     def assert_one_error(self, result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -223,6 +238,56 @@ class RunningTests(SynchronousTestCase):
                 self.assertRegex(line, GO_LINE)
             self.assertNotIn("twistd", out)  # no twistd runner here
 
+    def test_second_interrupt_stops_now(self) -> None:
+        # X-Ray unreachable and a drain deadline far away: the second Ctrl-C
+        # must end the drain instead of being ignored.
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--shutdown-timeout", "600"],
+            env,
+        )  # fmt: skip
+        daemon.send(b'{"id":"1"}', b'{"id":"2"}')
+        daemon.wait_for_log("Sending segment batch failed")  # both are waiting for a retry
+        daemon.signal(signal.SIGINT)
+        daemon.wait_for_log(r"Shutting down: sending 2 buffered segments \(up to 600 seconds\)")
+        daemon.signal(signal.SIGINT)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        self.assertIn(
+            "[Info] Got a second shutdown signal: interrupt; stopping without waiting", out
+        )
+        self.assertIn(
+            "[Error] Stopped early by the second shutdown signal: 2 segments were not sent and "
+            "are lost",
+            out,
+        )
+        # Not the deadline's way out (the shutdown timeout is 600 s here).
+        self.assertNotIn("Shutdown deadline", out)
+
+    def test_only_go_format_lines(self) -> None:
+        # A CA bundle with a zero serial number made cryptography print a
+        # Python warning on stderr at every start; Twisted added "UDPIngest
+        # starting on ..." lines.  Everything must be the daemon's own lines.
+        bundle = self.workdir / "bundle.pem"
+        bundle.write_bytes(zero_serial_ca_pem())
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET",
+                         "AWS_CA_BUNDLE": str(bundle)})  # fmt: skip
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--shutdown-timeout", "1"],
+            env,
+        )  # fmt: skip
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        out = daemon.output()
+        for line in out.splitlines():
+            self.assertRegex(line, GO_LINE)
+        warned = [line for line in out.splitlines() if "[Warn]" in line]
+        self.assertEqual(len(warned), 1, out)
+        self.assertIn(f"AWS_CA_BUNDLE={bundle} holds 1 CA certificates with a serial", warned[0])
+        self.assertNotIn("starting on", out)
+        self.assertNotIn("Port", out)  # "(UDP Port 2000 Closed)"
+
     def test_log_file(self) -> None:
         env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
         log = self.workdir / "logs" / "xray.log"
@@ -239,6 +304,100 @@ class RunningTests(SynchronousTestCase):
         stdout, stderr = proc.communicate(timeout=30)
         self.assertEqual((proc.returncode, stdout, stderr), (0, b"", b""))
         self.assertIn("[Info] Got shutdown signal: terminated", _read(log))
+
+
+class HealthCheckTests(SynchronousTestCase):
+    """``xray --health-check`` against real daemons: exit 0/1 and one line on stderr."""
+
+    def setUp(self) -> None:
+        self.patch(support, "TWISTD", XRAY_AS_TWISTD)
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir()
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(args, env or clean_env(), str(self.workdir / "daemon"), ())
+        self.addCleanup(daemon.kill)
+        return daemon.start()
+
+    def check(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*MODULE, "--health-check", *args],
+            env=clean_env(),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def test_healthy_daemon(self) -> None:
+        port = closed_port()
+        daemon = self.start(["--local-sink", "out.jsonl", "-b", "127.0.0.1:0",
+                             "-t", f"127.0.0.1:{port}"])  # fmt: skip
+        result = self.check("-t", f"127.0.0.1:{port}")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        # The address comes from ./cfg.yaml as for the daemon itself.
+        (self.workdir / "cfg.yaml").write_text(
+            f"Version: 2\nSocket:\n  TCPAddress: 127.0.0.1:{port}\n"
+        )
+        result = self.check()
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(daemon.stop(), 0)
+        # Nothing listens there any more.
+        result = self.check("-t", f"127.0.0.1:{port}")
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(
+            result.stderr,
+            f"unhealthy: cannot get http://127.0.0.1:{port}/health: Connection refused; is the "
+            "daemon running and listening there (set with -t/--bind-tcp or "
+            "Socket.TCPAddress)?\n",
+        )
+
+    def test_monitoring_address_is_asked_when_set(self) -> None:
+        monitoring = closed_port()
+        cfg = self.workdir / "cfg.yaml"
+        # The file's TCP address is not where this daemon listens: only the
+        # monitoring address can answer.
+        cfg.write_text(f"Version: 2\nSocket:\n  TCPAddress: 127.0.0.1:{closed_port()}\n"
+                       f"Monitoring:\n  Address: 127.0.0.1:{monitoring}\n")  # fmt: skip
+        daemon = self.start(["-c", str(cfg), "--local-sink", "out.jsonl", "-b", "127.0.0.1:0",
+                             "-t", "127.0.0.1:0"])  # fmt: skip
+        result = self.check("-c", str(cfg))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_unhealthy_daemon(self) -> None:
+        port = closed_port()
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", f"127.0.0.1:{port}",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--unhealthy-after", "0.5",
+             "--shutdown-timeout", "1"],
+            env,
+        )  # fmt: skip
+        daemon.send(b'{"id":"1"}')
+        deadline = time.monotonic() + 30
+        while True:  # bounded: segments must first wait --unhealthy-after
+            result = self.check("-t", f"127.0.0.1:{port}")
+            if result.returncode != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual((result.returncode, result.stdout), (1, ""), result.stderr)
+        self.assertRegex(
+            result.stderr,
+            rf"^unhealthy: http://127.0.0.1:{port}/health answered 503 \(unhealthy\): 1 segments "
+            r"waiting, the oldest for \d+ seconds, and no upload has succeeded since the daemon "
+            r"started \(limit 0.5 seconds\)\n$",
+        )
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_bad_settings(self) -> None:
+        result = self.check("-t", "nowhere")
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (1, "unhealthy: cannot tell where the daemon listens: address nowhere: missing port "
+                "in address\n"),
+        )  # fmt: skip
 
 
 def _read(path: Path) -> str:
@@ -319,6 +478,35 @@ print(json.dumps({"rules": [[r.name, r.rate, r.can_borrow] for r in rules], "tar
 """
 
 
+# Centralized sampling (the SDK's default): the rules come from the daemon's
+# TCP port.  Until its poller has fetched them the SDK samples with its own
+# fallback rule (1 a second + 5 %), so the app waits for them first, as a
+# server that has been up for a moment would have them.
+CENTRALIZED_APP = """
+import json, sys, time
+from aws_xray_sdk.core import xray_recorder
+
+udp_port, tcp_port, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+xray_recorder.configure(
+    service="local-app",
+    context_missing="LOG_ERROR",
+    daemon_address=f"udp:127.0.0.1:{udp_port} tcp:127.0.0.1:{tcp_port}",
+)
+sampler = xray_recorder.sampler
+sampler.start()
+deadline = time.monotonic() + 20
+while not sampler._cache.rules and time.monotonic() < deadline:
+    time.sleep(0.02)
+sampled = []
+for i in range(count):
+    segment = xray_recorder.begin_segment(f"request-{i}")
+    if segment.sampled:
+        sampled.append(segment.trace_id)
+    xray_recorder.end_segment()
+print(json.dumps({"rules": [r.name for r in sampler._cache.rules], "sampled": sampled}))
+"""
+
+
 class LocalSinkTests(SynchronousTestCase):
     """``xray --local-sink FILE``: the real SDK, no region, no credentials.
 
@@ -333,11 +521,11 @@ class LocalSinkTests(SynchronousTestCase):
         self.sink = self.workdir / "traces.jsonl"
         self.tcp_port = closed_port()
 
-    def start(self) -> DaemonProcess:
+    def start(self, *extra: str) -> DaemonProcess:
         # clean_env: no AWS_REGION, no credentials of any kind.
         daemon = DaemonProcess(
             ["--local-sink", str(self.sink), "-b", "127.0.0.1:0",
-             "-t", f"127.0.0.1:{self.tcp_port}"],
+             "-t", f"127.0.0.1:{self.tcp_port}", *extra],
             clean_env(),
             str(self.workdir / "daemon"),
             twistd_args=(),
@@ -359,7 +547,13 @@ class LocalSinkTests(SynchronousTestCase):
         self.assertEqual(daemon.stop(), 0, daemon.output())
         # Every document exactly as the SDK sent it, one per line, nothing else.
         self.assertEqual(sorted(_read(self.sink).splitlines()), sorted(sent))
-        self.assertNotIn("[Error]", daemon.output())
+        out = daemon.output()
+        self.assertNotIn("[Error]", out)
+        # Nothing is uploaded: no region, and the lines say where segments went.
+        self.assertIn(" region=none ", out)
+        self.assertNotIn("us-east-1", out)
+        self.assertRegex(out, rf"\[Info\] Wrote \d+ segments to {re.escape(str(self.sink))} \(")
+        self.assertNotIn("Successfully sent batch", out)
 
         result = subprocess.run(
             [sys.executable, "-m", "xraytwisted.view", str(self.sink)],
@@ -408,7 +602,36 @@ class LocalSinkTests(SynchronousTestCase):
         daemon = self.start()
         answer = self.run_app(SAMPLING_APP, str(self.tcp_port))
         assert isinstance(answer, dict)
-        self.assertEqual(answer["rules"], [["Default", 0.05, True]])
+        self.assertEqual(answer["rules"], [["Default", 1.0, True]])
         target = answer["targets"]["Default"]
-        self.assertEqual((target["rate"], target["quota"], target["interval"]), (0.05, 1, 10))
+        self.assertEqual((target["rate"], target["quota"], target["interval"]), (1.0, 1, 10))
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        self.assertIn(
+            "[Info] Answering sampling requests locally: every request is sampled", daemon.output()
+        )
+
+    def test_centralized_sampling_keeps_every_trace(self) -> None:
+        daemon = self.start()
+        result = self.run_app(CENTRALIZED_APP, str(daemon.udp_port), str(self.tcp_port), "20")
+        assert isinstance(result, dict) and daemon.process is not None
+        self.assertEqual(result["rules"], ["Default"])  # the daemon's rules, not the fallback
+        self.assertEqual(len(result["sampled"]), 20)
+        wait_for_text(self.sink, r"^(.*\n){20}", daemon.process)
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+        written = [json.loads(line)["trace_id"] for line in _read(self.sink).splitlines()]
+        self.assertEqual(sorted(written), sorted(result["sampled"]))
+
+    def test_sampling_rules_file(self) -> None:
+        rules = self.workdir / "rules.json"
+        rules.write_text(json.dumps({"SamplingRuleRecords": [
+            {"SamplingRule": {"RuleName": "api", "Priority": 1, "FixedRate": 0.25,
+                              "ReservoirSize": 2, "URLPath": "/api/*"}},
+            {"SamplingRule": {"RuleName": "Default", "Priority": 10000, "FixedRate": 0.05,
+                              "ReservoirSize": 1}},
+        ]}))  # fmt: skip
+        daemon = self.start("--local-sampling-rules", str(rules))
+        answer = self.run_app(SAMPLING_APP, str(self.tcp_port))
+        assert isinstance(answer, dict)
+        self.assertEqual(answer["rules"], [["api", 0.25, True], ["Default", 0.05, True]])
+        self.assertEqual(answer["targets"]["api"]["quota"], 2)
         self.assertEqual(daemon.stop(), 0, daemon.output())

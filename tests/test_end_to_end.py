@@ -122,7 +122,8 @@ class EndToEndTests(SynchronousTestCase):
         daemon = self.start_daemon("wrong/secret/key", "--shutdown-timeout", "1")
         trace_ids = run_sdk_app(self.workdir, daemon.udp_port, 3, "wrongkey")
         daemon.wait_for_log(
-            r"\[Error\] Sending segment batch failed with: X-Ray refused the credentials \((HTTP )?403"
+            r"\[Error\] Sending segment batch failed with: "
+            r"X-Ray refused the credentials \((HTTP )?403"
         )
         self.assertEqual(self.moto.batch_get_traces(trace_ids), [])
         # Accepted segments are not dropped; with no way to send them they are

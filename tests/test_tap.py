@@ -67,6 +67,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 0)
         self.assertEqual(out.getvalue(), f"AWS X-Ray daemon version: {__version__}\n")
 
+    def test_health_check_asks_and_exits(self) -> None:
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        with socket.socket() as s:  # bound, not listening: connections are refused
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            with self.assertRaises(SystemExit) as caught:
+                self.parse("--health-check", "-t", f"127.0.0.1:{port}")
+        self.assertEqual(caught.exception.code, 1)
+        self.assertTrue(
+            err.getvalue().startswith(f"unhealthy: cannot get http://127.0.0.1:{port}/health: "),
+            err.getvalue(),
+        )
+
 
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.daemon import HEADER, clean_env
 from xraytwisted import view
 from xraytwisted.view import build_trace, collect, node_line, render
 
@@ -72,8 +77,8 @@ class RenderTests(SynchronousTestCase):
             output = render(collect(f), TRACE)
         self.assertTrue(output.startswith(f"Trace {TRACE}  "), output)
         self.assertNotIn("worker", output)
-        self.assertTrue(output.endswith("\n\n3 traces; 6 documents; 2 skipped (not JSON objects); "
-                                        "1 without trace_id (e.g. raw payloads)\n"))  # fmt: skip
+        # The totals are the trace's own, not the file's.
+        self.assertTrue(output.endswith("\n\n1 trace; 4 documents\n"), output)
 
     def test_empty_input(self) -> None:
         self.assertEqual(render(collect([])), "0 traces; 0 documents\n")
@@ -85,7 +90,7 @@ class RenderTests(SynchronousTestCase):
         for docs in ([in_progress, complete], [complete, in_progress]):
             trace = build_trace("1-x", docs)
             self.assertEqual(len(trace.roots), 1)
-            self.assertEqual(node_line(trace.roots[0]), "svc  500.0 ms")
+            self.assertEqual(node_line(trace.roots[0]), "svc  500.000 ms")
 
     def test_parent_cycle_does_not_lose_documents(self) -> None:
         a = {"id": "a", "trace_id": "1-x", "parent_id": "b", "name": "A", "start_time": 1.0}
@@ -123,6 +128,142 @@ class RenderTests(SynchronousTestCase):
             "call  0.400 ms  throttle  PUT 429  annotations: k=v, n=null  cause: slow down",
         )
 
+    def test_one_precision(self) -> None:
+        docs = [
+            {"trace_id": "1-x", "id": "r", "name": "root", "start_time": 1.0, "end_time": 1.25,
+             "subsegments": [{"id": "s", "name": "fast", "start_time": 1.00017,
+                              "end_time": 1.0002}]},
+        ]  # fmt: skip
+        output = render(collect(lines(*docs)))
+        self.assertIn("\n  +0.000 ms  root  250.000 ms\n", output)
+        self.assertIn("  +0.170 ms    fast  0.030 ms\n", output)
+
+    def test_payloads_without_trace_id_are_named_and_counted_by_kind(self) -> None:
+        docs = [
+            {"raw": "T1SCgoKCAoGEgRzdmMx"},
+            {"raw": "T1SAAAA"},
+            {"raw": "T1UBBBB"},
+            {"raw": "M1CCCC"},
+            {"raw": "not json"},
+            {"name": "no trace id"},
+        ]
+        collection = collect(lines(*docs))
+        self.assertEqual(collection.other, 6)
+        self.assertEqual(
+            render(collection),
+            "0 traces; 0 documents; 2 OTLP span payloads (T1S: sampled; not decoded); "
+            "1 OTLP span payload (T1U: unsampled; not decoded); "
+            "1 OTLP metrics payload (M1; not decoded); 1 raw payload (not JSON); "
+            "1 JSON object without trace_id\n",
+        )
+
+    def test_metadata_only_when_asked(self) -> None:
+        doc = {"trace_id": "1-x", "id": "r", "name": "root", "start_time": 1.0, "end_time": 2.0,
+               "metadata": {"default": {"user": {"id": 7}}, "debug": "é"},
+               "subsegments": [{"id": "s", "name": "db", "start_time": 1.5, "end_time": 1.6,
+                                "metadata": {"sql": {"query": "SELECT 1"}}}]}  # fmt: skip
+        self.assertNotIn("metadata", render(collect(lines(doc))))
+        self.assertEqual(
+            render(collect(lines(doc)), metadata=True).splitlines()[1:5],
+            [
+                "    +0.000 ms  root  1000.000 ms",
+                '                 metadata default: {"user": {"id": 7}}',
+                '                 metadata debug: "é"',
+                "  +500.000 ms    db  100.000 ms",
+            ],
+        )
+
+
+def segment(trace: str, ident: str, start: float, end: float | None = None, **more: Any) -> str:
+    doc: dict[str, Any] = {"trace_id": trace, "id": ident, "name": ident, "start_time": start}
+    if end is None:
+        doc["in_progress"] = True
+    else:
+        doc["end_time"] = end
+    return json.dumps({**doc, **more})
+
+
+class StreamerTests(SynchronousTestCase):
+    """When a trace counts as complete, with a clock the test moves."""
+
+    def setUp(self) -> None:
+        self.now = 100.0
+        self.streamer = view.Streamer(lambda: self.now, settle=1.0)
+
+    def advance(self, seconds: float) -> list[str]:
+        self.now += seconds
+        return self.streamer.ready()
+
+    def test_printed_once_the_root_ended_and_the_trace_is_quiet(self) -> None:
+        self.streamer.feed(segment("1-a", "root", 1.0, 1.5))
+        self.assertEqual(self.streamer.next_due(), 101.0)
+        self.assertEqual(self.advance(0.9), [])
+        [block] = self.advance(0.1)
+        self.assertTrue(block.startswith("Trace 1-a  "), block)
+        self.assertIsNone(self.streamer.next_due())
+        self.assertEqual(self.streamer.flush(), [])  # printed once
+        self.assertEqual(self.streamer.totals(), "1 trace; 1 document")
+
+    def test_each_new_document_restarts_the_wait(self) -> None:
+        self.streamer.feed(segment("1-a", "root", 1.0, 1.5))
+        self.advance(0.8)
+        self.streamer.feed(segment("1-a", "late", 1.1, 1.2, type="subsegment", parent_id="root"))
+        self.assertEqual(self.advance(0.8), [])
+        [block] = self.advance(0.2)
+        self.assertIn("late", block)
+
+    def test_not_printed_before_the_root_ends(self) -> None:
+        # A streamed subsegment first, then the in-progress root: both wait.
+        self.streamer.feed(segment("1-a", "child", 1.1, 1.2, type="subsegment", parent_id="root"))
+        self.assertEqual(self.advance(5), [])
+        self.streamer.feed(segment("1-a", "root", 1.0))
+        self.assertEqual(self.advance(5), [])
+        self.assertIsNone(self.streamer.next_due())  # nothing to look at before more input
+        self.streamer.feed(segment("1-a", "root", 1.0, 1.5))
+        [block] = self.advance(1)
+        self.assertIn("root  500.000 ms", block)
+        self.assertIn("child", block)
+
+    def test_end_of_input_prints_the_rest_as_it_is(self) -> None:
+        self.streamer.feed(segment("1-b", "second", 2.0))
+        self.streamer.feed(segment("1-a", "first", 1.0))
+        blocks = self.streamer.flush()
+        self.assertEqual([b.split("  ")[0] for b in blocks], ["Trace 1-a", "Trace 1-b"])
+        self.assertIn("in progress", blocks[0])
+
+    def test_late_documents_print_the_trace_again(self) -> None:
+        self.streamer.feed(segment("1-a", "root", 1.0, 1.5))
+        self.advance(1)
+        self.streamer.feed(segment("1-a", "backend", 1.1, 1.4, parent_id="root"))
+        [block] = self.advance(1)
+        self.assertIn("(updated: 1 more document)", block.splitlines()[0])
+        self.assertEqual(self.streamer.totals(), "1 trace; 2 documents")
+
+    def test_downstream_segment_without_its_parent_is_complete(self) -> None:
+        # A service called by something not traced locally: its parent is elsewhere.
+        self.streamer.feed(segment("1-a", "api", 1.0, 1.5, parent_id="upstream"))
+        self.assertEqual(len(self.advance(1)), 1)
+
+    def test_only_one_trace(self) -> None:
+        streamer = view.Streamer(lambda: self.now, trace_id="1-b")
+        for line in (segment("1-a", "a", 1.0, 2.0), segment("1-b", "b", 1.0, 2.0), "junk",
+                     '{"raw": "T1Sxx"}'):  # fmt: skip
+            streamer.feed(line)
+        self.now += 1
+        [block] = streamer.ready()
+        self.assertTrue(block.startswith("Trace 1-b"))
+        self.assertEqual(streamer.seen, {"1-a", "1-b"})
+        self.assertEqual(streamer.totals(), "1 trace; 1 document")
+
+    def test_totals_count_what_is_not_a_trace(self) -> None:
+        for line in ("junk", "", '{"raw": "T1Uxx"}', "[1]"):
+            self.streamer.feed(line)
+        self.assertEqual(
+            self.streamer.totals(),
+            "0 traces; 0 documents; 2 skipped (not JSON objects); "
+            "1 OTLP span payload (T1U: unsampled; not decoded)",
+        )
+
 
 class CommandLineTests(SynchronousTestCase):
     def run_view(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -143,7 +284,7 @@ class CommandLineTests(SynchronousTestCase):
     def test_stdin(self) -> None:
         result = self.run_view("-", "--trace", TRACE, stdin=FIXTURE.read_text())
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("Backend  100.0 ms  fault", result.stdout)
+        self.assertIn("Backend  100.000 ms  fault", result.stdout)
 
     def test_unknown_trace(self) -> None:
         out = io.StringIO()
@@ -168,3 +309,107 @@ class CommandLineTests(SynchronousTestCase):
         result = self.run_view()
         self.assertEqual(result.returncode, 2)
         self.assertIn("usage: python -m xraytwisted.view", result.stderr)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for(path: Path, pattern: str, *procs: subprocess.Popen[bytes]) -> re.Match[str]:
+    """Bounded wait until ``path`` matches; fails early if a process has ended."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = regex.search(_read(path))
+        if match:
+            return match
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{proc.args} exited with {proc.returncode}: {_read(path)}")
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern!r} not in {path} after 30 s:\n{_read(path)}")
+
+
+VIEW = [sys.executable, "-m", "xraytwisted.view"]
+
+
+class StreamingTests(SynchronousTestCase):
+    """The viewer on a live pipe and a growing file: real processes, real pipes."""
+
+    def setUp(self) -> None:
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir()
+
+    def test_pipe_from_the_daemon_prints_traces_as_they_complete(self) -> None:
+        # xray --local-sink - -b ... | python -m xraytwisted.view - --settle 0.2
+        xray_err, view_out, view_err = (self.workdir / n for n in ("xray.err", "out", "err"))
+        with xray_err.open("wb") as err:
+            xray = subprocess.Popen(
+                [sys.executable, "-m", "xraytwisted", "--local-sink", "-", "-b", "127.0.0.1:0",
+                 "-t", "127.0.0.1:0"],
+                env=clean_env(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=err,
+            )  # fmt: skip
+        self.addCleanup(_kill, xray)
+        with view_out.open("wb") as out, view_err.open("wb") as err:
+            viewer = subprocess.Popen(
+                [*VIEW, "-", "--settle", "0.2"], stdin=xray.stdout, stdout=out, stderr=err
+            )
+        self.addCleanup(_kill, viewer)
+        assert xray.stdout is not None
+        xray.stdout.close()  # the viewer holds the read end now
+        port = int(wait_for(xray_err, r"Listening on UDP [0-9.]+:(\d+)", xray).group(1))
+        now = time.time()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(HEADER + segment("1-a", "done", now, now + 0.01).encode(), ("127.0.0.1", port))
+            # A complete trace is printed while the daemon runs ...
+            wait_for(view_out, r"Trace 1-a  .*\n.*done  10\.000 ms", xray, viewer)
+            s.sendto(HEADER + segment("1-b", "open", now).encode(), ("127.0.0.1", port))
+            s.sendto(HEADER + b"T1Sabcd", ("127.0.0.1", port))
+        # ... and Ctrl-C (SIGINT to both, as a terminal sends it) ends both
+        # quietly: the daemon writes what it still holds as it drains, and
+        # the viewer prints it before it leaves.
+        for proc in (viewer, xray):
+            proc.send_signal(signal.SIGINT)
+        self.assertEqual(xray.wait(30), 0, _read(xray_err))
+        self.assertEqual(viewer.wait(30), 0, _read(view_err))
+        self.assertEqual(_read(view_err), "")
+        out = _read(view_out)
+        self.assertIn("Trace 1-b  ", out)
+        self.assertIn("open  in progress", out)
+        self.assertTrue(
+            out.endswith(
+                "\n\n2 traces; 2 documents; 1 OTLP span payload (T1S: sampled; not decoded)\n"
+            ),
+            out,
+        )
+
+    def test_follow_a_growing_file(self) -> None:
+        traces = self.workdir / "traces.jsonl"
+        traces.write_text(segment("1-a", "first", 1.0, 2.0) + "\n")
+        out, err = self.workdir / "out", self.workdir / "err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            viewer = subprocess.Popen(
+                [*VIEW, "--follow", str(traces), "--settle", "0.1"], stdout=stdout, stderr=stderr
+            )
+        self.addCleanup(_kill, viewer)
+        wait_for(out, r"Trace 1-a  ", viewer)
+        with traces.open("a") as f:
+            f.write(segment("1-b", "second", 3.0, 3.5) + "\n")
+        wait_for(out, r"Trace 1-b  ", viewer)
+        # Replaced (the sink starts a new file when the old one is moved away).
+        traces.rename(self.workdir / "old.jsonl")
+        traces.write_text(segment("1-c", "third", 4.0, 4.5) + "\n")
+        wait_for(out, r"Trace 1-c  ", viewer)
+        viewer.send_signal(signal.SIGINT)
+        self.assertEqual(viewer.wait(30), 130)
+        self.assertEqual(_read(err), "")
+        self.assertTrue(_read(out).endswith("\n\n3 traces; 3 documents\n"), _read(out))

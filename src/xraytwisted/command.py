@@ -5,6 +5,7 @@ Same flags, defaults, usage layout and exit statuses as the Go daemon's
 version and exits 0, a bad command line prints Go's message on stderr and
 the usage on stdout and exits 2, a configuration or startup error is one
 ``[Error]`` line and exit 1, and SIGTERM/SIGINT drain and exit 0.
+``--health-check`` asks a running daemon's /health instead of starting one.
 
 The daemon is built by ``tap.makeService``, exactly as ``twistd xray``
 builds it; this module only replaces twistd's runner (logging, start, the
@@ -69,6 +70,11 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None) -> int:
     if parsed.help:
         sys.stdout.write(go_flags.usage_text(PROGRAM))
         return 0
+    if parsed.health_check:
+        # Before Twisted is imported: a probe every few seconds must be cheap.
+        from xraytwisted import health_check
+
+        return health_check.run(parsed)
     # Imported only now: building the daemon pulls in treq and botocore, which
     # -h and usage errors should not wait for.
     from twisted.logger import Logger, globalLogBeginner

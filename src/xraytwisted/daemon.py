@@ -56,7 +56,13 @@ from xraytwisted.tcpport.health import (
     monitoring_site,
 )
 from xraytwisted.tcpport.held import HeldBytes, default_hold
-from xraytwisted.tcpport.local_sampling import LocalSamplingResource
+from xraytwisted.tcpport.local_sampling import (
+    LocalRules,
+    LocalSamplingResource,
+    RulesFileError,
+    default_rules,
+    load_rules_file,
+)
 from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
@@ -109,6 +115,7 @@ class XRayDaemon(MultiService):
         self._reactor = reactor
         self._handle_signals = handle_signals
         self._stopping_on_signal = False
+        self._stopping_now = False
         self._signals_taken = False
         self._banner_parts: Parts | None = None
         self.observer = observer
@@ -156,11 +163,22 @@ class XRayDaemon(MultiService):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self._stopping_on_signal:
-            return  # as the Go daemon: later signals do not cut the drain short
-        self._stopping_on_signal = True
         name = "interrupt" if signum == signal.SIGINT else "terminated"
+        if self._stopping_on_signal:
+            # A second Ctrl-C means "now": the drain ends, what is left is
+            # spooled or counted as lost.  Later signals change nothing.
+            if not self._stopping_now:
+                self._stopping_now = True
+                self._reactor.callFromThread(self._stop_now, name)
+            return
+        self._stopping_on_signal = True
         self._reactor.callFromThread(self._stop_on_signal, name)
+
+    def _stop_now(self, name: str) -> None:
+        self.log.info("Got a second shutdown signal: {name}; stopping without waiting", name=name)
+        for service in self.drain_services:
+            if isinstance(service, Batcher):
+                service.stop_now("Stopped early by the second shutdown signal")
 
     def _stop_on_signal(self, name: str) -> None:
         self.log.info("Got shutdown signal: {name}", name=name)
@@ -242,7 +260,7 @@ def summarize(s: Settings, parts: Parts) -> str:
         "tcp_max_connections": factory.max_connections,
         "tcp_max_connections_per_peer": factory.max_per_peer,
         "tcp_hold_kb": factory.hold.capacity // 1024 if factory.hold is not None else 0,
-        "region": parts.region,
+        "region": "none" if s.local_sink else parts.region,  # nothing is uploaded
         "endpoint": "none" if s.local_sink else parts.endpoint.url,
         "buffer_memory_mb": parts.budget.megabytes,
         "proxy_address": mask_password(s.proxy_address) if s.proxy_address else "none",
@@ -350,6 +368,21 @@ def _tcp_limits(settings: Settings, notes: list[tuple[str, str]]) -> tuple[int, 
     if settings.tcp_max_connections_per_peer:
         per_peer = settings.tcp_max_connections_per_peer
     return total, min(per_peer, total)
+
+
+def _local_rules(settings: Settings) -> LocalRules:
+    """The sampling rules --local-sink answers with (read now: a bad file stops the start)."""
+    path = settings.local_sampling_rules
+    if not path:
+        return default_rules(settings.local_sampling_rate)
+    try:
+        return load_rules_file(path)
+    except RulesFileError as e:
+        raise StartupError(
+            f"Cannot use the local sampling rules file {path}: {e}; give a JSON file in the "
+            "GetSamplingRules format (what `aws xray get-sampling-rules` prints) with "
+            "--local-sampling-rules or LocalSampling.RulesFile"
+        ) from None
 
 
 def _bind(address: addresses.Address, kind: str, flags: str, key: str, rcvbuf: int = 0) -> Any:
@@ -462,6 +495,7 @@ def build(
         shutdown_timeout=settings.shutdown_timeout,
         spool=spool,
         spool_after=settings.spool_after,
+        destination=("stdout" if sink.path == "-" else sink.path) if local else "",
     )
     ingest = Ingest(buffer, counters, reactor)
     bridge = None
@@ -537,8 +571,18 @@ def build(
     sampling: Resource
     overloaded = None
     if local:
-        sampling = LocalSamplingResource(reactor, counters, max_body=max_body)
+        rules = _local_rules(settings)
+        notes.append(("info", f"Answering sampling requests locally: {rules.source}"))
+        sampling = LocalSamplingResource(reactor, counters, max_body=max_body, rules=rules)
     else:
+        if settings.local_sampling_rules or settings.local_sampling_rate != 1:
+            notes.append(
+                (
+                    "warn",
+                    "--local-sampling-rate and --local-sampling-rules apply only "
+                    "with --local-sink; sampling requests go to X-Ray and use its rules",
+                )
+            )
         sampling = proxy = SamplingProxy(
             client=http_client,
             endpoint=endpoint,
@@ -604,7 +648,11 @@ def build(
             sock.close()
         raise
     udp = UDPIngestService(
-        reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
+        reactor,
+        opened[0],
+        ingest,
+        read_interval=settings.udp_read_interval_ms / 1000,
+        asked_receive_buffer=settings.udp_receive_buffer_kb * 1024,
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     listeners.append(tcp)

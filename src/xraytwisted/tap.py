@@ -17,7 +17,13 @@ from twisted.python import usage
 
 from xraytwisted import __version__
 from xraytwisted.daemon import StartupError, XRayDaemon, build
-from xraytwisted.observe.logs import GoFormatObserver, LogSetupError, go_timestamp, open_destination
+from xraytwisted.observe.logs import (
+    GoFormatObserver,
+    LogSetupError,
+    go_timestamp,
+    open_destination,
+    warnings_as_lines,
+)
 from xraytwisted.settings import go_flags, loader, table
 
 VERSION_LINE = f"AWS X-Ray daemon version: {__version__}"
@@ -48,6 +54,10 @@ class Options(usage.Options):
         if self.parsed.version:
             print(VERSION_LINE)
             sys.exit(0)
+        if self.parsed.health_check:
+            from xraytwisted import health_check
+
+            sys.exit(health_check.run(self.parsed))
 
     def getUsage(self, width: int | None = None) -> str:
         return go_flags.usage_text("twistd xray")
@@ -104,7 +114,13 @@ def makeService(options: Options, reactor: Any = None) -> XRayDaemon:
         raise fail(str(e)) from None
     observer = GoFormatObserver(destination.write, settings.log_level, destination.flush)
     try:
-        return build(settings, reactor, env=os.environ, observer=observer, handle_signals=True)
+        with warnings_as_lines() as warned:
+            daemon = build(
+                settings, reactor, env=os.environ, observer=observer, handle_signals=True
+            )
     except StartupError as e:
         destination.close()
         raise fail(str(e), log_path) from None
+    if daemon.parts is not None:  # in the startup banner, in the daemon's log format
+        daemon.parts.notes.extend(("warn", line) for line in warned)
+    return daemon

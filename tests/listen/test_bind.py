@@ -430,3 +430,40 @@ class BindTCPTests(BindTestCase):
 
     def test_errno_sanity(self) -> None:
         self.assertEqual(os.strerror(errno.EADDRINUSE).lower(), "address already in use")
+
+
+class DescribeReceiveBufferTests(SynchronousTestCase):
+    """The "Listening on UDP" line says what the kernel granted, and why it reads double."""
+
+    def test_lines(self) -> None:
+        from xraytwisted.listen.bind import describe_receive_buffer
+
+        kib, mib = 1024, 1024 * 1024
+        self.assertEqual(
+            describe_receive_buffer(16 * mib, 32 * mib, linux=True),
+            "receive buffer 16384 KiB as asked; the kernel reports 32768 KiB: Linux doubles it "
+            "for its bookkeeping",
+        )
+        self.assertEqual(
+            describe_receive_buffer(16 * mib, 416 * kib, linux=True),
+            "receive buffer 208 KiB, less than the 16384 KiB asked: the kernel caps it "
+            "(net.core.rmem_max on Linux); raise that limit or run as root to get more, or "
+            "lower --udp-receive-buffer; the kernel reports 416 KiB: Linux doubles it for its "
+            "bookkeeping",
+        )
+        self.assertEqual(
+            describe_receive_buffer(0, 208 * kib, linux=True),
+            "receive buffer 208 KiB, the OS default",
+        )
+        self.assertEqual(
+            describe_receive_buffer(4 * mib, 4 * mib, linux=False),
+            "receive buffer 4096 KiB as asked",
+        )
+
+    def test_a_real_socket_reads_as_asked(self) -> None:
+        from xraytwisted.listen.bind import describe_receive_buffer
+
+        sock = bind_udp(Address("127.0.0.1", 0), receive_buffer=64 * 1024)
+        self.addCleanup(sock.close)
+        line = describe_receive_buffer(64 * 1024, receive_buffer_size(sock))
+        self.assertTrue(line.startswith("receive buffer 64 KiB as asked"), line)

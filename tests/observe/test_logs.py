@@ -9,6 +9,7 @@ import re
 import stat
 import sys
 import time
+import warnings
 from typing import Any
 
 from twisted.application import app, service
@@ -36,12 +37,14 @@ from xraytwisted.observe.logs import (
     TRACE_KEY,
     GoFormatObserver,
     LogSetupError,
+    StartupWarning,
     Throttle,
     format_line,
     go_timestamp,
     open_destination,
     printable,
     suppressed_note,
+    warnings_as_lines,
 )
 
 UTC = datetime.timezone.utc
@@ -249,6 +252,24 @@ class LegacyEventTests(SynchronousTestCase):
     def test_std_log_level(self) -> None:
         self.legacy.msg("careful", logLevel=30)  # logging.WARNING
         self.assertEqual(self.lines, ["2026-11-21T23:34:45Z [Warn] careful\n"])
+
+    def test_twisted_port_lines_are_debug(self) -> None:
+        # What twisted.internet.udp/tcp log for each adopted port; the daemon
+        # says the same in its own "Listening on ..." lines.
+        for text in ("UDPIngest starting on 2000", "SniffingFactory starting on 2000",
+                     "(UDP Port 2000 Closed)", "(TCP Port 2000 Closed)"):  # fmt: skip
+            self.legacy.msg(text)
+        self.legacy.msg("Site starting on 2000 now")  # not the port line: kept as it is
+        self.assertEqual(
+            self.lines,
+            [
+                "2026-11-21T23:34:45Z [Debug] UDPIngest starting on 2000\n",
+                "2026-11-21T23:34:45Z [Debug] SniffingFactory starting on 2000\n",
+                "2026-11-21T23:34:45Z [Debug] (UDP Port 2000 Closed)\n",
+                "2026-11-21T23:34:45Z [Debug] (TCP Port 2000 Closed)\n",
+                "2026-11-21T23:34:45Z [Info] Site starting on 2000 now\n",
+            ],
+        )
 
     def test_empty_message_not_written(self) -> None:
         self.legacy.msg()
@@ -711,3 +732,19 @@ class PrintableTests(SynchronousTestCase):
     def test_large_input_bounded(self) -> None:
         text = printable(b"\x00" * 10_000_000, limit=16)
         self.assertEqual(text, "\\x00" * 4 + "...(+9999996 bytes)")
+
+
+class WarningsAsLinesTests(SynchronousTestCase):
+    def test_each_warning_once_as_a_line(self) -> None:
+        with warnings_as_lines() as lines:
+            for _ in range(3):
+                warnings.warn_explicit("odd input", UserWarning, "/lib/some/module.py", 12)
+            warnings.warn(StartupWarning("the bundle holds odd certificates: fix it"), stacklevel=1)
+            self.assertEqual(lines, [])  # filled when the block ends
+        self.assertEqual(
+            lines,
+            [
+                "Python warning while starting: UserWarning: odd input (module.py:12)",
+                "the bundle holds odd certificates: fix it",
+            ],
+        )

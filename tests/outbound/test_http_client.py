@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import socket
+import warnings
 from typing import Any
 
 import trustme
@@ -37,10 +38,12 @@ from tests.support.tls import (
     new_ca,
     start_fake_xray,
     write_ca,
+    zero_serial_ca_pem,
 )
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
+from xraytwisted.observe.logs import StartupWarning
 from xraytwisted.outbound.connect_tunnel import ProxyConnectError
 from xraytwisted.outbound.http_client import (
     IDLE_CONNECTION_SECONDS,
@@ -527,6 +530,22 @@ class LoadCABundleTests(SynchronousTestCase):
         path = self.write(b"# corporate CAs\n" + a.cert_pem.bytes() + b"\n" + b.cert_pem.bytes())
         certs = load_ca_bundle(path)
         self.assertEqual(len(certs), 2)
+
+    def test_zero_serial_numbers_are_one_warning_with_advice(self) -> None:
+        path = self.write(new_ca().cert_pem.bytes() + zero_serial_ca_pem() * 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            certs = load_ca_bundle(path)
+        self.assertEqual(len(certs), 3)
+        self.assertEqual([w.category for w in caught], [StartupWarning])
+        self.assertEqual(
+            str(caught[0].message),
+            f"AWS_CA_BUNDLE={path} holds 2 CA certificates with a serial number of zero or "
+            "less, which RFC 5280 forbids (e.g. CN=Serial Zero Test CA): they are trusted, but "
+            "a future release of the cryptography library will refuse them. AWS_CA_BUNDLE "
+            "needs only the CAs the system store lacks (e.g. a TLS-inspecting proxy's): point "
+            "it at a file with just those",
+        )
 
     def test_unusable_files(self) -> None:
         cases = {

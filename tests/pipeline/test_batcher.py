@@ -526,6 +526,43 @@ class ShutdownTests(Fixture):
         self.assertEqual(self.counters.sent, 10)
         self.assertEqual(self.counters.lost, 0)
 
+    def test_stop_now_ends_the_drain_and_names_the_loss(self) -> None:
+        self.make(concurrency=1, shutdown_timeout=20)
+        self.offer(docs(120))
+        stopped = self.batcher.stopService()
+        self.assertNoResult(stopped)
+        with capturedLogs() as events:
+            self.batcher.stop_now("Stopped early by the second shutdown signal")
+            self.batcher.stop_now("again")  # changes nothing
+        self.successResultOf(stopped)
+        self.assertEqual((self.counters.lost, self.buffer.used), (120, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the 20 s deadline is gone
+        self.assertEqual(
+            [formatEvent(e) for e in events if e["log_level"] == LogLevel.error],
+            ["Stopped early by the second shutdown signal: 120 segments were not sent and are "
+             "lost"],
+        )  # fmt: skip
+
+    def test_stop_now_before_the_drain_starts(self) -> None:
+        # The second signal can come while ingest is still stopping.
+        self.offer(docs(10))
+        self.batcher.stop_now("Stopped early")
+        self.assertEqual(self.counters.lost, 0)
+        self.successResultOf(self.batcher.stopService())
+        self.assertEqual(self.counters.lost, 10)
+
+
+class DestinationTests(Fixture):
+    def test_a_local_sink_is_written_to_not_sent_to(self) -> None:
+        self.batcher.destination = "/tmp/traces.jsonl"  # what daemon.build passes
+        with capturedLogs() as events:
+            self.offer(docs(50))
+            self.uploads.finish(0, Outcome(0.002))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Wrote 50 segments to /tmp/traces.jsonl (0.002 seconds)"],
+        )
+
 
 class MatchUnprocessedTests(SynchronousTestCase):
     def test_matches_with_and_without_whitespace(self) -> None:

@@ -115,9 +115,11 @@ class ConfigTestCase(SynchronousTestCase):
         return load(None, search=[self.write(text)])
 
     def assertConfigError(self, call: Callable[[], object], message: str) -> ConfigError:
+        """The Go daemon's text is ``message`` (what comes after it: HintTests)."""
         with self.assertRaises(ConfigError) as caught:
             call()
-        self.assertEqual(str(caught.exception), message)
+        self.assertEqual(caught.exception.go_text, message)
+        self.assertTrue(str(caught.exception).startswith(message))  # scripts grep Go's text
         self.assertNotIn("\n", str(caught.exception))
         return caught.exception
 
@@ -211,6 +213,8 @@ class GoSampleFileTests(ConfigTestCase):
                 "Spool.MaxMB",
                 "Spool.AfterSeconds",
                 "LocalSink",
+                "LocalSampling.FixedRate",
+                "LocalSampling.RulesFile",
             },
         )
 
@@ -464,6 +468,61 @@ class TypeErrorTests(ConfigTestCase):
         self.assertConfigError(
             lambda: self.strict("Version: 2\nConcurrency: !!int abc\n"),
             PREFIX + "yaml: cannot decode !!str `abc` as a !!int",
+        )
+
+
+class HintTests(ConfigTestCase):
+    """After Go's text: the file, the key, and the key probably meant."""
+
+    def message(self, call: Callable[[], object]) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            call()
+        return str(caught.exception)
+
+    def test_type_error_names_the_file_and_the_key(self) -> None:
+        path = self.write("Version: 2\nConcurrency: abc\nSocket:\n  UDPAddress: [a]\n")
+        for explicit, search in ((path, ()), (None, [path])):
+            self.assertEqual(
+                self.message(lambda e=explicit, s=search: load(e, search=s)),
+                UNMARSHAL + "line 2: cannot unmarshal !!str `abc` into int; line 4: cannot "
+                f"unmarshal !!seq into string (in {path}: Concurrency must be a whole number, "
+                "not `abc`; Socket.UDPAddress must be a single value, not a list or a mapping)",
+            )
+
+    def test_unknown_key_suggests_the_known_one(self) -> None:
+        cases = {
+            "Regoin: us-east-2\n": "line 2: did you mean Region?",
+            "region: us-east-2\n": "line 2: did you mean Region?",  # case-insensitive
+            "Logging:\n  loglevel: info\n": "line 3: did you mean Logging.LogLevel?",
+            "Socket:\n  LogLevel: info\n": "line 3: did you mean Logging.LogLevel?",
+            "ShutdownTimeout: 3\n": "line 2: did you mean ShutdownTimeoutSeconds?",
+            "Bogus: 1\n": "line 2: docs/configuration.md lists every key",
+            "Socket: 5\n": "line 2: Socket must hold keys indented below it, e.g. UDPAddress",
+        }
+        for text, hint in cases.items():
+            path = self.write("Version: 2\n" + text)
+            message = self.message(lambda p=path: load(p, search=()))
+            self.assertTrue(message.endswith(f". {DOCS} (in {path} {hint})"), message)
+
+    def test_other_file_errors_name_the_file(self) -> None:
+        cases = {
+            "Concurrency: 1\n": f"{VERSION_MISSING} (in {{}}: add Version: 2 to it)",
+            "Version: 2\nProfile:\n  CPU: x\n": (
+                f"Profile.CPU flag is not supported any more. {DOCS} (in {{}} line 3: remove "
+                "Profile.CPU)"
+            ),
+            "Version: 2\nRegion: [a\n": PREFIX + "yaml: line 3: expected ',' or ']', but got "
+            "'<stream end>' (in {})",
+            "Version: 7\n": f"{VERSION_WRONG} (in {{}}: Version must be 1 or 2)",
+        }
+        for text, expected in cases.items():
+            path = self.write(text)
+            self.assertEqual(self.message(lambda p=path: load(p, search=())), expected.format(path))
+
+    def test_a_missing_file_is_named_once(self) -> None:
+        self.assertEqual(
+            self.message(lambda: load("/nonexistent/cfg.yaml", search=())),
+            PREFIX + "open /nonexistent/cfg.yaml: no such file or directory",
         )
 
 
@@ -842,6 +901,12 @@ class ValidateTests(SynchronousTestCase):
             "not an X-Ray API path or operation name",
             proxy_allow="/Nope,Deletesamplingrule",
         )
+
+    def test_local_sampling_rate(self) -> None:
+        for ok in (0.0, 0.05, 1.0):
+            self.assertEqual(resolve({}, {"local_sampling_rate": ok}).local_sampling_rate, ok)
+        for bad in (-0.1, 1.5, math.nan):
+            self.invalid("Invalid LocalSampling.FixedRate", local_sampling_rate=bad)
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(

@@ -15,6 +15,7 @@ so a request that reaches it must have gone through a proxy that maps it to
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,43 @@ def write_ca(ca: trustme.CA, directory: str, name: str = "ca.pem") -> str:
     path = os.path.join(directory, name)
     ca.cert_pem.write_to_path(path)
     return path
+
+
+def zero_serial_ca_pem() -> bytes:
+    """A CA certificate whose serial number is 0, as some public roots have.
+
+    cryptography's builder refuses such a serial, so a serial of 1 is
+    changed in the DER (same length; the signature no longer matches, which
+    loading a PEM bundle does not check).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Serial Zero Test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    version_and_serial = b"\xa0\x03\x02\x01\x02\x02\x01\x01"  # v3, INTEGER 1
+    assert der.count(version_and_serial) == 1
+    der = der.replace(version_and_serial, version_and_serial[:-1] + b"\x00")
+    with warnings.catch_warnings():  # cryptography warns about exactly this serial
+        warnings.simplefilter("ignore")
+        return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
 def server_options(ca: trustme.CA, hostnames: Sequence[str]) -> CertificateOptions:

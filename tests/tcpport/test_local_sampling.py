@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
@@ -19,6 +20,10 @@ from xraytwisted.observe.counters import Counters
 from xraytwisted.tcpport.local_sampling import (
     BadRequest,
     LocalSamplingResource,
+    RulesFileError,
+    default_rules,
+    load_rules_file,
+    parse_rules,
     rule_records,
     sampling_targets,
 )
@@ -50,7 +55,7 @@ class PureTests(SynchronousTestCase):
                             "RuleARN": "arn:aws:xray:local::sampling-rule/Default",
                             "ResourceARN": "*",
                             "Priority": 10000,
-                            "FixedRate": 0.05,
+                            "FixedRate": 1.0,
                             "ReservoirSize": 1,
                             "ServiceName": "*",
                             "ServiceType": "*",
@@ -79,18 +84,114 @@ class PureTests(SynchronousTestCase):
             {
                 "SamplingTargetDocuments": [
                     {
-                        "RuleName": name,
-                        "FixedRate": 0.05,
+                        "RuleName": "Default",
+                        "FixedRate": 1.0,
                         "ReservoirQuota": 1,
                         "ReservoirQuotaTTL": NOW + 10,
                         "Interval": 10,
                     }
-                    for name in ("Default", "custom")
                 ],
                 "LastRuleModification": 1700000000.0,
-                "UnprocessedStatistics": [],
+                # X-Ray lists statistics of rules it does not have as unprocessed.
+                "UnprocessedStatistics": [
+                    {
+                        "RuleName": "custom",
+                        "ErrorCode": "400",
+                        "Message": "not a local sampling rule",
+                    }
+                ],
             },
         )
+
+    def test_production_like_rate(self) -> None:
+        rules = default_rules(0.05)
+        [record] = rule_records(1.0, rules)["SamplingRuleRecords"]
+        self.assertEqual(
+            (record["SamplingRule"]["FixedRate"], record["SamplingRule"]["ReservoirSize"]),
+            (0.05, 1),
+        )
+        [target] = sampling_targets(
+            {"SamplingStatisticsDocuments": [{"RuleName": "Default"}]}, NOW, 1.0, rules
+        )["SamplingTargetDocuments"]
+        self.assertEqual((target["FixedRate"], target["ReservoirQuota"]), (0.05, 1))
+        self.assertEqual(
+            rules.source, "the first request each second and 0.05 of the rest are sampled"
+        )
+        self.assertEqual(default_rules().source, "every request is sampled")
+
+    def test_rules_file(self) -> None:
+        # What `aws xray get-sampling-rules` prints, plus a hand-written short rule.
+        document = {
+            "SamplingRuleRecords": [
+                {
+                    "SamplingRule": {
+                        "RuleName": "checkout",
+                        "RuleARN": "arn:aws:xray:us-east-2:1:sampling-rule/checkout",
+                        "ResourceARN": "*", "Priority": 100, "FixedRate": 0.5, "ReservoirSize": 3,
+                        "ServiceName": "shop", "ServiceType": "*", "Host": "*",
+                        "HTTPMethod": "POST", "URLPath": "/checkout*", "Version": 1,
+                        "Attributes": {},
+                    },
+                    "CreatedAt": 1.0, "ModifiedAt": 2.0,
+                },
+                {"SamplingRule": {"RuleName": "Default", "Priority": 10000, "FixedRate": 0.0,
+                                  "ReservoirSize": 0}},
+            ]
+        }  # fmt: skip
+        path = Path(self.mktemp())
+        path.write_text(json.dumps(document))
+        rules = load_rules_file(str(path))
+        self.assertEqual(rules.source, f"2 rules from {path} (checkout, Default)")
+        records = rule_records(7.0, rules)["SamplingRuleRecords"]
+        self.assertEqual(
+            records[0]["SamplingRule"], document["SamplingRuleRecords"][0]["SamplingRule"]
+        )
+        self.assertEqual((records[0]["CreatedAt"], records[0]["ModifiedAt"]), (7.0, 7.0))
+        self.assertEqual(
+            records[1]["SamplingRule"],
+            {"RuleName": "Default", "RuleARN": "arn:aws:xray:local::sampling-rule/Default",
+             "ResourceARN": "*", "Priority": 10000, "FixedRate": 0.0, "ReservoirSize": 0,
+             "ServiceName": "*", "ServiceType": "*", "Host": "*", "HTTPMethod": "*",
+             "URLPath": "*", "Version": 1, "Attributes": {}},
+        )  # fmt: skip
+        stats = {"SamplingStatisticsDocuments": [{"RuleName": "checkout"}]}
+        [target] = sampling_targets(stats, NOW, 7.0, rules)["SamplingTargetDocuments"]
+        self.assertEqual((target["FixedRate"], target["ReservoirQuota"]), (0.5, 3))
+
+    def test_bad_rules_files(self) -> None:
+        def rule(**fields: Any) -> dict[str, Any]:
+            base = {"RuleName": "r", "Priority": 1, "FixedRate": 0.1, "ReservoirSize": 1}
+            return {"SamplingRuleRecords": [{"SamplingRule": {**base, **fields}}]}
+
+        cases: list[tuple[Any, str]] = [
+            ([], 'it needs a non-empty "SamplingRuleRecords" list'),
+            ({"SamplingRuleRecords": []}, 'it needs a non-empty "SamplingRuleRecords" list'),
+            ({"SamplingRuleRecords": [{}]}, 'SamplingRuleRecords[0] has no "SamplingRule" object'),
+            (
+                rule(RuleName=""),
+                "SamplingRuleRecords[0]: RuleName must be a string of 1 to 32 characters",
+            ),
+            (rule(FixedRate=2), "rule r: FixedRate must be a number from 0 to 1"),
+            (rule(FixedRate=True), "rule r: FixedRate must be a number from 0 to 1"),
+            (rule(ReservoirSize=-1), "rule r: ReservoirSize must be a whole number, 0 or more"),
+            (rule(Priority="1"), "rule r: Priority must be a whole number"),
+            (
+                {"SamplingRuleRecords": rule()["SamplingRuleRecords"] * 2},
+                "SamplingRuleRecords[1]: rule r appears twice",
+            ),
+        ]
+        for document, message in cases:
+            with self.assertRaises(RulesFileError, msg=repr(document)) as caught:
+                parse_rules(document)
+            self.assertEqual(str(caught.exception), message)
+        path = Path(self.mktemp())
+        path.write_text("{not json")
+        with self.assertRaises(RulesFileError) as caught:
+            load_rules_file(str(path))
+        self.assertIn("it is not JSON", str(caught.exception))
+        with self.assertRaises(RulesFileError) as caught:
+            load_rules_file(str(path) + ".missing")
+        self.assertEqual(str(caught.exception), "No such file or directory")
 
     def test_no_statistics_is_an_empty_answer(self) -> None:
         answer = sampling_targets({"SamplingStatisticsDocuments": []}, NOW, 1.0)
@@ -243,12 +344,12 @@ class SDKTests(TestCase):
         )
         self.assertEqual(
             rules,
-            [{"name": "Default", "priority": 10000, "rate": 0.05, "can_borrow": True,
+            [{"name": "Default", "priority": 10000, "rate": 1.0, "can_borrow": True,
               "matches": True}],
         )  # fmt: skip
         self.assertEqual(list(targets), ["Default"])
         target = targets["Default"]
-        self.assertEqual((target["rate"], target["quota"], target["interval"]), (0.05, 1, 10))
+        self.assertEqual((target["rate"], target["quota"], target["interval"]), (1.0, 1, 10))
         self.assertTrue(before + 9 <= target["TTL"] <= int(time.time()) + 10, target)
         # The rules were "modified" when the resource was made, before the
         # SDK fetched them, so the SDK's TargetPoller will not re-fetch them.

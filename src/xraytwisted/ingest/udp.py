@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.listen.adopted_port import AdoptedPortService
-from xraytwisted.listen.bind import receive_buffer_size
+from xraytwisted.listen.bind import describe_receive_buffer, receive_buffer_size
 
 # Twisted reads datagrams into buffers of 8192 bytes by default and silently
 # truncates longer ones; segments can be up to 64 KiB.
@@ -111,10 +111,12 @@ class UDPIngestService(AdoptedPortService):
         sock: socket.socket,
         ingest: Ingest,
         read_interval: float = READ_INTERVAL,
+        asked_receive_buffer: int = 0,
     ) -> None:
         super().__init__(reactor, sock)
         self.protocol = UDPIngest(ingest)
         self.read_interval = read_interval
+        self.asked_receive_buffer = asked_receive_buffer  # bytes; 0 = the OS default
         self.reader: CoalescingReader | None = None
         self.receive_buffer = 0
 
@@ -128,9 +130,9 @@ class UDPIngestService(AdoptedPortService):
 
     def listening(self) -> None:
         self.log.info(
-            "Listening on UDP {address} (kernel receive buffer {kb} KiB)",
+            "Listening on UDP {address} ({buffer})",
             address=str(self.address),
-            kb=self.receive_buffer // 1024,
+            buffer=describe_receive_buffer(self.asked_receive_buffer, self.receive_buffer),
         )
 
     def closing(self, port: Any) -> None:

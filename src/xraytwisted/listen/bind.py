@@ -141,6 +141,30 @@ def receive_buffer_size(sock: socket.socket) -> int:
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
+def describe_receive_buffer(
+    asked: int, reported: int, linux: bool = sys.platform.startswith("linux")
+) -> str:
+    """The UDP receive buffer for the "Listening on UDP" line: what was granted, and why.
+
+    ``reported`` is what SO_RCVBUF reads back.  Linux doubles what it is set
+    to (the extra half is for its own bookkeeping) and reads that back, so
+    16 MiB asked and granted reads as 32 MiB; it caps what an unprivileged
+    process asks at net.core.rmem_max.
+    """
+    kb = 1024
+    if asked <= 0:
+        return f"receive buffer {reported // kb} KiB, the OS default"
+    granted = reported // 2 if linux else reported
+    shown = f"the kernel reports {reported // kb} KiB: Linux doubles it for its bookkeeping"
+    if granted >= asked:
+        return f"receive buffer {asked // kb} KiB as asked" + (f"; {shown}" if linux else "")
+    return (
+        f"receive buffer {granted // kb} KiB, less than the {asked // kb} KiB asked: the kernel "
+        "caps it (net.core.rmem_max on Linux); raise that limit or run as root to get more, "
+        "or lower --udp-receive-buffer" + (f"; {shown}" if linux else "")
+    )
+
+
 def bind_tcp(address: Address, backlog: int = 128) -> socket.socket:
     """A listening, non-blocking TCP socket bound to ``address``."""
     return _bind(address, socket.SOCK_STREAM, "tcp", backlog, 0)

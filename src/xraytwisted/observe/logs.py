@@ -12,8 +12,11 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Protocol, TextIO
 
@@ -37,6 +40,7 @@ __all__ = [
     "GoFormatObserver",
     "LogDestination",
     "LogSetupError",
+    "StartupWarning",
     "Throttle",
     "event_level",
     "format_line",
@@ -45,6 +49,7 @@ __all__ = [
     "printable",
     "suppressed_note",
     "threshold",
+    "warnings_as_lines",
 ]
 
 # seelog's numeric levels; a line is shown when its level >= the threshold.
@@ -72,6 +77,12 @@ _TWISTED_LEVELS: Mapping[LogLevel, int] = MappingProxyType(
         LogLevel.critical: CRITICAL,
     }
 )
+
+
+# Twisted's own lines for the ports the daemon adopts ("UDPIngest starting on
+# 2000", "(UDP Port 2000 Closed)"): they repeat our "Listening on ..." lines
+# in words no Go daemon user knows, so they are shown at debug only.
+_PORT_CHATTER = re.compile(r"\S+ starting on \d+|\((UDP|TCP|Unix) Port \S+ Closed\)")
 
 
 def threshold(level: str) -> int:
@@ -114,6 +125,12 @@ def event_level(event: LogEvent) -> int:
     level = _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), INFO)
     if level == DEBUG and event.get(TRACE_KEY):
         return TRACE
+    if (
+        level == INFO
+        and event.get("log_namespace") == "log_legacy"
+        and _PORT_CHATTER.fullmatch(str(event.get("log_text", "")))
+    ):
+        return DEBUG
     return level
 
 
@@ -392,3 +409,35 @@ def printable(data: bytes, limit: int = 128) -> str:
     if shown < len(data):
         text += f"...(+{len(data) - shown} bytes)"
     return text
+
+
+class StartupWarning(UserWarning):
+    """A warning for the operator, raised while the daemon is built; its text is the log line."""
+
+
+def _warning_line(warning: warnings.WarningMessage) -> str:
+    if issubclass(warning.category, StartupWarning):
+        return str(warning.message)
+    where = f"{os.path.basename(warning.filename)}:{warning.lineno}"
+    return (
+        f"Python warning while starting: {warning.category.__name__}: {warning.message} ({where})"
+    )
+
+
+@contextmanager
+def warnings_as_lines() -> Iterator[list[str]]:
+    """Collect the Python warnings raised in the block as log lines, each once.
+
+    The daemon is built before any log observer exists, so without this a
+    warning (say, from a library the settings make us load) goes to stderr
+    raw, and to the terminal even when twistd daemonizes.  The list is
+    filled when the block ends; the caller logs it at Warn.  (Once logging
+    has begun, Twisted's own warnings hook logs later ones.)
+    """
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        yield lines
+    for warning in caught:
+        line = _warning_line(warning)
+        if line not in lines:
+            lines.append(line)

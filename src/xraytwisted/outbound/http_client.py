@@ -30,12 +30,14 @@ are made elsewhere.
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import treq.client
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.cookies import IndexableCookieJar
@@ -70,6 +72,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from xraytwisted.observe.logs import StartupWarning
 from xraytwisted.outbound.connect_tunnel import HTTPConnectProxyEndpoint
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, ProxyRules, ProxySpec
 from xraytwisted.outbound.twisted_private import system_trust_plus
@@ -121,10 +124,29 @@ def load_ca_bundle(path: str, source: str = "AWS_CA_BUNDLE") -> tuple[x509.Certi
         raise bad(f"it is larger than {MAX_CA_BUNDLE_BYTES // (1024 * 1024)} MiB")
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise bad("it contains no PEM certificate (-----BEGIN CERTIFICATE-----)")
-    try:
-        return tuple(x509.load_pem_x509_certificates(data))
-    except ValueError as e:
-        raise bad(f"it is not valid PEM ({e})") from None
+    with warnings.catch_warnings():
+        # Said once below, with what to do, instead of once per certificate.
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        try:
+            certificates = tuple(x509.load_pem_x509_certificates(data))
+        except ValueError as e:
+            raise bad(f"it is not valid PEM ({e})") from None
+        odd = [c for c in certificates if c.serial_number <= 0]
+        first = odd[0].subject.rfc4514_string() if odd else ""
+    if odd:
+        # The system bundle has several such roots: a bundle meant for a
+        # proxy's CA only would not.
+        warnings.warn(
+            StartupWarning(
+                f"{source}={path} holds {len(odd)} CA certificates with a serial number of "
+                f"zero or less, which RFC 5280 forbids (e.g. {first}): they are trusted, but a "
+                f"future release of the cryptography library will refuse them. {source} needs "
+                "only the CAs the system store lacks (e.g. a TLS-inspecting proxy's): point it "
+                "at a file with just those"
+            ),
+            stacklevel=2,
+        )
+    return certificates
 
 
 @implementer(IOpenSSLClientConnectionCreator)

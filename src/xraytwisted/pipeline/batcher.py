@@ -110,6 +110,7 @@ class Batcher(Service):
         random: Callable[[], float] = _random.random,
         spool: Spool | None = None,
         spool_after: float = 10.0,
+        destination: str = "",
     ) -> None:
         self.buffer = buffer
         self._send_docs = send
@@ -129,11 +130,14 @@ class Batcher(Service):
         self.resume_at = 0.0  # no new attempts before this time (backoff)
         self._flushing = False  # stopping: every batch is due now
         self._abandoned = False  # past the shutdown deadline
+        self._cut_short = ""  # why the drain was ended before its deadline
         self._stopped: Deferred[None] | None = None
         self._deadline: IDelayedCall | None = None
         self._error_throttle = Throttle(clock, 10.0, max_reasons=MAX_LOG_KINDS)
         self.spool = spool
         self.spool_after = spool_after
+        # Where batches go when not to X-Ray (a local sink file), for the log.
+        self.destination = destination
         self._failing_since: float | None = None  # first failure since the last success
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
@@ -520,11 +524,19 @@ class Batcher(Service):
         counters.sent += len(batch) - len(unprocessed)
         counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
-            self.log.info(
-                "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",
-                count=len(batch),
-                seconds=outcome.seconds,
-            )
+            if self.destination:
+                self.log.info(
+                    "Wrote {count} segments to {destination} ({seconds:1.3f} seconds)",
+                    count=len(batch),
+                    destination=self.destination,
+                    seconds=outcome.seconds,
+                )
+            else:
+                self.log.info(
+                    "Successfully sent batch of {count} segments ({seconds:1.3f} seconds)",
+                    count=len(batch),
+                    seconds=outcome.seconds,
+                )
             self.buffer.release(batch)
             if replay is not None:
                 self._part_done(replay)
@@ -737,7 +749,19 @@ class Batcher(Service):
         self._dispatch()
         stopped = self._stopped
         self._check_stopped()
+        if self._cut_short and not stopped.called:
+            self._give_up()
         return stopped
+
+    def stop_now(self, why: str) -> None:
+        """End the drain at once (a second shutdown signal); now, or as soon as it starts.
+
+        What is left goes to the spool, or is counted and logged as lost.
+        """
+        self._cut_short = why
+        stopped = self._stopped
+        if stopped is not None and not stopped.called and not self._abandoned:
+            self._give_up()
 
     def _check_stopped(self) -> None:
         stopped = self._stopped
@@ -789,9 +813,9 @@ class Batcher(Service):
             )
         elif counters.lost > lost:
             self.log.error(
-                "Shutdown deadline of {timeout:g} seconds reached: {count} segments were not "
-                "sent and are lost",
-                timeout=self.shutdown_timeout,
+                "{why}: {count} segments were not sent and are lost",
+                why=self._cut_short
+                or f"Shutdown deadline of {self.shutdown_timeout:g} seconds reached",
                 count=counters.lost - lost,
             )
         self._check_stopped()

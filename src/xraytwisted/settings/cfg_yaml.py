@@ -13,11 +13,12 @@ without a cfg.yaml does not carry PyYAML (~1 MB of resident memory).
 
 from __future__ import annotations
 
+import difflib
 import errno
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import yaml
@@ -223,8 +224,34 @@ def _type_error(node: yaml.Node, into: str, tag: str | None = None) -> str:
     return f"line {_line(node)}: cannot unmarshal {what} into {into}"
 
 
-def _unmarshal_errors(errors: list[str]) -> ConfigError:
-    return ConfigError(f"{_PREFIX}yaml: unmarshal errors: {'; '.join(errors)}")
+# One type error: Go's text, and what the value must be instead.
+TypeError_ = tuple[str, str]
+
+
+def _unmarshal_errors(errors: list[TypeError_]) -> ConfigError:
+    return ConfigError(
+        f"{_PREFIX}yaml: unmarshal errors: {'; '.join(go for go, _ in errors)}",
+        "; ".join(hint for _, hint in errors if hint),
+    )
+
+
+_MUST_BE = {
+    "int": "must be a whole number",
+    "float": "must be a number",
+    "bool": "must be true or false",
+    "str": "must be a single value, not a list or a mapping",
+}
+
+
+def _shown_value(node: yaml.Node) -> str:
+    return f", not `{node.value}`" if isinstance(node, yaml.ScalarNode) and node.value else ""
+
+
+def _wrong_type(node: yaml.Node, kind: Kind, name: str, tag: str | None = None) -> TypeError_:
+    return (
+        _type_error(node, _GO_TYPES[kind], tag),
+        f"{name} {_MUST_BE[kind]}{_shown_value(node)}",
+    )
 
 
 def flatten(document: yaml.Node | None) -> list[str]:
@@ -234,41 +261,85 @@ def flatten(document: yaml.Node | None) -> list[str]:
     with nothing under it gives "Socket"); a mapping gives "Parent.Child" for
     each child, so ``Socket: {}`` gives nothing at all.
     """
+    return [name for name, _ in flatten_with_lines(document)]
+
+
+def flatten_with_lines(document: yaml.Node | None) -> list[tuple[str, int]]:
+    """``flatten``, with the line each key is on."""
     if document is None:
         return []
     if not isinstance(document, yaml.MappingNode):
         if isinstance(document, yaml.ScalarNode) and _resolve_scalar(document)[0] == "!!null":
             return []
-        raise _unmarshal_errors([_type_error(document, "yaml.MapSlice")])
-    names: list[str] = []
+        raise _unmarshal_errors([(_type_error(document, "yaml.MapSlice"), _NOT_A_MAPPING)])
+    names: list[tuple[str, int]] = []
     for key, value in _pairs(document):
         name = _key_text(key)
         if isinstance(value, yaml.MappingNode):
-            names.extend(f"{name}.{_key_text(child)}" for child, _ in _pairs(value))
+            names.extend((f"{name}.{_key_text(child)}", _line(child)) for child, _ in _pairs(value))
         else:
-            names.append(name)
+            names.append((name, _line(key)))
     return names
 
 
-def validate_strict(names: Iterable[str]) -> None:
-    """The Go daemon's key check for a file named with -c (ConfigValidation)."""
+def _holds_keys(parent: str) -> str:
+    names = [k.name for k in KEYS] + sorted(_IGNORED_KEYS)
+    child = next(n for n in names if n.startswith(parent + "."))
+    return f"{parent} must hold keys indented below it, e.g. {child.split('.', 1)[1]}"
+
+
+def suggest(name: str) -> str | None:
+    """The known key ``name`` was probably meant to be (case-insensitive), if any."""
+    known = {k.name.lower(): k.name for k in KEYS}
+    wanted = name.lower()
+    if wanted in known:
+        return known[wanted]
+    close = difflib.get_close_matches(wanted, known, n=1, cutoff=0.75)
+    if close:
+        return known[close[0]]
+    # The right key under the wrong parent (Socket.LogLevel), or without one.
+    leaves = {n.rsplit(".", 1)[-1]: n for n in known}
+    close = difflib.get_close_matches(wanted.rsplit(".", 1)[-1], leaves, n=1, cutoff=0.75)
+    return known[leaves[close[0]]] if close else None
+
+
+def validate_strict(names: Iterable[str], lines: Mapping[str, int] | None = None) -> None:
+    """The Go daemon's key check for a file named with -c (ConfigValidation).
+
+    The Go daemon's message comes first; the hint adds the line and the key
+    that was probably meant.
+    """
     names = list(names)
+    lines = lines or {}
     if names and "Version" not in names:
-        raise ConfigError(f"Config Version is missing. {_MIGRATE}")
+        raise ConfigError(f"Config Version is missing. {_MIGRATE}", "add Version: 2 to it")
     for name in names:
         if name in KEYS_BY_NAME or name in _IGNORED_KEYS:
             continue
+        where = f"line {lines[name]}: " if name in lines else ""
         if name in _NO_LONGER_SUPPORTED:
-            raise ConfigError(f"{name} flag is not supported any more. {_DOCS}")
+            raise ConfigError(
+                f"{name} flag is not supported any more. {_DOCS}", f"{where}remove {name}"
+            )
         if name in _NOT_SUPPORTED:
-            raise ConfigError(f"{name} flag is not supported. {_MIGRATE}")
-        raise ConfigError(f"{name} flag is invalid. {_DOCS}")
+            raise ConfigError(f"{name} flag is not supported. {_MIGRATE}", f"{where}remove it")
+        meant = suggest(name)
+        if name in _PARENTS:  # "Socket: 5", "Socket:" with nothing below
+            advice = _holds_keys(name)
+        elif meant:
+            advice = f"did you mean {meant}?"
+        else:
+            advice = "docs/configuration.md lists every key"
+        raise ConfigError(f"{name} flag is invalid. {_DOCS}", where + advice)
 
 
 _GO_TYPES = {"int": "int", "float": "float64", "bool": "bool", "str": "string"}
 
 
-def _decode_value(kind: Kind, node: yaml.Node, errors: list[str]) -> Any:
+_NOT_A_MAPPING = "the file must be a mapping of keys to values, e.g. Region: us-east-2"
+
+
+def _decode_value(kind: Kind, node: yaml.Node, errors: list[TypeError_], name: str) -> Any:
     """One value the way yaml.v2 decodes it into a Go field; None means null."""
     if isinstance(node, yaml.ScalarNode):
         tag, value = _resolve_scalar(node)
@@ -290,9 +361,9 @@ def _decode_value(kind: Kind, node: yaml.Node, errors: list[str]) -> Any:
                 return int(value)
         if kind == "float" and tag in ("!!int", "!!float"):
             return float(value)
-        errors.append(_type_error(node, _GO_TYPES[kind], tag))
+        errors.append(_wrong_type(node, kind, name, tag))
         return None
-    errors.append(_type_error(node, _GO_TYPES[kind]))
+    errors.append(_wrong_type(node, kind, name))
     return None
 
 
@@ -307,34 +378,35 @@ def decode(document: yaml.Node | None) -> dict[str, Any]:
     if not isinstance(document, yaml.MappingNode):
         if isinstance(document, yaml.ScalarNode) and _resolve_scalar(document)[0] == "!!null":
             return {}
-        raise _unmarshal_errors([_type_error(document, "cfg.Config")])
+        raise _unmarshal_errors([(_type_error(document, "cfg.Config"), _NOT_A_MAPPING)])
     values: dict[str, Any] = {}
-    errors: list[str] = []
+    errors: list[TypeError_] = []
     for key_node, value_node in _pairs(document):
         name = _key_text(key_node)
         if name in _PARENTS or name == _PROXY_SERVER:
-            if isinstance(value_node, yaml.ScalarNode):
-                if _resolve_scalar(value_node)[0] != "!!null":
-                    errors.append(_type_error(value_node, f"the {name} struct"))
-                continue
+            struct = not isinstance(value_node, yaml.MappingNode) and not (
+                isinstance(value_node, yaml.ScalarNode)
+                and _resolve_scalar(value_node)[0] == "!!null"
+            )
+            if struct:
+                errors.append((_type_error(value_node, f"the {name} struct"), _holds_keys(name)))
             if not isinstance(value_node, yaml.MappingNode):
-                errors.append(_type_error(value_node, f"the {name} struct"))
                 continue
             for child_node, child_value in _pairs(value_node):
                 full = f"{name}.{_key_text(child_node)}"
                 if full in _IGNORED_KEYS:
-                    _decode_value("int", child_value, errors)
+                    _decode_value("int", child_value, errors, full)
                     continue
                 key = KEYS_BY_NAME.get(full)
                 if key is not None:
-                    value = _decode_value(key.kind, child_value, errors)
+                    value = _decode_value(key.kind, child_value, errors, full)
                     if value is not None:
                         values[key.attr] = value
             continue
         key = KEYS_BY_NAME.get(name)
         if key is None or "." in name:
             continue
-        value = _decode_value(key.kind, value_node, errors)
+        value = _decode_value(key.kind, value_node, errors, name)
         if value is not None:
             values[key.attr] = value
     if errors:
@@ -353,7 +425,9 @@ def file_values(document: yaml.Node | None) -> dict[str, Any]:
     decoded = decode(document)
     version = decoded.pop("version", 0)
     if version not in (1, 2):
-        raise ConfigError(f"Config Version Setting is not correct. {_MIGRATE}")
+        raise ConfigError(
+            f"Config Version Setting is not correct. {_MIGRATE}", "Version must be 1 or 2"
+        )
     values: dict[str, Any] = {}
     for attr, value in decoded.items():
         key = KEYS_BY_ATTR[attr]

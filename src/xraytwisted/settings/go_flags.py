@@ -47,6 +47,11 @@ def _flags(keys: Sequence[Key]) -> tuple[Flag, ...]:
              metavar="PATH"),
     )  # fmt: skip
     table.append(Flag("v", "version", "bool", "Show AWS X-Ray daemon version."))
+    table.append(
+        Flag(None, "health-check", "bool",
+             "Ask the running daemon's /health (at -t, or Monitoring.Address if set) and "
+             "exit 0 if healthy, 1 if not; starts no daemon.")
+    )  # fmt: skip
     table.append(Flag("h", "help", "bool", "Show this screen"))
     return tuple(table)
 
@@ -66,6 +71,7 @@ class Parsed:
     config: str | None = None
     version: bool = False
     help: bool = False
+    health_check: bool = False
 
 
 def parse(argv: Sequence[str]) -> Parsed:
@@ -163,6 +169,8 @@ def _store(result: Parsed, flag: Flag, value: Any) -> None:
         result.overrides[flag.attr] = value
     elif flag.long == "config":
         result.config = value
+    elif flag.long == "health-check":
+        result.health_check = value
     else:  # version
         result.version = value
 

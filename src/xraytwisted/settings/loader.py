@@ -77,10 +77,19 @@ def load(explicit: str | None, search: Iterable[str] = SEARCH_PATHS) -> dict[str
     # The YAML reader (and PyYAML) is imported only when there is a file.
     from xraytwisted.settings import cfg_yaml
 
-    document = cfg_yaml.read_document(path)
-    if strict:
-        cfg_yaml.validate_strict(cfg_yaml.flatten(document))
-    values = cfg_yaml.file_values(document)
+    try:
+        document = cfg_yaml.read_document(path)
+        if strict:
+            keys = cfg_yaml.flatten_with_lines(document)
+            cfg_yaml.validate_strict([name for name, _ in keys], dict(keys))
+        values = cfg_yaml.file_values(document)
+    except ConfigError as e:
+        if path in e.go_text:  # "open cfg.yaml: no such file or directory"
+            raise
+        # Go's text names neither the file nor the key: say which file.
+        where = f"in {path}"
+        hint = f"{where}{' ' if e.hint.startswith('line ') else ': '}{e.hint}" if e.hint else where
+        raise ConfigError(e.go_text, hint) from None
     values["config_path"] = path
     return values
 
@@ -168,6 +177,8 @@ def validate(s: Settings) -> None:
         raise _invalid(
             "udp_read_interval_ms", s.udp_read_interval_ms, "must be 0 to 1000 milliseconds"
         )
+    if not (math.isfinite(s.local_sampling_rate) and 0 <= s.local_sampling_rate <= 1):
+        raise _invalid("local_sampling_rate", s.local_sampling_rate, "must be from 0 to 1")
     if s.proxy_address and "://" not in s.proxy_address:
         raise ConfigError(
             f"Bad proxy URL: {s.proxy_address!r} has no scheme; write it as http://host:port"

@@ -20,7 +20,19 @@ MAX_UDP_RECEIVE_BUFFER_KB = (2**31 - 1) // 2 // 1024
 
 
 class ConfigError(Exception):
-    """A configuration problem; str() is the one line shown to the user."""
+    """A configuration problem; str() is the one line shown to the user.
+
+    ``go_text`` is the Go daemon's wording where it has one (scripts grep
+    it, so it comes first); ``hint`` says where and what to do, after it.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.go_text = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.go_text} ({self.hint})" if self.hint else self.go_text
 
 
 Kind = Literal["int", "float", "str", "bool"]
@@ -172,6 +184,14 @@ KEYS: tuple[Key, ...] = (
         "Write segments as JSON Lines to PATH (- for stdout) instead of uploading them; "
         "no region or credentials needed, sampling is answered locally.",
         None, "local-sink", go=False, metavar="PATH"),
+    Key("LocalSampling.FixedRate", "local_sampling_rate", "float", 1.0,
+        "With --local-sink: share of requests sampled beyond the first each second "
+        "(1 = every request; 0.05 = X-Ray's default rule).",
+        None, "local-sampling-rate", go=False, metavar="RATE"),
+    Key("LocalSampling.RulesFile", "local_sampling_rules", "str", "",
+        "With --local-sink: answer sampling with the rules in this JSON file "
+        "(GetSamplingRules format, as `aws xray get-sampling-rules` prints it).",
+        None, "local-sampling-rules", go=False, metavar="PATH"),
 )  # fmt: skip
 
 KEYS_BY_NAME: Mapping[str, Key] = {k.name: k for k in KEYS}
@@ -225,6 +245,8 @@ class Settings:
     spool_max_mb: int = 1024
     spool_after: float = 10.0
     local_sink: str = ""
+    local_sampling_rate: float = 1.0
+    local_sampling_rules: str = ""
     # Where the file values came from ("" = built-in defaults only).
     config_path: str = field(default="", compare=False)
 
