@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -25,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.pipeline.test_otlp_upload import otlp_request
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_otlp import FakeOtlpXRay
+from tests.support.tempdirs import temp_dir
 from xraytwisted import tap
 
 KEY, SECRET, REGION = "AKIDOTLPBRIDGE", "otlp/bridge+secret", "us-west-2"
@@ -231,9 +233,40 @@ class StartupTests(SynchronousTestCase):
         self.assertIn(f"listen tcp 127.0.0.1:{port}: bind: address already in use", line)
         self.assertIn("--otlp-address or Socket.OTLPAddress", line)
 
-    def test_not_with_the_local_sink_yet(self) -> None:
-        line = self.fails_with(
-            ["--local-sink", "out.jsonl", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
-             "--otlp-address", "127.0.0.1:0"]
+
+# Runs the xray command with opentelemetry (and so opentelemetry-proto) impossible to import.
+WITHOUT_OTEL = (
+    "import sys; sys.modules['opentelemetry'] = None; from xraytwisted.command import run; run()"
+)
+
+
+class WithoutTheExtraTests(SynchronousTestCase):
+    """opentelemetry-proto is optional: needed only to write spans to a local sink."""
+
+    def test_local_sink_with_otlp_needs_the_extra(self) -> None:
+        workdir = temp_dir(self)
+        result = subprocess.run(
+            [sys.executable, "-c", WITHOUT_OTEL, "--local-sink", "out.jsonl",
+             "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "--otlp-address", "127.0.0.1:0"],
+            env=clean_env(), cwd=workdir, capture_output=True, text=True, timeout=60,
+            check=False,
         )  # fmt: skip
-        self.assertIn("does not work with --local-sink yet", line)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        [line] = result.stderr.splitlines()
+        self.assertIn("--otlp-address (Socket.OTLPAddress) with --local-sink writes spans", line)
+        self.assertIn("pip install 'xraytwisted[otlp]'", line)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "out.jsonl")))
+
+    def test_nothing_imports_it_unless_asked(self) -> None:
+        # The daemon (uploading spans too), the twistd plugin and the viewer
+        # start without protobuf: only decoding spans loads it.
+        script = (
+            "import sys, xraytwisted.daemon, xraytwisted.otlp_bridge, xraytwisted.view, "
+            "twisted.plugins.xraytwisted_plugin; "
+            "print([m for m in sys.modules if m.startswith(('opentelemetry', 'google'))])"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=clean_env(), capture_output=True, text=True,
+            timeout=60, check=True,
+        )  # fmt: skip
+        self.assertEqual(result.stdout, "[]\n")

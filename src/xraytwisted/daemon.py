@@ -41,6 +41,7 @@ from xraytwisted.otlp_bridge import OtlpBridge, build_bridge
 from xraytwisted.outbound import resolver
 from xraytwisted.outbound.http_client import make_http, outbound_info, outbound_warnings
 from xraytwisted.outbound.proxy_rules import ProxyConfigError, mask_password
+from xraytwisted.pipeline import otlp_json
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError
@@ -509,12 +510,20 @@ def build(
                 endpoint=endpoint,
                 region=region,
                 credentials=credentials,
+                sink=sink if local else None,
             )
         except SpoolError as e:
             raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
         if bridge.spool is not None:
             daemon.cleanups.append(bridge.spool.close)
-        notes.append(("info", f"Sending OpenTelemetry spans to {bridge.traces_url}"))
+        if local:
+            notes.append((
+                "info",
+                f"Writing OpenTelemetry spans to {sink.path} as OTLP/JSON "
+                "(local sink: nothing is uploaded)",
+            ))  # fmt: skip
+        else:
+            notes.append(("info", f"Sending OpenTelemetry spans to {bridge.traces_url}"))
     drop_monitor = UdpDropMonitor(reactor, counters)
 
     # The TCP port's HTTP side: sampling (signed and proxied, or answered
@@ -702,12 +711,18 @@ def _otlp_address(settings: Settings) -> addresses.Address | None:
     """Where the OTLP/HTTP receiver listens (None: off, the default)."""
     if not settings.otlp_address:
         return None
-    if settings.local_sink:
-        raise StartupError(
-            "--otlp-address (Socket.OTLPAddress) does not work with --local-sink yet: "
-            "the local sink writes segments only"
-        )
     try:
-        return addresses.parse_address(settings.otlp_address, "tcp")
+        address = addresses.parse_address(settings.otlp_address, "tcp")
     except addresses.AddressError as e:
         raise StartupError(str(e)) from None
+    if settings.local_sink:
+        # The sink writes spans as OTLP/JSON, decoded with opentelemetry-proto
+        # (imported only here, and only in this mode).
+        try:
+            otlp_json.require()
+        except otlp_json.OtlpUnavailable as e:
+            raise StartupError(
+                f"--otlp-address (Socket.OTLPAddress) with --local-sink writes spans as "
+                f"OTLP/JSON; {e}"
+            ) from None
+    return address

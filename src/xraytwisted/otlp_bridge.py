@@ -7,8 +7,10 @@ buffer, a ``SpanBatcher`` (the ordinary batcher) sends them through
 ``OtlpUploader`` to ``<endpoint>/v1/traces`` with the same retries,
 backoff, throttling, spool and shutdown drain, and spans waiting for X-Ray
 go to their own spool, ``<Spool.Dir>/otlp``, whose records replay to the
-OTLP endpoint only.  ``daemon.build`` binds the socket and adds the
-services.
+OTLP endpoint only.  With ``--local-sink`` the same chain ends in
+``LocalSpanSink`` instead of the uploader: the requests are written to the
+segments' sink file as OTLP/JSON lines.  ``daemon.build`` binds the socket
+and adds the services.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.local_sink import LocalSink, LocalSpanSink
 from xraytwisted.pipeline.otlp_batches import SpanBatcher, SpanBuffer, SpanSpool
 from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
@@ -35,10 +38,10 @@ class OtlpBridge:
     counters: OtlpCounters
     buffer: SpanBuffer
     batcher: SpanBatcher
-    uploader: OtlpUploader
+    uploader: OtlpUploader | None  # None with a local sink
     site: OtlpSite
     spool: Spool | None
-    traces_url: str
+    traces_url: str  # where spans go: X-Ray's OTLP URL, or the local sink's path
 
 
 def build_bridge(
@@ -50,20 +53,32 @@ def build_bridge(
     endpoint: Endpoint,
     region: str,
     credentials: CredentialSource,
+    sink: LocalSink | None = None,
 ) -> OtlpBridge:
-    """The span pipeline and the receiver's Site; raises SpoolError for a bad spool."""
+    """The span pipeline and the receiver's Site; raises SpoolError for a bad spool.
+
+    With ``sink`` (``--local-sink``) spans are written there instead of uploaded.
+    """
     counters = OtlpCounters()
     buffer = SpanBuffer(segment_buffer, reactor, counters.requests)
-    uploader = OtlpUploader(
-        client=http_client,
-        endpoint=endpoint,
-        region=region,
-        credentials=credentials,
-        clock=reactor,
-        timeout=settings.request_timeout,
-        counters=counters,
-        gzip=settings.otlp_gzip,
-    )
+    uploader = None
+    if sink is None:
+        uploader = OtlpUploader(
+            client=http_client,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            clock=reactor,
+            timeout=settings.request_timeout,
+            counters=counters,
+            gzip=settings.otlp_gzip,
+        )
+        send = uploader.send
+        destination = ""
+        traces_url = endpoint.url_for(TRACES_PATH)
+    else:
+        send = LocalSpanSink(sink, reactor, counters).send
+        destination = traces_url = "stdout" if sink.path == "-" else sink.path
     spool = None
     if settings.spool_dir:
         spool = SpanSpool.open(
@@ -74,13 +89,14 @@ def build_bridge(
         )
     batcher = SpanBatcher(
         buffer,
-        uploader.send,
+        send,
         reactor,
         counters.requests,
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
         spool=spool,
         spool_after=settings.spool_after,
+        destination=destination,
     )
     site = OtlpSite(
         OtlpTracesResource(buffer, counters, reactor),
@@ -96,5 +112,5 @@ def build_bridge(
         uploader=uploader,
         site=site,
         spool=spool,
-        traces_url=endpoint.url_for(TRACES_PATH),
+        traces_url=traces_url,
     )

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.tempdirs import temp_path
-from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline import local_sink
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
-from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError, encode_line, is_json_object
+from xraytwisted.pipeline.local_sink import (
+    UNDECODED_KEY,
+    LocalSink,
+    LocalSinkError,
+    LocalSpanSink,
+    encode_line,
+    is_json_object,
+)
+from xraytwisted.pipeline.otlp_batches import (
+    KIND_JSON,
+    KIND_PROTOBUF,
+    SpanBatcher,
+    SpanBuffer,
+    frame,
+)
 from xraytwisted.pipeline.uploader import Outcome
 
 SEGMENT = (
@@ -216,6 +235,125 @@ class LocalSinkTests(SynchronousTestCase):
         self.clock.advance(1.0)  # 50 went at once, the last 10 at their deadline
         self.assertEqual(self.path.read_bytes(), b"".join(d + b"\n" for d in docs))
         self.assertEqual((counters.sent, counters.batches_ok), (60, 2))
+        stopped: list[None] = []
+        batcher.stopService().addCallback(stopped.append)
+        self.assertEqual(stopped, [None])
+
+
+def span_request(*spans: tuple[int, int, int, str], service: str = "svc") -> bytes:
+    """A serialized ExportTraceServiceRequest of (trace id, span id, parent id, name) spans."""
+    message = ExportTraceServiceRequest()
+    resource = message.resource_spans.add()
+    attribute = resource.resource.attributes.add()
+    attribute.key, attribute.value.string_value = "service.name", service
+    scope = resource.scope_spans.add()
+    scope.scope.name = "tests"
+    for trace_id, span_id, parent_id, name in spans:
+        span = scope.spans.add()
+        span.trace_id = trace_id.to_bytes(16, "big")
+        span.span_id = span_id.to_bytes(8, "big")
+        if parent_id:
+            span.parent_span_id = parent_id.to_bytes(8, "big")
+        span.name = name
+        span.kind = Span.SPAN_KIND_SERVER
+        span.start_time_unix_nano = 1_602_537_377_000_000_000
+        span.end_time_unix_nano = 1_602_537_377_250_000_000
+        span.status.code = Status.STATUS_CODE_ERROR
+    return message.SerializeToString()
+
+
+TRACE_ID = 0x5F84C7A10123456789ABCDEF01234567
+
+
+class LocalSpanSinkTests(SynchronousTestCase):
+    """OTLP requests in the sink file: one OTLP/JSON line per request."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.path = Path(temp_path(self, "traces.jsonl"))
+        self.sink = LocalSink(str(self.path), self.clock)
+        self.addCleanup(self.sink.close)
+        self.counters = OtlpCounters()
+        self.spans = LocalSpanSink(self.sink, self.clock, self.counters)
+
+    def send(self, *docs: bytes) -> Outcome:
+        outcomes: list[Outcome] = []
+        self.spans.send(list(docs)).addCallback(outcomes.append)
+        self.assertEqual(len(outcomes), 1)  # fires at once, never fails
+        return outcomes[0]
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+    def test_protobuf_requests_become_otlp_json_lines(self) -> None:
+        first = span_request((TRACE_ID, 0x11, 0xF000000000000002, "POST /cart"))
+        second = span_request((TRACE_ID, 0x12, 0x11, "price"), (TRACE_ID, 0x13, 0x11, "pay"))
+        outcome = self.send(frame(KIND_PROTOBUF, 1, first), frame(KIND_PROTOBUF, 2, second))
+        self.assertIsNone(outcome.error)
+        self.assertEqual(self.counters.spans_sent, 3)
+        one, two = self.lines()
+        # The OTLP/JSON encoding: hex ids, integer enums, int64 as strings, and
+        # the resource once per request.
+        self.assertEqual(
+            one,
+            {"resourceSpans": [{
+                "resource": {"attributes": [
+                    {"key": "service.name", "value": {"stringValue": "svc"}}]},
+                "scopeSpans": [{"scope": {"name": "tests"}, "spans": [{
+                    "traceId": "5f84c7a10123456789abcdef01234567",
+                    "spanId": "0000000000000011",
+                    "parentSpanId": "f000000000000002",
+                    "name": "POST /cart",
+                    "kind": 2,
+                    "startTimeUnixNano": "1602537377000000000",
+                    "endTimeUnixNano": "1602537377250000000",
+                    "status": {"code": 2},
+                }]}],
+            }]},
+        )  # fmt: skip
+        spans = two["resourceSpans"][0]["scopeSpans"][0]["spans"]
+        self.assertEqual([s["spanId"] for s in spans], ["0000000000000012", "0000000000000013"])
+        # The line is what protobuf's own JSON parser reads back as the request.
+        parsed = json_format.ParseDict(two, ExportTraceServiceRequest())
+        self.assertEqual(len(parsed.resource_spans[0].scope_spans[0].spans), 2)
+
+    def test_json_requests_are_written_as_received(self) -> None:
+        body = b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "j"}]}]}],\n "x": 1}'
+        self.assertIsNone(self.send(frame(KIND_JSON, 1, body)).error)
+        self.assertEqual(self.path.read_bytes(), body.replace(b"\n", b" ") + b"\n")
+
+    def test_a_request_that_does_not_decode_is_kept(self) -> None:
+        # Outer levels good (the receiver checks those), a span's inside broken.
+        body = b"\x0a\x06\x12\x04\x12\x02\x0a\xff"
+        self.assertIsNone(self.send(frame(KIND_PROTOBUF, 1, body)).error)
+        [line] = self.lines()
+        self.assertEqual(set(line), {UNDECODED_KEY, "error"})
+        self.assertEqual(base64.b64decode(line[UNDECODED_KEY]), body)
+        self.assertIn("not an OTLP ExportTraceServiceRequest", line["error"])
+
+    def test_write_failure_is_retryable_and_counts_no_spans(self) -> None:
+        self.sink.close()
+        outcome = self.send(frame(KIND_PROTOBUF, 1, span_request((TRACE_ID, 1, 0, "a"))))
+        assert outcome.error is not None
+        self.assertTrue(outcome.error.retryable)
+        self.assertIn("the spans are kept and retried", outcome.error.message)
+        self.assertEqual(self.counters.spans_sent, 0)
+
+    def test_span_batcher_writes_beside_segments(self) -> None:
+        segments = Counters()
+        segment_buffer = SegmentBuffer(1024 * 1024, self.clock, segments)
+        buffer = SpanBuffer(segment_buffer, self.clock, self.counters.requests)
+        batcher = SpanBatcher(buffer, self.spans.send, self.clock, self.counters.requests)
+        batcher.startService()
+        self.sink.put_trace_segments([SEGMENT])
+        body = span_request((TRACE_ID, 1, 0, "a"))
+        self.assertTrue(buffer.offer(frame(KIND_PROTOBUF, 1, body)))
+        self.clock.advance(1.0)
+        segment_line, span_line = self.path.read_text().splitlines()
+        self.assertEqual(segment_line.encode(), SEGMENT)
+        self.assertTrue(span_line.startswith('{"resourceSpans":'), span_line)
+        self.assertEqual((self.counters.requests.sent, self.counters.spans_sent), (1, 1))
+        self.assertEqual(segment_buffer.used, 0)  # the budget lent for it is back
         stopped: list[None] = []
         batcher.stopService().addCallback(stopped.append)
         self.assertEqual(stopped, [None])

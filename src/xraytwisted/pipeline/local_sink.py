@@ -12,10 +12,20 @@ not valid JSON, is wrapped as ``{"raw": "<text>"}`` so every line of the
 file parses.  Writes are plain appends with no fsync: this is a developer
 tool, and a line per document must be visible at once (``tail -f``), not
 survive a power cut.
+
+With ``--otlp-address``, ``LocalSpanSink`` is the OTLP uploader's stand-in
+and writes to the same file: one line per OTLP request as the SDK exported
+it, in the OTLP/JSON form of an ``ExportTraceServiceRequest`` (protobuf
+requests are decoded with opentelemetry-proto, ``otlp_json``; JSON requests
+are written as received), so each line starts with ``{"resourceSpans"`` and
+keeps its resource and scope once for all of its spans.  A protobuf request
+that does not decode is not lost: it becomes ``{"otlpProtobufBase64": ...,
+"error": ...}``.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -27,10 +37,14 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from xraytwisted.observe.counters import OtlpCounters
+from xraytwisted.pipeline import otlp_json
+from xraytwisted.pipeline.otlp_batches import KIND_JSON, spans_in, unframe
 from xraytwisted.pipeline.uploader import Outcome, UploadError
 
 STDOUT = "-"
 RAW_KEY = "raw"
+UNDECODED_KEY = "otlpProtobufBase64"  # a protobuf OTLP request that did not decode
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
@@ -70,6 +84,21 @@ def encode_line(doc: bytes) -> bytes:
 
 def encode_batch(docs: Sequence[bytes]) -> bytes:
     return b"".join(map(encode_line, docs))
+
+
+def encode_otlp_line(doc: bytes) -> bytes:
+    """One JSON Lines line (with its newline) for one framed OTLP request (otlp_batches)."""
+    kind, _, body = unframe(doc)
+    if kind == KIND_JSON:
+        return encode_line(bytes(body))  # OTLP/JSON already: as received, on one line
+    try:
+        document = otlp_json.request_to_json(bytes(body))
+    except (otlp_json.OtlpDecodeError, otlp_json.OtlpUnavailable) as e:
+        document = {
+            UNDECODED_KEY: base64.b64encode(body).decode("ascii"),
+            "error": str(e),
+        }
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def _reason(e: OSError) -> str:
@@ -131,24 +160,25 @@ class LocalSink:
     def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
         """Append one line per document; never fails, like Uploader.put_trace_segments."""
         start = self._clock.seconds()
-        data = encode_batch(docs)
+        return defer.succeed(self.write(encode_batch(docs), start, "segments"))
+
+    def write(self, data: bytes, start: float, what: str) -> Outcome:
+        """Append whole lines; the Outcome of an upload that began at ``start``."""
         try:
             self._append(data)
         except OSError as e:
             where = "stdout" if self._to_stdout else self.path
-            return defer.succeed(
-                Outcome(
-                    seconds=self._clock.seconds() - start,
-                    error=UploadError(
-                        error_class="",  # no request to X-Ray was made
-                        retryable=True,
-                        throttled=False,
-                        message=f"cannot write to local sink {where}: {_reason(e)} "
-                        "(free disk space or fix permissions; the segments are kept and retried)",
-                    ),
-                )
+            return Outcome(
+                seconds=self._clock.seconds() - start,
+                error=UploadError(
+                    error_class="",  # no request to X-Ray was made
+                    retryable=True,
+                    throttled=False,
+                    message=f"cannot write to local sink {where}: {_reason(e)} "
+                    f"(free disk space or fix permissions; the {what} are kept and retried)",
+                ),
             )
-        return defer.succeed(Outcome(seconds=self._clock.seconds() - start))
+        return Outcome(seconds=self._clock.seconds() - start)
 
     def _append(self, data: bytes) -> None:
         if self._closed:
@@ -183,3 +213,25 @@ class LocalSink:
         fd, self._fd = self._fd, None
         if fd is not None and not self._to_stdout:
             os.close(fd)
+
+
+class LocalSpanSink:
+    """The OTLP uploader's stand-in for ``--local-sink``: OTLP requests as OTLP/JSON lines.
+
+    ``send`` has ``OtlpUploader.send``'s contract (the span batcher's send
+    function) and writes through the segments' ``LocalSink``, so both kinds
+    of line share one file, its reopening and its error handling.  Spans
+    written are counted as sent.
+    """
+
+    def __init__(self, sink: LocalSink, clock: IReactorTime, counters: OtlpCounters) -> None:
+        self.sink = sink
+        self._clock = clock
+        self._counters = counters
+
+    def send(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
+        start = self._clock.seconds()
+        outcome = self.sink.write(b"".join(map(encode_otlp_line, docs)), start, "spans")
+        if outcome.error is None:
+            self._counters.spans_sent += spans_in(list(docs))
+        return defer.succeed(outcome)
