@@ -18,15 +18,19 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.pipeline.test_otlp_upload import otlp_request
+from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_json_script
 from tests.support.fake_otlp import FakeOtlpXRay
+from tests.support.otlp_requests import CLIENT, SERVER, T0, XRAY_TRACE, request, span, t1s
 from tests.support.tempdirs import temp_dir
+from tests.test_command import XRAY_AS_TWISTD
 from xraytwisted import tap
 
 KEY, SECRET, REGION = "AKIDOTLPBRIDGE", "otlp/bridge+secret", "us-west-2"
@@ -232,6 +236,169 @@ class StartupTests(SynchronousTestCase):
         )  # fmt: skip
         self.assertIn(f"listen tcp 127.0.0.1:{port}: bind: address already in use", line)
         self.assertIn("--otlp-address or Socket.OTLPAddress", line)
+
+
+# The real SDK with fixed ids and times, so the viewer's output can be
+# compared with a text reviewed by hand (tests/data/otlp-sink.view.txt).
+# "checkout" is called by a service still on the X-Ray SDK (the remote
+# parent is that service's subsegment, as the X-Ray propagator passes it).
+DETERMINISTIC_APP = """
+import json, sys
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import TraceFlags
+
+endpoint, t0 = sys.argv[1], int(sys.argv[2])
+
+class FixedIds(IdGenerator):
+    def __init__(self):
+        self.spans = [0x11, 0x12, 0x13, 0x31]
+    def generate_span_id(self):
+        return self.spans.pop(0)
+    def generate_trace_id(self):
+        return 0x4BF92F3577B34DA6A3CE929D0E0E4736
+
+def at(ms):
+    return t0 * 1_000_000_000 + ms * 1_000_000
+
+provider = TracerProvider(resource=Resource({"service.name": "checkout"}), id_generator=FixedIds())
+provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+tracer = provider.get_tracer("xraytwisted-test")
+caller = SpanContext(0x5F84C7A10123456789ABCDEF01234567, 0xF000000000000002, is_remote=True,
+                     trace_flags=TraceFlags(TraceFlags.SAMPLED))
+server = tracer.start_span(
+    "POST /cart", context=trace.set_span_in_context(NonRecordingSpan(caller)),
+    kind=SpanKind.SERVER, start_time=at(10),
+    attributes={"http.request.method": "POST", "url.path": "/cart",
+                "http.response.status_code": 500})
+inside = trace.set_span_in_context(server)
+price = tracer.start_span("price cart", context=inside, start_time=at(15))
+price.end(at(25))
+pay = tracer.start_span(
+    "POST payments", context=inside, kind=SpanKind.CLIENT, start_time=at(30),
+    attributes={"http.request.method": "POST", "url.full": "http://payments/charge",
+                "http.response.status_code": 402})
+pay.set_status(Status(StatusCode.ERROR, "card declined"))
+pay.end(at(100))
+server.add_event("exception", {"exception.type": "PaymentError",
+                               "exception.message": "card declined"}, timestamp=at(104))
+server.set_status(Status(StatusCode.ERROR, "payment failed"))
+server.end(at(105))
+health = tracer.start_span("GET /health", kind=SpanKind.SERVER, start_time=at(500))
+health.end(at(502))
+flushed = provider.force_flush(30000)
+provider.shutdown()
+print(json.dumps({"flushed": flushed}))
+"""
+
+# The X-Ray SDK service that calls checkout, as UDP segment documents.
+FRONTEND = {
+    "trace_id": XRAY_TRACE,
+    "id": "f000000000000001",
+    "name": "frontend",
+    "start_time": T0,
+    "end_time": T0 + 0.12,
+    "http": {"request": {"method": "GET", "url": "http://shop/cart"}, "response": {"status": 500}},
+    "fault": True,
+    "subsegments": [{
+        "id": "f000000000000002",
+        "name": "checkout",
+        "namespace": "remote",
+        "start_time": T0 + 0.005,
+        "end_time": T0 + 0.11,
+        "http": {"request": {"method": "POST", "url": "http://checkout/cart"},
+                 "response": {"status": 500}},
+        "fault": True,
+    }],
+}  # fmt: skip
+
+# "payments", called by checkout, runs in Lambda with ADOT: its spans come as
+# a T1S datagram (base64 protobuf after the X-Ray header line).
+PAYMENTS = request(
+    "payments",
+    span(0x22, "DynamoDB.GetItem", 40, 60, parent=0x21, kind=CLIENT,
+         attributes={"aws.service": "DynamoDB"}),
+    span(0x21, "charge", 35, 95, parent=0x13, kind=SERVER, error="card declined",
+         attributes={"http.request.method": "POST", "url.path": "/charge",
+                     "http.response.status_code": 402},
+         exception=("CardDeclined", "insufficient funds")),
+)  # fmt: skip
+EXPECTED_VIEW = Path(__file__).parent / "data" / "otlp-sink.view.txt"
+
+
+def spans_in_file(path: Path) -> list[dict[str, Any]]:
+    spans = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        document = json.loads(line)
+        for resource in document.get("resourceSpans", []):
+            for scope in resource["scopeSpans"]:
+                spans.extend(scope["spans"])
+    return spans
+
+
+class LocalSinkTests(SynchronousTestCase):
+    """``xray --local-sink FILE --otlp-address``: the real SDK's spans, the file, the viewer."""
+
+    def setUp(self) -> None:
+        self.patch(support, "TWISTD", XRAY_AS_TWISTD)
+        self.workdir = Path(temp_dir(self))
+        self.sink = self.workdir / "traces.jsonl"
+
+    def test_sdk_spans_segments_and_t1s_in_one_file_and_one_tree(self) -> None:
+        daemon = DaemonProcess(
+            ["--local-sink", str(self.sink), "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--otlp-address", "127.0.0.1:0"],
+            clean_env(),
+            str(self.workdir / "daemon"),
+            twistd_args=(),
+        )  # fmt: skip
+        self.addCleanup(daemon.kill)
+        daemon.start()
+        port = int(daemon.wait_for_log(_OTLP_LISTENING).group(1))
+        daemon.send(json.dumps(FRONTEND).encode(), t1s(PAYMENTS))
+        script = self.workdir / "otel_app.py"
+        script.write_text(DETERMINISTIC_APP)
+        result = run_json_script(script, f"http://127.0.0.1:{port}/v1/traces", str(T0))
+        self.assertTrue(result["flushed"], "the SDK could not export its spans")
+        deadline = time.monotonic() + 30
+        while len(spans_in_file(self.sink)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(len(spans_in_file(self.sink)), 4)  # written while running
+        daemon.wait_for_log(r"Wrote \d+ segments to ")
+        self.assertEqual(daemon.stop(), 0, daemon.output())
+
+        lines = [json.loads(line) for line in self.sink.read_text().splitlines()]
+        # One line per X-Ray document, per OTLP request, per UDP payload.
+        self.assertIn(FRONTEND, lines)
+        self.assertIn({"raw": t1s(PAYMENTS).decode()}, lines)
+        otlp_lines = [line for line in lines if "resourceSpans" in line]
+        self.assertEqual(len(lines), 2 + len(otlp_lines))
+        spans = spans_in_file(self.sink)
+        self.assertEqual(
+            sorted((s["spanId"], s.get("parentSpanId", "")) for s in spans),
+            [("0000000000000011", "f000000000000002"), ("0000000000000012", "0000000000000011"),
+             ("0000000000000013", "0000000000000011"), ("0000000000000031", "")],
+        )  # fmt: skip
+        out = daemon.output()
+        self.assertNotIn("[Error]", out)
+        self.assertIn(
+            f"[Info] Writing OpenTelemetry spans to {self.sink} as OTLP/JSON (local sink: "
+            "nothing is uploaded)",
+            out,
+        )
+        self.assertRegex(out, rf"\[Info\] Wrote \d+ OTLP requests to {re.escape(str(self.sink))} ")
+
+        view = subprocess.run(
+            [sys.executable, "-m", "xraytwisted.view", str(self.sink)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        self.assertEqual((view.returncode, view.stderr), (0, ""))
+        self.assertEqual(view.stdout, EXPECTED_VIEW.read_text())
 
 
 # Runs the xray command with opentelemetry (and so opentelemetry-proto) impossible to import.

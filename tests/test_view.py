@@ -10,14 +10,21 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.daemon import HEADER, clean_env
+from tests.support.otlp_requests import SERVER, T0, XRAY_TRACE, request, span, t1s
+from tests.support.tempdirs import temp_path
 from xraytwisted import view
-from xraytwisted.view import build_trace, collect, node_line, render
+from xraytwisted.pipeline.local_sink import encode_otlp_line
+from xraytwisted.pipeline.otlp_batches import KIND_PROTOBUF, frame
+from xraytwisted.view import build_trace, collect, node_line, render, summary_line
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "local-sink.jsonl"
@@ -151,8 +158,8 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(collection.other, 6)
         self.assertEqual(
             render(collection),
-            "0 traces; 0 documents; 2 OTLP span payloads (T1S: sampled; not decoded); "
-            "1 OTLP span payload (T1U: unsampled; not decoded); "
+            "0 traces; 0 documents; 2 OTLP span payloads (T1S: sampled; not an OTLP request); "
+            "1 OTLP span payload (T1U: unsampled; not an OTLP request); "
             "1 OTLP metrics payload (M1; not decoded); 1 raw payload (not JSON); "
             "1 JSON object without trace_id\n",
         )
@@ -172,6 +179,141 @@ class RenderTests(SynchronousTestCase):
                 "  +500.000 ms    db  100.000 ms",
             ],
         )
+
+
+def otlp_line(message: ExportTraceServiceRequest) -> str:
+    """The local sink's line for a protobuf OTLP request."""
+    doc = frame(KIND_PROTOBUF, 1, message.SerializeToString())
+    return encode_otlp_line(doc).decode().rstrip("\n")
+
+
+CHECKOUT = request(
+    "checkout",
+    span(0x12, "price cart", 15, 25, parent=0x11),
+    span(0x11, "POST /cart", 10, 105, parent=0xF000000000000002, kind=SERVER,
+         error="payment failed", attributes={"http.request.method": "POST", "url.path": "/cart",
+                                             "http.response.status_code": 500}),
+)  # fmt: skip
+FRONTEND = {"trace_id": XRAY_TRACE, "id": "f000000000000001", "name": "frontend",
+            "start_time": T0, "end_time": T0 + 0.12,
+            "subsegments": [{"id": "f000000000000002", "name": "checkout",
+                             "start_time": T0 + 0.005, "end_time": T0 + 0.11}]}  # fmt: skip
+
+
+class OtlpRenderTests(SynchronousTestCase):
+    """OpenTelemetry spans as trees, beside and inside X-Ray segments."""
+
+    def test_spans_join_the_segments_of_their_trace(self) -> None:
+        output = render(collect([json.dumps(FRONTEND), otlp_line(CHECKOUT)]))
+        self.assertEqual(
+            output,
+            f"Trace {XRAY_TRACE}  2020-10-12T21:16:17.000Z  120.000 ms  "
+            "1 segment, 1 subsegment, 2 spans, 1 error\n"
+            "   +0.000 ms  frontend  120.000 ms\n"
+            "   +5.000 ms    checkout  105.000 ms\n"
+            "  +10.000 ms      POST /cart  95.000 ms  server span  error  service: checkout  "
+            "POST /cart 500  status: payment failed\n"
+            "  +15.000 ms        price cart  10.000 ms  internal span\n"
+            "\n"
+            "1 trace; 1 document; 2 OTLP spans\n",
+        )
+
+    def test_either_form_of_the_trace_id_selects_it(self) -> None:
+        collection = collect([json.dumps(FRONTEND), otlp_line(CHECKOUT)])
+        for trace_id in (XRAY_TRACE, "5f84c7a10123456789abcdef01234567",
+                         "5F84C7A10123456789ABCDEF01234567"):  # fmt: skip
+            output = render(collection, trace_id)
+            self.assertTrue(output.startswith(f"Trace {XRAY_TRACE}  "), output)
+            self.assertTrue(output.endswith("\n\n1 trace; 1 document; 2 OTLP spans\n"), output)
+
+    def test_spans_alone_are_shown_by_their_hex_trace_id(self) -> None:
+        [trace] = collect([otlp_line(CHECKOUT)]).traces
+        self.assertEqual(trace.trace_id, "5f84c7a10123456789abcdef01234567")
+        self.assertEqual(
+            summary_line(trace),
+            "Trace 5f84c7a10123456789abcdef01234567  2020-10-12T21:16:17.010Z  95.000 ms  "
+            "2 spans, 1 error",
+        )
+        self.assertEqual(trace.roots[0].missing_parent, "")  # a server span: a service's entry
+
+    def test_t1s_and_t1u_payloads_are_decoded(self) -> None:
+        # What the local sink writes for ADOT's UDP datagrams (local_sink.encode_line).
+        charge = span(0x21, "charge", 35, 95, parent=0x13, kind=SERVER,
+                      exception=("CardDeclined", "insufficient funds"))  # fmt: skip
+        payments = request("payments", charge)
+        unsampled = request("batch", span(0x41, "nightly", 0, 1, trace_id=7 << 64))
+        docs = [{"raw": t1s(payments).decode()}, {"raw": t1s(unsampled, b"T1U").decode()}]
+        output = render(collect(lines(*docs)))
+        self.assertIn(
+            "\n  +0.000 ms  charge  60.000 ms  server span  service: payments  "
+            "cause: CardDeclined: insufficient funds\n",
+            output,
+        )
+        self.assertIn("Trace 00000000000000070000000000000000  ", output)
+        self.assertTrue(
+            output.endswith(
+                "\n\n2 traces; 0 documents; 2 OTLP spans; 1 OTLP span payload (T1S: sampled); "
+                "1 OTLP span payload (T1U: unsampled)\n"
+            ),
+            output,
+        )
+
+    def test_canonical_protobuf_json_is_read_too(self) -> None:
+        # json_format.MessageToJson writes base64 ids and enum names: not
+        # OTLP/JSON, but what a hand-made request may hold.
+        line = json_format.MessageToJson(CHECKOUT, indent=None)
+        self.assertIn('"kind": "SPAN_KIND_SERVER"', line)
+        self.assertEqual(render(collect([line])), render(collect([otlp_line(CHECKOUT)])))
+
+    def test_a_child_whose_parent_is_missing_says_so(self) -> None:
+        child = request("svc", span(0x12, "price cart", 15, 25, parent=0x11))
+        [trace] = collect([otlp_line(child)]).traces
+        self.assertEqual(
+            node_line(trace.roots[0]),
+            "price cart  10.000 ms  internal span  (parent 0000000000000011 not in file)",
+        )
+        self.assertFalse(view.is_complete(trace))
+
+    def test_span_attributes_with_metadata(self) -> None:
+        job = span(0x11, "job", 0, 5, attributes={"count": 3, "ok": True, "who": "é"})
+        job.attributes.add(key="list").value.array_value.values.add(string_value="a")
+        message = request("svc", job)
+        output = render(collect([otlp_line(message)]), metadata=True)
+        self.assertIn(
+            "\n               attributes: "
+            '{"count": 3, "ok": true, "who": "é", "list": ["a"]}\n'
+            '               resource: {"service.name": "svc"}\n',
+            output,
+        )
+
+    def test_odd_lines_are_counted_not_fatal(self) -> None:
+        docs = [
+            {"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "no trace id"}, "junk"]}]}]},
+            {"resourceSpans": [{"scopeSpans": "x"}, 7]},
+            {"otlpProtobufBase64": "AAAA", "error": "not an OTLP ExportTraceServiceRequest"},
+            {"resourceSpans": [{"scopeSpans": [{"spans": [{
+                "traceId": "5f84c7a10123456789abcdef01234567", "spanId": "0000000000000001",
+                "name": 5, "kind": "nonsense", "startTimeUnixNano": "soon",
+                "status": {"code": "STATUS_CODE_ERROR"}, "attributes": [{"key": 1}],
+                "events": [{"name": "exception"}]}]}]}]},
+        ]  # fmt: skip
+        output = render(collect(lines(*docs)))
+        self.assertIn("  5  no start_time  span  error  cause: (no message)\n", output)
+        self.assertTrue(
+            output.endswith(
+                "1 trace; 0 documents; 1 OTLP span; "
+                "1 OTLP request the local sink could not decode; "
+                "1 OTLP span without a trace id\n"
+            ),
+            output,
+        )
+
+    def test_trace_keys(self) -> None:
+        self.assertEqual(
+            [view.trace_key(t) for t in (XRAY_TRACE, "1-5F84C7A1-0123456789ABCDEF01234567",
+                                         "5f84c7a10123456789abcdef01234567", "1-x", "abc")],
+            ["5f84c7a10123456789abcdef01234567"] * 3 + ["1-x", "abc"],
+        )  # fmt: skip
 
 
 def segment(trace: str, ident: str, start: float, end: float | None = None, **more: Any) -> str:
@@ -261,8 +403,53 @@ class StreamerTests(SynchronousTestCase):
         self.assertEqual(
             self.streamer.totals(),
             "0 traces; 0 documents; 2 skipped (not JSON objects); "
-            "1 OTLP span payload (T1U: unsampled; not decoded)",
+            "1 OTLP span payload (T1U: unsampled; not an OTLP request)",
         )
+
+
+class SpanStreamerTests(SynchronousTestCase):
+    """Spans come children first (an SDK exports a span when it ends): the tree waits."""
+
+    def setUp(self) -> None:
+        self.now = 100.0
+        self.streamer = view.Streamer(lambda: self.now, settle=1.0)
+
+    def advance(self, seconds: float) -> list[str]:
+        self.now += seconds
+        return self.streamer.ready()
+
+    def test_children_wait_for_their_parent(self) -> None:
+        root = span(0x11, "POST /cart", 10, 105, kind=SERVER)
+        child = span(0x12, "price cart", 15, 25, parent=0x11)
+        self.streamer.feed(otlp_line(request("checkout", child)))
+        self.assertEqual(self.advance(5), [])
+        self.streamer.feed(otlp_line(request("checkout", root)))
+        [block] = self.advance(1)
+        self.assertEqual(
+            block.splitlines()[1:],
+            ["  +0.000 ms  POST /cart  95.000 ms  server span  service: checkout",
+             "  +5.000 ms    price cart  10.000 ms  internal span"],
+        )  # fmt: skip
+        self.assertEqual(self.streamer.totals(), "1 trace; 0 documents; 2 OTLP spans")
+
+    def test_late_spans_and_segments_print_the_trace_again(self) -> None:
+        self.streamer.feed(json.dumps(FRONTEND))
+        self.advance(1)
+        self.streamer.feed(otlp_line(CHECKOUT))
+        [block] = self.advance(1)
+        self.assertIn(f"Trace {XRAY_TRACE}  ", block)
+        self.assertIn("(updated: 2 more spans)", block.splitlines()[0])
+        self.assertIn("      POST /cart  95.000 ms", block)
+
+    def test_only_one_trace_by_its_otlp_id(self) -> None:
+        streamer = view.Streamer(lambda: self.now, trace_id="5f84c7a10123456789abcdef01234567")
+        streamer.feed(json.dumps(FRONTEND))
+        streamer.feed(segment("1-a", "a", 1.0, 2.0))
+        streamer.feed(otlp_line(CHECKOUT))
+        self.now += 1
+        [block] = streamer.ready()
+        self.assertTrue(block.startswith(f"Trace {XRAY_TRACE}  "), block)
+        self.assertEqual(streamer.totals(), "1 trace; 1 document; 2 OTLP spans")
 
 
 class CommandLineTests(SynchronousTestCase):
@@ -303,6 +490,32 @@ class CommandLineTests(SynchronousTestCase):
             err.getvalue(),
             "cannot read /nonexistent/traces.jsonl: No such file or directory; "
             "give the file written by xray --local-sink PATH\n",
+        )
+
+    def test_without_the_otlp_extra(self) -> None:
+        # The sink's OTLP/JSON lines need no library; T1S payloads do, and are
+        # counted as before, with how to decode them.
+        traces = Path(temp_path(self, "traces.jsonl"))
+        traces.write_text(
+            otlp_line(CHECKOUT) + "\n" + json.dumps({"raw": t1s(CHECKOUT).decode()}) + "\n"
+        )
+        blocked = (
+            "import sys; sys.modules['opentelemetry'] = None; "
+            "from xraytwisted.view import main; sys.exit(main())"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", blocked, str(traces)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("POST /cart  95.000 ms  server span", result.stdout)
+        self.assertTrue(
+            result.stdout.endswith(
+                "\n\n1 trace; 0 documents; 2 OTLP spans; "
+                "1 OTLP span payload (T1S: sampled; not decoded); "
+                "to see their spans: pip install 'xraytwisted[otlp]'\n"
+            ),
+            result.stdout,
         )
 
     def test_usage_error(self) -> None:
@@ -387,9 +600,54 @@ class StreamingTests(SynchronousTestCase):
         self.assertIn("open  in progress", out)
         self.assertTrue(
             out.endswith(
-                "\n\n2 traces; 2 documents; 1 OTLP span payload (T1S: sampled; not decoded)\n"
+                "\n\n2 traces; 2 documents; "
+                "1 OTLP span payload (T1S: sampled; not an OTLP request)\n"
             ),
             out,
+        )
+
+    def test_pipe_from_the_daemon_prints_span_trees_as_they_complete(self) -> None:
+        # xray --local-sink - --otlp-address ... | python -m xraytwisted.view -
+        xray_err, view_out, view_err = (self.workdir / n for n in ("xray.err", "out", "err"))
+        with xray_err.open("wb") as err:
+            xray = subprocess.Popen(
+                [sys.executable, "-m", "xraytwisted", "--local-sink", "-", "-b", "127.0.0.1:0",
+                 "-t", "127.0.0.1:0", "--otlp-address", "127.0.0.1:0"],
+                env=clean_env(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=err,
+            )  # fmt: skip
+        self.addCleanup(_kill, xray)
+        with view_out.open("wb") as out, view_err.open("wb") as err:
+            viewer = subprocess.Popen(
+                [*VIEW, "-", "--settle", "0.2"], stdin=xray.stdout, stdout=out, stderr=err
+            )
+        self.addCleanup(_kill, viewer)
+        assert xray.stdout is not None
+        xray.stdout.close()
+        pattern = r"Receiving OpenTelemetry spans \(OTLP/HTTP\) on http://[0-9.]+:(\d+)/"
+        url = f"http://127.0.0.1:{wait_for(xray_err, pattern, xray).group(1)}/v1/traces"
+        child = span(0x12, "price cart", 15, 25, parent=0x11)
+        root = span(0x11, "POST /cart", 10, 105, kind=SERVER)
+        for message in (request("checkout", child), request("checkout", root)):
+            post = urllib.request.Request(
+                url, message.SerializeToString(), {"Content-Type": "application/x-protobuf"}
+            )
+            with urllib.request.urlopen(post, timeout=10) as answer:
+                self.assertEqual(answer.status, 200)
+        # Printed while the daemon runs, once, as one tree: the child that came
+        # first waited for its parent.
+        wait_for(view_out, r"price cart", xray, viewer)
+        for proc in (viewer, xray):
+            proc.send_signal(signal.SIGINT)
+        self.assertEqual(xray.wait(30), 0, _read(xray_err))
+        self.assertEqual(viewer.wait(30), 0, _read(view_err))
+        self.assertEqual(
+            _read(view_out),
+            "Trace 5f84c7a10123456789abcdef01234567  2020-10-12T21:16:17.010Z  95.000 ms  "
+            "2 spans\n"
+            "  +0.000 ms  POST /cart  95.000 ms  server span  service: checkout\n"
+            "  +5.000 ms    price cart  10.000 ms  internal span\n"
+            "\n"
+            "1 trace; 0 documents; 2 OTLP spans\n",
         )
 
     def test_follow_a_growing_file(self) -> None:

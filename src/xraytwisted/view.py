@@ -9,6 +9,17 @@ start time.  Each trace gets one summary line, then one line per
 call, annotations and the first exception (and, with ``--metadata``, its
 metadata).  A totals line ends the output.
 
+OpenTelemetry spans are shown in the same trees: the local sink's OTLP/JSON
+lines (``{"resourceSpans": ...}``) and the ``T1S``/``T1U`` payloads of ADOT's
+UDP exporter (base64 protobuf, decoded with opentelemetry-proto when it is
+installed).  Each span becomes a node (``SpanDoc``) with the X-Ray fields
+the trees need: its hex trace id, span id and parent span id, start and end
+time; an X-Ray trace id ``1-5f84c7a1-<24 hex>`` is the OTLP trace id
+``5f84c7a1<24 hex>``, so segments and spans of one trace share a tree and a
+span whose parent is an X-Ray (sub)segment sits under it.  A span line adds
+its kind, ``error`` for an error status, its service (on spans that enter
+one), HTTP attributes, the status message and the first exception event.
+
 A file is read to its end and printed sorted by start time.  From a pipe
 (``xray --local-sink - | python -m xraytwisted.view -``) or with
 ``--follow``, each trace is printed as soon as it is complete (``Streamer``),
@@ -25,6 +36,7 @@ import datetime
 import json
 import math
 import os
+import re
 import select
 import signal
 import stat
@@ -35,7 +47,29 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from xraytwisted.pipeline import otlp_json
+
 INDENT = "  "
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """What an OTLP span has that an X-Ray document does not."""
+
+    kind: str  # "server", "client", ... ("" when unspecified)
+    service: str  # the resource's service.name
+    status_message: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    exception: str  # "type: message" of the first exception event ("" if none)
+
+
+class SpanDoc(dict[str, Any]):
+    """An OTLP span as an X-Ray-shaped document, with its ``SpanInfo``."""
+
+    def __init__(self, fields: dict[str, Any], info: SpanInfo) -> None:
+        super().__init__(fields)
+        self.info = info
 
 
 @dataclass
@@ -44,6 +78,11 @@ class Node:
     segment: bool  # a segment (a service's own document), not a subsegment
     children: list[Node] = field(default_factory=list)
     missing_parent: str = ""  # a streamed subsegment whose parent is not in the file
+
+    @property
+    def span(self) -> SpanInfo | None:
+        """The OTLP span's own parts; None for an X-Ray (sub)segment."""
+        return self.doc.info if isinstance(self.doc, SpanDoc) else None
 
     @property
     def start(self) -> float | None:
@@ -61,9 +100,11 @@ class Node:
 
 @dataclass
 class Trace:
-    trace_id: str
+    trace_id: str  # as shown: the X-Ray form if a segment has it, else OTLP's hex
     roots: list[Node]
-    documents: int
+    documents: int  # X-Ray documents
+    spans: int = 0  # OTLP spans
+    key: str = ""  # trace_key(trace_id): the same for both forms
 
     def nodes(self) -> Iterable[Node]:
         for root in self.roots:
@@ -83,30 +124,206 @@ class Collection:
     # Lines without a trace_id, by kind (see PAYLOAD_KINDS): OTLP payloads,
     # other raw bodies, JSON objects.
     payloads: dict[str, int] = field(default_factory=dict)
+    spans: int = 0  # OTLP spans read (from OTLP/JSON lines and T1S/T1U payloads)
 
     @property
     def other(self) -> int:
         return sum(self.payloads.values())
 
 
-# What a line without a trace_id is, in the order the totals name them.  The
-# local sink writes bodies that are not JSON objects as {"raw": ...}; ADOT's
-# UDP exporter sends OTLP protobuf as base64 behind these prefixes.
+# What a line is when it is not a segment, in the order the totals name
+# them.  The local sink writes bodies that are not JSON objects as {"raw":
+# ...}; ADOT's UDP exporter sends OTLP protobuf as base64 behind the T1S,
+# T1U and M1 prefixes.  A T1S/T1U payload's spans are counted as spans too.
 PAYLOAD_KINDS: tuple[tuple[str, str], ...] = (
-    ("T1S", "OTLP span payload|s| (T1S: sampled; not decoded)"),
-    ("T1U", "OTLP span payload|s| (T1U: unsampled; not decoded)"),
+    ("T1S", "OTLP span payload|s| (T1S: sampled)"),
+    ("T1U", "OTLP span payload|s| (T1U: unsampled)"),
+    ("T1S-undecoded", "OTLP span payload|s| (T1S: sampled; not decoded)"),
+    ("T1U-undecoded", "OTLP span payload|s| (T1U: unsampled; not decoded)"),
+    ("T1S-bad", "OTLP span payload|s| (T1S: sampled; not an OTLP request)"),
+    ("T1U-bad", "OTLP span payload|s| (T1U: unsampled; not an OTLP request)"),
+    ("otlp-undecoded", "OTLP request|s| the local sink could not decode"),
+    ("span-no-trace", "OTLP span|s| without a trace id"),
     ("M1", "OTLP metrics payload|s| (M1; not decoded)"),
     ("raw", "raw payload|s| (not JSON)"),
     ("object", "JSON object|s| without trace_id"),
 )
+_PREFIXES = (otlp_json.SAMPLED_PREFIX, otlp_json.UNSAMPLED_PREFIX, "M1")
+UNDECODED_NOTE = f"to see their spans: {otlp_json.EXTRA}"
 
 
 def payload_kind(doc: dict[str, Any]) -> str:
-    """Which PAYLOAD_KINDS entry a document without a trace_id is."""
+    """Which PAYLOAD_KINDS entry a document without a trace_id is (T1S/T1U: undecoded)."""
     raw = doc.get("raw")
     if len(doc) != 1 or not isinstance(raw, str):
         return "object"
-    return next((prefix for prefix, _ in PAYLOAD_KINDS[:3] if raw.startswith(prefix)), "raw")
+    return next((prefix for prefix in _PREFIXES if raw.startswith(prefix)), "raw")
+
+
+def entries(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The trace documents (segments, spans) in one line's object, and what it counts as.
+
+    The second list names PAYLOAD_KINDS entries to count once each.
+    """
+    trace_id = doc.get("trace_id")
+    if isinstance(trace_id, str) and trace_id:
+        return [doc], []
+    if isinstance(doc.get("resourceSpans"), list):
+        spans, without_trace = spans_of_request(doc)
+        return list(spans), ["span-no-trace"] * without_trace
+    if isinstance(doc.get(otlp_json.UNDECODED_KEY), str):
+        return [], ["otlp-undecoded"]
+    kind = payload_kind(doc)
+    if kind not in (otlp_json.SAMPLED_PREFIX, otlp_json.UNSAMPLED_PREFIX):
+        return [], [kind]
+    try:
+        request = otlp_json.payload_to_json(doc["raw"])
+    except otlp_json.OtlpUnavailable:
+        return [], [f"{kind}-undecoded"]
+    except otlp_json.OtlpDecodeError:
+        return [], [f"{kind}-bad"]
+    spans, without_trace = spans_of_request(request)
+    return list(spans), [kind] + ["span-no-trace"] * without_trace
+
+
+# ---------------------------------------------------------------------------
+# OTLP spans as tree nodes
+
+_XRAY_TRACE_ID = re.compile(r"1-([0-9a-fA-F]{8})-([0-9a-fA-F]{24})\Z")
+_HEX_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}\Z")
+_KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+_KIND_NAMES = {f"SPAN_KIND_{name.upper()}": number for number, name in _KINDS.items()}
+STATUS_ERROR = 2
+# The spans that enter a service, as X-Ray's segments do (the rest are like subsegments).
+_ENTRY_KINDS = ("server", "consumer")
+
+
+def trace_key(trace_id: str) -> str:
+    """One spelling for both forms of a trace id.
+
+    ``1-5f84c7a1-<24 hex>`` (X-Ray) is ``5f84c7a1<24 hex>`` (OTLP); other ids are kept.
+    """
+    match = _XRAY_TRACE_ID.match(trace_id)
+    if match:
+        return (match[1] + match[2]).lower()
+    return trace_id.lower() if _HEX_TRACE_ID.match(trace_id) else trace_id
+
+
+def any_value(value: Any) -> Any:
+    """An OTLP/JSON ``AnyValue`` as a plain JSON value."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return None if not isinstance(value, dict) or not value else value
+    [(key, inner)] = value.items()
+    if key == "intValue":
+        try:
+            return int(inner)  # int64: a string in OTLP/JSON
+        except (TypeError, ValueError):
+            return inner
+    if key == "arrayValue":
+        values = inner.get("values") if isinstance(inner, dict) else None
+        return [any_value(v) for v in values] if isinstance(values, list) else []
+    if key == "kvlistValue":
+        return attributes(inner.get("values") if isinstance(inner, dict) else None)
+    return inner  # stringValue, boolValue, doubleValue, bytesValue (base64)
+
+
+def attributes(values: Any) -> dict[str, Any]:
+    """An OTLP/JSON list of ``KeyValue`` as a dict."""
+    if not isinstance(values, list):
+        return {}
+    return {
+        kv["key"]: any_value(kv.get("value"))
+        for kv in values
+        if isinstance(kv, dict) and isinstance(kv.get("key"), str)
+    }
+
+
+def _seconds(nanos: Any) -> float | None:
+    # fixed64 nanoseconds: a decimal string in OTLP/JSON (numbers are accepted).
+    if isinstance(nanos, bool):
+        return None
+    try:
+        value = int(nanos)
+    except (TypeError, ValueError):
+        return None
+    return value / 1e9 if value > 0 else None
+
+
+def _enum(value: Any, names: dict[str, int]) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return names.get(value, 0) if isinstance(value, str) else 0
+
+
+def _list(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _exception(events: Any) -> str:
+    for event in _list(events):
+        if event.get("name") == "exception":
+            found = attributes(event.get("attributes"))
+            parts = [
+                _scalar(found[k])
+                for k in ("exception.type", "exception.message")
+                if found.get(k) is not None and found.get(k) != ""
+            ]
+            return ": ".join(parts) or "(no message)"
+    return ""
+
+
+def span_doc(span: dict[str, Any], resource: dict[str, Any]) -> SpanDoc | None:
+    """One OTLP/JSON span as a tree document (None without a trace id)."""
+    trace_id = otlp_json.id_hex(span.get("traceId"), 16)
+    if trace_id is None:
+        return None
+    kind = _KINDS.get(_enum(span.get("kind"), _KIND_NAMES), "")
+    found = span.get("status")
+    status: dict[str, Any] = found if isinstance(found, dict) else {}
+    parent = otlp_json.id_hex(span.get("parentSpanId"), 8)
+    fields: dict[str, Any] = {"trace_id": trace_id, "name": span.get("name", "(no name)")}
+    ident = otlp_json.id_hex(span.get("spanId"), 8)
+    if ident is not None:
+        fields["id"] = ident
+    if parent is not None:
+        fields["parent_id"] = parent
+    if parent is not None and kind not in _ENTRY_KINDS:
+        fields["type"] = "subsegment"  # a step inside a service, not its entry
+    for name, key in (("start_time", "startTimeUnixNano"), ("end_time", "endTimeUnixNano")):
+        seconds = _seconds(span.get(key))
+        if seconds is not None:
+            fields[name] = seconds
+    if _enum(status.get("code"), {"STATUS_CODE_ERROR": STATUS_ERROR}) == STATUS_ERROR:
+        fields["error"] = True
+    service = resource.get("service.name")
+    info = SpanInfo(
+        kind=kind,
+        service=service if isinstance(service, str) else "",
+        status_message=str(status.get("message") or ""),
+        attributes=attributes(span.get("attributes")),
+        resource=resource,
+        exception=_exception(span.get("events")),
+    )
+    return SpanDoc(fields, info)
+
+
+def spans_of_request(request: dict[str, Any]) -> tuple[list[SpanDoc], int]:
+    """The spans of an OTLP/JSON ExportTraceServiceRequest, and how many had no trace id."""
+    spans: list[SpanDoc] = []
+    without_trace = 0
+    for resource_spans in _list(request.get("resourceSpans")):
+        resource = resource_spans.get("resource")
+        resource_attributes = attributes(
+            resource.get("attributes") if isinstance(resource, dict) else None
+        )
+        for scope in _list(resource_spans.get("scopeSpans")):
+            for span in _list(scope.get("spans")):
+                doc = span_doc(span, resource_attributes)
+                if doc is None:
+                    without_trace += 1
+                else:
+                    spans.append(doc)
+    return spans, without_trace
 
 
 def _number(value: Any) -> float | None:
@@ -156,7 +373,18 @@ def _sort_key(node: Node) -> tuple[float, int]:
 
 
 def build_trace(trace_id: str, docs: Sequence[dict[str, Any]]) -> Trace:
-    """One trace's documents as trees (docs in file order)."""
+    """One trace's documents (segments and spans) as trees (docs in file order).
+
+    The trace is shown by its X-Ray id if a segment has one, else by ``trace_id``.
+    """
+    shown = next(
+        (
+            d["trace_id"]
+            for d in docs
+            if not isinstance(d, SpanDoc) and isinstance(d.get("trace_id"), str)
+        ),
+        trace_id,
+    )
     # An SDK may send an in-progress document, then the complete one.
     by_id: dict[str, dict[str, Any]] = {}
     unnamed: list[dict[str, Any]] = []
@@ -190,7 +418,8 @@ def build_trace(trace_id: str, docs: Sequence[dict[str, Any]]) -> Trace:
         for node in root.walk():
             node.children.sort(key=_sort_key)
     roots.sort(key=_sort_key)
-    return Trace(trace_id, roots, len(docs))
+    spans = sum(1 for d in docs if isinstance(d, SpanDoc))
+    return Trace(shown, roots, len(docs) - spans, spans, trace_key(shown))
 
 
 def _is_ancestor(candidate: Node, node: Node, parent_of: dict[int, Node]) -> bool:
@@ -207,15 +436,15 @@ def collect(lines: Iterable[str]) -> Collection:
     documents, skipped = read_documents(lines)
     grouped: dict[str, list[dict[str, Any]]] = {}
     payloads: dict[str, int] = {}
-    for doc in documents:
-        trace_id = doc.get("trace_id")
-        if isinstance(trace_id, str) and trace_id:
-            grouped.setdefault(trace_id, []).append(doc)
-        else:
-            kind = payload_kind(doc)
+    for line_doc in documents:
+        docs, kinds = entries(line_doc)
+        for doc in docs:
+            grouped.setdefault(trace_key(doc["trace_id"]), []).append(doc)
+        for kind in kinds:
             payloads[kind] = payloads.get(kind, 0) + 1
-    traces = sort_traces([build_trace(trace_id, docs) for trace_id, docs in grouped.items()])
-    return Collection(traces, sum(map(len, grouped.values())), skipped, payloads)
+    traces = sort_traces([build_trace(key, docs) for key, docs in grouped.items()])
+    spans = sum(t.spans for t in traces)
+    return Collection(traces, sum(t.documents for t in traces), skipped, payloads, spans)
 
 
 def sort_traces(traces: list[Trace]) -> list[Trace]:
@@ -287,15 +516,46 @@ def _cause(doc: dict[str, Any]) -> str:
 
 
 FLAGS = ("error", "fault", "throttle")
+# Span attributes for the HTTP part of a span's line: current and older
+# OpenTelemetry semantic conventions, first found wins.
+_HTTP_ATTRIBUTES = (
+    ("http.request.method", "http.method"),
+    ("url.full", "http.url", "url.path", "http.target"),
+    ("http.response.status_code", "http.status_code"),
+)
+
+
+def _span_http(info: SpanInfo) -> str:
+    found = (
+        next((info.attributes[k] for k in keys if info.attributes.get(k) is not None), None)
+        for keys in _HTTP_ATTRIBUTES
+    )
+    return " ".join(_scalar(v) for v in found if v is not None)
 
 
 def node_line(node: Node) -> str:
     doc = node.doc
     parts = [str(doc.get("name", "(no name)")), _duration(node)]
+    info = node.span
+    if info is not None:
+        parts.append(f"{info.kind} span" if info.kind else "span")
     parts.extend(flag for flag in FLAGS if doc.get(flag) is True)
     if node.missing_parent:
         parts.append(f"(parent {node.missing_parent} not in file)")
-    parts.extend(p for p in (_http(doc), _annotations(doc), _cause(doc)) if p)
+    if info is None:
+        parts.extend(p for p in (_http(doc), _annotations(doc), _cause(doc)) if p)
+    else:
+        if node.segment and info.service:
+            parts.append(f"service: {info.service}")
+        parts.extend(
+            p
+            for p in (
+                _span_http(info),
+                f"status: {info.status_message}" if info.status_message else "",
+                f"cause: {info.exception}" if info.exception else "",
+            )
+            if p
+        )
     return "  ".join(parts)
 
 
@@ -310,7 +570,6 @@ def _timestamp(seconds: float) -> str:
 
 def summary_line(trace: Trace, note: str = "") -> str:
     nodes = list(trace.nodes())
-    segments = sum(1 for n in nodes if n.segment)
     parts = [f"Trace {trace.trace_id}"]
     start = trace.start
     ends = [e for e in (n.end for n in nodes) if e is not None]
@@ -320,7 +579,16 @@ def summary_line(trace: Trace, note: str = "") -> str:
             parts.append(_ms(max(ends) - start))
         else:
             parts.append("in progress")
-    counts = [_plural(segments, "segment"), _plural(len(nodes) - segments, "subsegment")]
+    spans = sum(1 for n in nodes if n.span is not None)
+    segments = sum(1 for n in nodes if n.segment and n.span is None)
+    counts = []
+    if len(nodes) > spans or not spans:
+        counts += [
+            _plural(segments, "segment"),
+            _plural(len(nodes) - spans - segments, "subsegment"),
+        ]
+    if spans:
+        counts.append(_plural(spans, "span"))
     for flag in FLAGS:
         flagged = sum(1 for n in nodes if n.doc.get(flag) is True)
         if flagged:
@@ -332,7 +600,19 @@ def summary_line(trace: Trace, note: str = "") -> str:
 
 
 def metadata_lines(doc: dict[str, Any]) -> list[str]:
-    """One ``metadata <namespace>: <JSON>`` line per metadata namespace."""
+    """One ``metadata <namespace>: <JSON>`` line per metadata namespace.
+
+    For a span: its attributes, and its resource's on a span that enters a
+    service (the spans under it share them).
+    """
+    if isinstance(doc, SpanDoc):
+        info = doc.info
+        resource = info.resource if doc.get("type") != "subsegment" else {}
+        return [
+            f"{what}: {json.dumps(values, ensure_ascii=False)}"
+            for what, values in (("attributes", info.attributes), ("resource", resource))
+            if values
+        ]
     metadata = doc.get("metadata")
     if not isinstance(metadata, dict):
         return []
@@ -361,8 +641,12 @@ def render_trace(trace: Trace, *, metadata: bool = False, note: str = "") -> lis
     return [summary_line(trace, note)] + [f"{INDENT}{o:>{width}}  {text}" for o, text in rows]
 
 
-def totals_line(traces: int, documents: int, skipped: int, payloads: dict[str, int]) -> str:
+def totals_line(
+    traces: int, documents: int, skipped: int, payloads: dict[str, int], spans: int = 0
+) -> str:
     totals = [_plural(traces, "trace"), _plural(documents, "document")]
+    if spans:
+        totals.append(_plural(spans, "OTLP span"))
     if skipped:
         totals.append(f"{skipped} skipped (not JSON objects)")
     for kind, text in PAYLOAD_KINDS:
@@ -370,22 +654,31 @@ def totals_line(traces: int, documents: int, skipped: int, payloads: dict[str, i
         if count:
             singular, plural, rest = text.split("|")
             totals.append(f"{count} {singular}{'' if count == 1 else plural}{rest}")
+    if any(payloads.get(kind) for kind in ("T1S-undecoded", "T1U-undecoded")):
+        totals.append(UNDECODED_NOTE)
     return "; ".join(totals)
 
 
 def render(collection: Collection, trace_id: str | None = None, *, metadata: bool = False) -> str:
     """The whole report: every trace (or only ``trace_id``), then a totals line.
 
-    With ``trace_id`` the totals are that trace's alone.
+    With ``trace_id`` (X-Ray or OTLP form) the totals are that trace's alone.
     """
-    traces = [t for t in collection.traces if trace_id is None or t.trace_id == trace_id]
+    key = None if trace_id is None else trace_key(trace_id)
+    traces = [t for t in collection.traces if key is None or t.key == key]
     blocks = ["\n".join(render_trace(t, metadata=metadata)) for t in traces]
     if trace_id is None:
         totals = totals_line(
-            len(traces), collection.documents, collection.skipped, collection.payloads
+            len(traces),
+            collection.documents,
+            collection.skipped,
+            collection.payloads,
+            collection.spans,
         )
     else:
-        totals = totals_line(len(traces), sum(t.documents for t in traces), 0, {})
+        totals = totals_line(
+            len(traces), sum(t.documents for t in traces), 0, {}, sum(t.spans for t in traces)
+        )
     blocks.append(totals)
     return "\n\n".join(blocks) + "\n"
 
@@ -406,6 +699,10 @@ class Streamer:
     print it again, marked as updated.  ``flush`` prints what is left, as
     it is, at the end of the input.  ``now`` is the clock: arrival times are
     its readings, so tests can drive it.
+
+    OTLP spans count like documents: a trace whose spans came before their
+    parent (an SDK exports a span when it ends, children first) waits for
+    the parent, as one with a streamed subsegment waits for its segment.
     """
 
     def __init__(
@@ -419,12 +716,14 @@ class Streamer:
         self.clock = now
         self.settle = settle
         self.trace_id = trace_id
+        self._only = None if trace_id is None else trace_key(trace_id)
         self.metadata = metadata
+        # All by trace_key: an X-Ray id and its OTLP hex form are one trace.
         self._docs: dict[str, list[dict[str, Any]]] = {}
-        self._pending: dict[str, float] = {}  # trace id -> arrival of its last document
+        self._pending: dict[str, float] = {}  # trace -> arrival of its last document
         self._incomplete: dict[str, float] = {}  # pending, found incomplete at that arrival
-        self._printed: dict[str, int] = {}  # trace id -> its documents when last printed
-        self.seen: set[str] = set()  # every trace id in the input
+        self._printed: dict[str, tuple[int, int]] = {}  # trace -> (documents, spans) printed
+        self.seen: set[str] = set()  # every trace in the input (trace_key)
         self.skipped = 0
         self.payloads: dict[str, int] = {}
 
@@ -432,22 +731,22 @@ class Streamer:
         if not line.strip():
             return
         try:
-            doc = json.loads(line)
+            value = json.loads(line)
         except (ValueError, RecursionError):
-            doc = None
-        if not isinstance(doc, dict):
+            value = None
+        if not isinstance(value, dict):
             self.skipped += 1
             return
-        trace_id = doc.get("trace_id")
-        if not isinstance(trace_id, str) or not trace_id:
-            kind = payload_kind(doc)
+        docs, kinds = entries(value)
+        for kind in kinds:
             self.payloads[kind] = self.payloads.get(kind, 0) + 1
-            return
-        self.seen.add(trace_id)
-        if self.trace_id is not None and trace_id != self.trace_id:
-            return
-        self._docs.setdefault(trace_id, []).append(doc)
-        self._pending[trace_id] = self.clock()
+        for doc in docs:
+            key = trace_key(doc["trace_id"])
+            self.seen.add(key)
+            if self._only is not None and key != self._only:
+                continue
+            self._docs.setdefault(key, []).append(doc)
+            self._pending[key] = self.clock()
 
     def next_due(self) -> float | None:
         """When ``ready`` may next have something (None: not before more input)."""
@@ -458,14 +757,14 @@ class Streamer:
         """The blocks of the traces that are complete and quiet now."""
         now = self.clock()
         due: list[Trace] = []
-        for trace_id, last in list(self._pending.items()):
-            if now < last + self.settle or self._incomplete.get(trace_id) == last:
+        for key, last in list(self._pending.items()):
+            if now < last + self.settle or self._incomplete.get(key) == last:
                 continue
-            trace = build_trace(trace_id, self._docs[trace_id])
+            trace = build_trace(key, self._docs[key])
             if is_complete(trace):
                 due.append(trace)
             else:
-                self._incomplete[trace_id] = last
+                self._incomplete[key] = last
         return self._emit(due)
 
     def flush(self) -> list[str]:
@@ -475,24 +774,30 @@ class Streamer:
     def _emit(self, traces: list[Trace]) -> list[str]:
         blocks: list[str] = []
         for trace in sort_traces(traces):
-            trace_id = trace.trace_id
-            del self._pending[trace_id]
-            self._incomplete.pop(trace_id, None)
-            before = self._printed.get(trace_id)
-            note = (
-                ""
-                if before is None
-                else f"(updated: {_plural(trace.documents - before, 'more document')})"
-            )
-            self._printed[trace_id] = trace.documents
+            key = trace.key
+            del self._pending[key]
+            self._incomplete.pop(key, None)
+            before = self._printed.get(key)
+            note = "" if before is None else _updated(trace, *before)
+            self._printed[key] = (trace.documents, trace.spans)
             blocks.append("\n".join(render_trace(trace, metadata=self.metadata, note=note)))
         return blocks
 
     def totals(self) -> str:
-        documents = sum(map(len, self._docs.values()))
+        docs = [d for trace_docs in self._docs.values() for d in trace_docs]
+        spans = sum(1 for d in docs if isinstance(d, SpanDoc))
         if self.trace_id is not None:
-            return totals_line(len(self._docs), documents, 0, {})
-        return totals_line(len(self._docs), documents, self.skipped, self.payloads)
+            return totals_line(len(self._docs), len(docs) - spans, 0, {}, spans)
+        return totals_line(len(self._docs), len(docs) - spans, self.skipped, self.payloads, spans)
+
+
+def _updated(trace: Trace, documents: int, spans: int) -> str:
+    more = []
+    if trace.documents != documents or trace.spans == spans:
+        more.append(_plural(trace.documents - documents, "more document"))
+    if trace.spans != spans:
+        more.append(_plural(trace.spans - spans, "more span"))
+    return f"(updated: {', '.join(more)})"
 
 
 # ---------------------------------------------------------------------------
@@ -635,13 +940,18 @@ def stream(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xraytwisted.view",
-        description="Print the traces in an xraytwisted --local-sink file as indented trees. "
+        description="Print the traces in an xraytwisted --local-sink file (X-Ray segments "
+        "and OpenTelemetry spans) as indented trees. "
         "From a pipe (PATH -) or with --follow, each trace is printed as soon as it is "
         "complete: its root segment has ended and nothing more came for it for --settle "
         "seconds.",
     )
     parser.add_argument("path", metavar="PATH", help="JSON Lines file (- for stdin)")
-    parser.add_argument("--trace", metavar="ID", help="show only this trace id (and its totals)")
+    parser.add_argument(
+        "--trace",
+        metavar="ID",
+        help="show only this trace (and its totals): its X-Ray id or its OTLP hex id",
+    )
     parser.add_argument(
         "-f",
         "--follow",
@@ -656,7 +966,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"how long a complete trace must be quiet before it is printed "
         f"(default {DEFAULT_SETTLE:g})",
     )
-    parser.add_argument("--metadata", action="store_true", help="also show segment metadata")
+    parser.add_argument(
+        "--metadata",
+        action="store_true",
+        help="also show segment metadata, and span and resource attributes",
+    )
     return parser
 
 
@@ -730,10 +1044,10 @@ def _run(args: argparse.Namespace, stdin: TextIO | None, write: Callable[[str], 
         finally:
             if isinstance(source, FollowSource):
                 source.close()
-        if status == 0 and args.trace is not None and args.trace not in streamer.seen:
+        if status == 0 and args.trace is not None and trace_key(args.trace) not in streamer.seen:
             return _unknown_trace(args.trace, where, len(streamer.seen))
         return status
-    if args.trace is not None and all(t.trace_id != args.trace for t in collection.traces):
+    if args.trace is not None and all(t.key != trace_key(args.trace) for t in collection.traces):
         return _unknown_trace(args.trace, where, len(collection.traces))
     write(render(collection, args.trace, metadata=args.metadata))
     return 0

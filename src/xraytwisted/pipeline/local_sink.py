@@ -44,7 +44,7 @@ from xraytwisted.pipeline.uploader import Outcome, UploadError
 
 STDOUT = "-"
 RAW_KEY = "raw"
-UNDECODED_KEY = "otlpProtobufBase64"  # a protobuf OTLP request that did not decode
+UNDECODED_KEY = otlp_json.UNDECODED_KEY  # a protobuf OTLP request that did not decode
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 

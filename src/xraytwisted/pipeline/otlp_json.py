@@ -25,6 +25,8 @@ EXTRA = "pip install 'xraytwisted[otlp]'"
 # the body of the datagram is PREFIX + base64(ExportTraceServiceRequest).
 SAMPLED_PREFIX = "T1S"
 UNSAMPLED_PREFIX = "T1U"
+# The local sink's key for a protobuf request it could not decode (kept as base64).
+UNDECODED_KEY = "otlpProtobufBase64"
 # The bytes fields of a Span (and of its links) that OTLP/JSON writes in hex.
 _SPAN_IDS = ("traceId", "spanId", "parentSpanId")
 _LINK_IDS = ("traceId", "spanId")
