@@ -61,9 +61,12 @@ class CoalescingReader:
     def readable(self) -> None:
         # More datagrams are usually on the way: read what is here, then stop
         # watching the socket and come back on a timer.
-        more = self.read(READ_LIMIT)
+        count = self.read(READ_LIMIT)
         self._port.stopReading()
-        self._schedule(0 if more else self.interval)
+        # Go on at once only if the read stopped at its limit: otherwise the
+        # socket is empty now, and reading it again at once costs a wakeup
+        # for nothing (and leaves coalescing to chance).
+        self._schedule(0 if count >= READ_LIMIT else self.interval)
 
     def _tick(self) -> None:
         self._timer = None
