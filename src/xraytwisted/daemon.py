@@ -462,7 +462,11 @@ def build(
             sock.close()
         raise
     udp = UDPIngestService(
-        reactor, opened[0], ingest, read_interval=settings.udp_read_interval_ms / 1000
+        reactor,
+        opened[0],
+        ingest,
+        read_interval=settings.udp_read_interval_ms / 1000,
+        adaptive=settings.udp_read_adaptive,
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])

@@ -82,6 +82,7 @@ class Harness:
         self.seen: list[bytes] = []
         self.buffer = SegmentBuffer(10**9, self.clock, Counters())
         self.port = FakePort(lambda data, addr: self.accept(data))
+        kwargs.setdefault("buffer", self.buffer)
         self.reader = CoalescingReader(self.clock, self.port, **kwargs)
         self.started: list[float] = []  # the start times of the batches opened
 
@@ -125,3 +126,84 @@ class BugFixTests(SynchronousTestCase):
         # 100 ms of traffic: one read every 20 ms, plus the empty one at the end.
         self.assertEqual(h.clock.wakeups, 6)
         self.assertEqual(h.port.started, 1)
+
+
+class AdaptiveTests(SynchronousTestCase):
+    def paced(self, h: Harness, rate: float, seconds: float) -> None:
+        """Datagrams at ``rate`` for ``seconds``, then quiet until the reader is back on epoll."""
+        step = 1 / rate
+        for i in range(round(rate * seconds)):
+            h.arrive(b"%d" % i)
+            h.clock.advance(step)
+        h.clock.advance(5)
+
+    def test_reads_once_per_batch_at_100_per_second(self) -> None:
+        h = Harness(self, adaptive=True)
+        self.paced(h, 100, 10)
+        self.assertEqual(len(h.seen), 1000)
+        # 20 batches of 50: about one read per batch once the rate is known
+        # (a few more while it is learnt, and the empty ones at the end).
+        self.assertLessEqual(h.clock.wakeups, 35)
+        self.assertGreaterEqual(h.clock.wakeups, 20)
+        self.assertEqual(h.port.started, 1)  # never went back to epoll while busy
+
+    def test_reads_once_per_deadline_at_10_per_second(self) -> None:
+        h = Harness(self, adaptive=True)
+        self.paced(h, 10, 20)
+        self.assertEqual(len(h.seen), 200)
+        self.assertLessEqual(h.clock.wakeups, 20 + 10)
+        self.assertEqual(h.port.started, 1)
+
+    def test_every_read_comes_before_the_open_batch_deadline(self) -> None:
+        h = Harness(self, adaptive=True)
+        h.arrive(b"a")
+        opened = h.clock.seconds()
+        h.clock.advance(0.5)
+        h.arrive(b"b")  # waits in the kernel: the reader is on a timer
+        # The read that picks it up is due before the batch's deadline.
+        self.assertTrue(all(c.getTime() < opened + 1.0 for c in h.clock.getDelayedCalls()))
+        h.clock.advance(0.5)
+        self.assertEqual(h.seen, [b"a", b"b"])
+        self.assertEqual(h.started, [opened])  # both in the batch that leaves at 1 s
+
+    def test_a_batch_opened_from_the_kernel_counts_the_wait_there(self) -> None:
+        h = Harness(self, interval=0.2)
+        h.arrive(b"a")
+        first_read = h.clock.seconds()
+        h.buffer.pop()  # the batcher took that batch
+        h.clock.advance(0.1)
+        h.arrive(b"b")  # read at the next tick, 0.2 s after the first read
+        h.clock.advance(0.1)
+        self.assertEqual(h.seen, [b"a", b"b"])
+        # It may have arrived just after the first read: its deadline counts from there.
+        self.assertEqual(h.started, [first_read, first_read])
+        self.assertIsNone(h.buffer.arrived_since)
+
+    def test_rate_bounds_the_pause_by_the_receive_buffer(self) -> None:
+        # 1 KiB datagrams at 20 000/s fill 20 000 * 2 816 bytes a second; half of a
+        # 4 MiB buffer holds 37 ms of that, less than a batch's deadline.
+        h = Harness(self, adaptive=True, interval=0, receive_buffer=4 * 1024 * 1024)
+        data = b"x" * 1024
+        h.arrive(data)
+        for _ in range(40):
+            h.clock.advance(0.005)
+            h.port.socket.queue.extend([data] * 100)
+        pauses = h.clock.scheduled[-10:]
+        self.assertTrue(all(0 < p <= 0.5 * 4 * 1024 * 1024 / (20_000 * 2816) for p in pauses))
+
+    def test_after_a_quiet_spell_the_pause_grows_from_the_ramp(self) -> None:
+        h = Harness(self, adaptive=True)
+        h.arrive(b"lone")
+        h.clock.advance(5)
+        # 20, 20, 40 ms ... never the full deadline while the rate is unknown,
+        # then back to epoll once reads have found nothing for QUIET.
+        for got, expected in zip(h.clock.scheduled, [0.02, 0.02, 0.04], strict=False):
+            self.assertAlmostEqual(got, expected)
+        self.assertTrue(h.port.reading)
+        self.assertLessEqual(h.clock.wakeups, 5)
+
+    def test_the_interval_is_the_floor(self) -> None:
+        h = Harness(self, adaptive=True, interval=0.05)
+        self.paced(h, 4000, 1)
+        self.assertEqual(len(h.seen), 4000)
+        self.assertTrue(all(p >= 0.05 for p in h.clock.scheduled))

@@ -186,6 +186,7 @@ class GoSampleFileTests(ConfigTestCase):
                 "ShutdownTimeoutSeconds",
                 "Socket.UDPReceiveBufferKB",
                 "Socket.UDPReadIntervalMS",
+                "Socket.UDPReadAdaptive",
                 "Socket.StreamMaxLineKB",
                 "SamplingProxy.MaxBodyKB",
                 "SamplingProxy.TimeoutSeconds",
@@ -793,6 +794,10 @@ class ValidateTests(SynchronousTestCase):
             self.assertEqual(resolve({}, {"udp_read_interval_ms": ok}).udp_read_interval_ms, ok)
         for bad in (-1.0, 1000.5, math.nan, math.inf):
             self.invalid("Invalid Socket.UDPReadIntervalMS", udp_read_interval_ms=bad)
+
+    def test_udp_read_adaptive(self) -> None:
+        self.assertTrue(resolve({}, {}).udp_read_adaptive)
+        self.assertFalse(resolve({}, {"udp_read_adaptive": False}).udp_read_adaptive)
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(
