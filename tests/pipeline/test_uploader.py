@@ -24,6 +24,7 @@ from xraytwisted.pipeline.uploader import (
     classify_exception,
     classify_response,
     error_code,
+    json_string_content,
     parse_unprocessed,
     trace_segments_body,
 )
@@ -279,6 +280,47 @@ class PureTests(SynchronousTestCase):
         docs = [(b'{"n":%d}' % i) for i in range(50)]
         parsed = json.loads(trace_segments_body(docs))["TraceSegmentDocuments"]
         self.assertEqual(parsed, [d.decode() for d in docs])
+
+    def test_a_clean_batch_is_escaped_once_not_per_document(self) -> None:
+        from xraytwisted.pipeline import uploader
+
+        def per_document(doc: bytes) -> bytes:
+            raise AssertionError("escaped document by document")
+
+        self.patch(uploader, "json_string_content", per_document)
+        docs = [b'{"id":"%d","q":"a\\"b"}' % i for i in range(50)]
+        parsed = json.loads(trace_segments_body(docs))["TraceSegmentDocuments"]
+        self.assertEqual(parsed, [d.decode() for d in docs])
+
+    def test_body_bytes_are_those_of_the_per_document_encoding(self) -> None:
+        # The body as it was built before batches were escaped as a whole.
+        def old(docs: list[bytes]) -> bytes:
+            if not docs:
+                return b'{"TraceSegmentDocuments":[]}'
+            inner = b'","'.join([json_string_content(doc) for doc in docs])
+            return b'{"TraceSegmentDocuments":["' + inner + b'"]}'
+
+        tricky = [
+            b'{"plain":"json"}',
+            b'quote " and backslash \\ and both \\"',
+            b"nul \x00 inside",
+            b"\x00",
+            b"tab\tnewline\ncr\r\x1f\x7f",
+            b"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+            b"invalid \xff\xfe utf-8 \xc3",
+            b"\\u0000 looks escaped already",
+            b'","',
+            b"",
+        ]
+        batches = [[], *([doc] for doc in tricky), tricky, tricky[:1] * 50]
+        batches += [[clean, dirty] for clean in tricky[:2] for dirty in tricky[2:]]
+        for docs in batches:
+            self.assertEqual(trace_segments_body(docs), old(docs), docs)
+            if docs:
+                self.assertEqual(
+                    json.loads(trace_segments_body(docs))["TraceSegmentDocuments"],
+                    [d.decode("utf-8", "replace") for d in docs],
+                )
 
     def test_parse_unprocessed_tolerates_junk(self) -> None:
         self.assertEqual(parse_unprocessed(b""), ())
