@@ -8,14 +8,18 @@ tests count ``recvfrom`` calls, reads and the calls the reader schedules.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from xraytwisted.ingest.udp import READ_INTERVAL, CoalescingReader
 from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.uploader import Outcome
 
 
 class FakeSocket:
@@ -165,6 +169,29 @@ class AdaptiveTests(SynchronousTestCase):
         h.clock.advance(0.5)
         self.assertEqual(h.seen, [b"a", b"b"])
         self.assertEqual(h.started, [opened])  # both in the batch that leaves at 1 s
+
+    def test_a_slow_read_does_not_push_the_next_one_past_the_deadline(self) -> None:
+        # With the real batcher: a read timed just before a deadline must stay
+        # before it even when reading takes time, or the batcher sends the
+        # batch first and the read's documents leave in a second upload.
+        h = Harness(self, adaptive=True)
+        uploads: list[int] = []
+
+        def send(docs: Sequence[bytes]) -> Deferred[Outcome]:
+            uploads.append(len(docs))
+            return succeed(Outcome(0.0))
+
+        Batcher(h.buffer, send, h.clock, Counters()).startService()
+        accept = h.accept
+
+        def slow(data: bytes) -> None:
+            accept(data)
+            h.clock.rightNow += 0.002  # handling a datagram takes time
+
+        h.accept = slow  # type: ignore[method-assign]
+        self.paced(h, 10, 10)
+        self.assertEqual(sum(uploads), 100)
+        self.assertLessEqual(len(uploads), 11)  # one a second
 
     def test_a_batch_opened_from_the_kernel_counts_the_wait_there(self) -> None:
         h = Harness(self, interval=0.2)

@@ -126,7 +126,7 @@ class CoalescingReader:
         self._port.stopReading()
         self._busy_since = self._last_read = self._last_data = now
         self.rate *= math.exp(-quiet / RATE_TAU)
-        self._schedule(self._pause(now, count, 0.0))
+        self._schedule(now, self._pause(now, count, 0.0))
 
     def _tick(self) -> None:
         self._timer = None
@@ -138,9 +138,13 @@ class CoalescingReader:
         elif not self.adaptive or now - self._last_data >= QUIET:
             self._port.startReading()  # quiet: let the kernel wake us again
             return
-        self._schedule(self._pause(now, count, now - since))
+        self._schedule(now, self._pause(now, count, now - since))
 
-    def _schedule(self, delay: float) -> None:
+    def _schedule(self, now: float, pause: float) -> None:
+        # ``pause`` counts from ``now``, before the read: reading took time,
+        # and a read timed just before a batch deadline must stay before it.
+        late = self._clock.seconds() - now
+        delay = max(0.0, pause - late) if late > 0 else pause
         self._timer = self._clock.callLater(delay, self._tick)
 
     def _pause(self, now: float, count: int, elapsed: float) -> float:
