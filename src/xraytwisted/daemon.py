@@ -343,6 +343,7 @@ def build(
         clock=reactor,
         timeout=settings.request_timeout,
     )
+    daemon.cleanups.append(uploader.close)  # after the drain and the last telemetry
     send: Any = uploader.put_trace_segments
     if local:
         try:

@@ -196,6 +196,59 @@ class UploaderTests(SynchronousTestCase):
         self.assertEqual(outcome.error.error_class, "TimeoutCount")
         self.assertTrue(outcome.error.retryable)
 
+    def test_one_timer_watches_every_request_for_its_timeout(self) -> None:
+        # A timer per request would leave a wakeup behind each answered one.
+        scheduled: list[float] = []
+        call_later = self.clock.callLater
+
+        def counting(delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+            scheduled.append(delay)
+            return call_later(delay, f, *args, **kw)
+
+        self.patch(self.clock, "callLater", counting)
+        held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+        stub = self.stub
+
+        class Answered:  # the stub answers at once; a real server a little later
+            def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+                answer: Deferred[Any] = Deferred()
+                held.append((stub.request(method, url, **kwargs), answer))
+                return answer
+
+        self.uploader.client = Answered()
+        for _ in range(5):
+            d = self.uploader.put_trace_segments([b"{}"])
+            self.clock.advance(0.1)
+            for response, answer in held:
+                response.chainDeferred(answer)
+            held.clear()
+            self.stub.flush()
+            self.assertIsNone(self.successResultOf(d).error)
+        self.assertEqual(scheduled, [2.0])
+        self.uploader.client = stub
+        # It still times out what hangs, each request 2 s after it started.
+        self.resource.hang = True
+        self.clock.advance(2.0)  # the first timer runs out: nothing waiting
+        first = self.uploader.put_trace_segments([b"{}"])
+        self.clock.advance(1.0)
+        second = self.uploader.put_trace_segments([b"{}"])
+        self.stub.flush()
+        self.clock.advance(1.0)
+        outcome = self.successResultOf(first)
+        assert outcome.error is not None
+        self.assertEqual(outcome.error.error_class, "TimeoutCount")
+        self.assertNoResult(second)
+        self.clock.advance(1.0)
+        outcome = self.successResultOf(second)
+        assert outcome.error is not None
+        self.assertEqual(outcome.error.error_class, "TimeoutCount")
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing waiting: no timer
+
+    def test_close_forgets_the_timer(self) -> None:
+        self.upload([b"{}"])
+        self.uploader.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_no_credentials_sends_nothing(self) -> None:
         self.uploader = self.make(None)
         outcome = self.upload([b"{}"])
