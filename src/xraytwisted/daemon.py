@@ -471,6 +471,7 @@ def build(
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
+    udp.on_readable = drop_monitor.wake  # it sleeps while nothing comes
 
     # Stop order (XRayDaemon.stopService): ingest, then the batcher drain,
     # then the rest (telemetry sends its final record), then the cleanups.

@@ -132,6 +132,19 @@ class BugFixTests(SynchronousTestCase):
         self.assertEqual(h.port.started, 1)
 
 
+class ReadableHookTests(SynchronousTestCase):
+    def test_told_when_datagrams_come_after_a_quiet_spell_only(self) -> None:
+        woken: list[float] = []
+        h = Harness(self, adaptive=True, on_readable=lambda: woken.append(1))
+        for i in range(20):
+            h.arrive(b"%d" % i)
+            h.clock.advance(0.05)
+        self.assertEqual(len(woken), 1)
+        h.clock.advance(5)  # quiet: back to epoll
+        h.arrive(b"again")
+        self.assertEqual(len(woken), 2)
+
+
 class AdaptiveTests(SynchronousTestCase):
     def paced(self, h: Harness, rate: float, seconds: float) -> None:
         """Datagrams at ``rate`` for ``seconds``, then quiet until the reader is back on epoll."""

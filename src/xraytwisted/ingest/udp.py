@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol
@@ -97,8 +98,10 @@ class CoalescingReader:
         buffer: SegmentBuffer | None = None,
         max_wait: float = MAX_WAIT,
         receive_buffer: int = 0,
+        on_readable: Callable[[], object] | None = None,
     ) -> None:
         self._clock = clock
+        self._on_readable = on_readable  # told when datagrams come after a quiet spell
         self._port = port
         self._recvfrom = port.socket.recvfrom
         self._accept = port.protocol.datagramReceived
@@ -127,6 +130,8 @@ class CoalescingReader:
         self._busy_since = self._last_read = self._last_data = now
         self.rate *= math.exp(-quiet / RATE_TAU)
         self._schedule(now, self._pause(now, count, 0.0))
+        if self._on_readable is not None:
+            self._on_readable()
 
     def _tick(self) -> None:
         self._timer = None
@@ -245,6 +250,8 @@ class UDPIngestService(AdoptedPortService):
         self.adaptive = adaptive
         self.reader: CoalescingReader | None = None
         self.receive_buffer = 0
+        # Called when datagrams come after a quiet spell (set before starting).
+        self.on_readable: Callable[[], object] | None = None
 
     def adopt(self, sock: socket.socket) -> Any:
         port = self._reactor.adoptDatagramPort(
@@ -258,6 +265,7 @@ class UDPIngestService(AdoptedPortService):
             adaptive=self.adaptive,
             buffer=self.buffer,
             receive_buffer=self.receive_buffer,
+            on_readable=self.on_readable,
         )
         return port
 
