@@ -111,12 +111,16 @@ class RateResult:
     loss_percent: float
     duplicates: int
     late: int  # delivered only during the daemon's shutdown (not counted as delivered)
-    cpu_seconds: float  # daemon, from the first send to the end of the drain
+    cpu_seconds: (
+        float  # daemon (schedstat, all threads), from the first send to the end of the drain
+    )
     cpu_us_per_segment: float  # per segment sent
+    cpu_ticks_us_per_segment: float  # the same from utime + stime (10 ms ticks), a cross-check
     cpu_us_per_delivered: float  # per segment delivered (differs when segments are lost)
     cpu_system_percent: float  # share of the daemon's CPU time spent in the kernel
     cpu_percent_sending: float  # daemon, % of one core during the send window
     switches_per_segment: float  # main-thread context switches (≈ event-loop wake-ups)
+    wakeups_per_second: float  # context switches of all threads, over the send window
     rss_start_mb: float  # as soon as it listens
     rss_idle_mb: float  # after the warm-up, before sending
     rss_peak_mb: float  # max of the samples and VmHWM
@@ -221,6 +225,7 @@ def measure(
         drops0 = procstat.udp_socket_drops(daemon.udp_port)
         (user0, sys0), sink_cpu0 = procstat.tree_cpu_split(pid), procstat.cpu_seconds(sink.pid)
         cpu0, switches0 = user0 + sys0, procstat.context_switches(pid)
+        run0, wakeups0 = procstat.run_seconds(pid), procstat.wakeups(pid)
         with Sender(daemon.udp_port, rate, duration, first_seq, settings.size) as sender:
             if on_send_start is not None:
                 on_send_start(daemon)
@@ -232,12 +237,14 @@ def measure(
                 except subprocess.TimeoutExpired:
                     pass
             sent = sender.result()
-        cpu_send = procstat.tree_cpu_seconds(pid) - cpu0
+        cpu_send = procstat.run_seconds(pid) - run0
+        wakeups_send = procstat.wakeups(pid) - wakeups0
         sink_cpu = procstat.cpu_seconds(sink.pid) - sink_cpu0
         machine = procstat.machine_cpu() - machine0
         drain_seconds = drain(sink, sent.sent, settings, sample)
         user, system = procstat.tree_cpu_split(pid)
-        cpu, system = user + system - cpu0, system - sys0
+        ticks, system = user + system - cpu0, system - sys0
+        cpu = procstat.run_seconds(pid) - run0
         switches = procstat.context_switches(pid) - switches0
         udp = procstat.udp_counters() - udp0
         drops = procstat.udp_socket_drops(daemon.udp_port) - drops0
@@ -265,10 +272,12 @@ def measure(
         late=late,
         cpu_seconds=cpu,
         cpu_us_per_segment=1e6 * cpu / sent.sent if sent.sent else 0.0,
+        cpu_ticks_us_per_segment=1e6 * ticks / sent.sent if sent.sent else 0.0,
         cpu_us_per_delivered=1e6 * cpu / delivered if delivered else 0.0,
-        cpu_system_percent=100 * system / cpu if cpu else 0.0,
+        cpu_system_percent=100 * system / ticks if ticks else 0.0,
         cpu_percent_sending=100 * cpu_send / sent.seconds,
         switches_per_segment=switches / sent.sent if sent.sent else 0.0,
+        wakeups_per_second=wakeups_send / sent.seconds if sent.seconds else 0.0,
         rss_start_mb=rss_start / MB,
         rss_idle_mb=rss_idle / MB,
         rss_peak_mb=max([hwm, *(mb for _, mb in samples)]),
@@ -291,4 +300,49 @@ def measure(
         daemon_banner=banner,
         timeline=timeline,
         rss_samples=samples,
+    )
+
+
+@dataclass
+class IdleResult:
+    """A daemon with nothing to do: after the warm-up, ``seconds`` without a segment."""
+
+    seconds: float
+    cpu_seconds: float  # schedstat, all threads
+    cpu_ms_per_minute: float
+    wakeups: int  # context switches of all threads
+    wakeups_per_second: float
+    rss_mb: float  # at the end
+    exit_status: int | None
+    log_problems: int
+
+
+def measure_idle(
+    sink: Sink, settings: Settings, seconds: float, workdir: Path, name: str = "daemon-idle"
+) -> IdleResult:
+    """CPU and wakeups of a fresh, warmed-up daemon that receives nothing for ``seconds``."""
+    sink.take()
+    with Daemon(
+        settings.command, sink.endpoint, workdir, name=name,
+        config_template=settings.config_template,
+    ) as daemon:  # fmt: skip
+        daemon.wait_ready()
+        pid = daemon.pid
+        warm_up(sink, daemon)
+        run0, wakeups0, t0 = procstat.run_seconds(pid), procstat.wakeups(pid), time.monotonic()
+        time.sleep(seconds)
+        cpu, woke = procstat.run_seconds(pid) - run0, procstat.wakeups(pid) - wakeups0
+        elapsed = time.monotonic() - t0
+        rss = procstat.rss_kb(pid) / MB
+        exit_status = daemon.terminate()
+        problems, _ = daemon.problems()
+    return IdleResult(
+        seconds=elapsed,
+        cpu_seconds=cpu,
+        cpu_ms_per_minute=60_000 * cpu / elapsed,
+        wakeups=woke,
+        wakeups_per_second=woke / elapsed,
+        rss_mb=rss,
+        exit_status=exit_status,
+        log_problems=problems,
     )

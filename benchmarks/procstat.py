@@ -74,6 +74,59 @@ def context_switches(pid: int) -> int:
     )
 
 
+def _tasks(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def wakeups(pid: int) -> int:
+    """Context switches of every thread of ``pid`` and its descendants so far.
+
+    Voluntary ones are a thread going to sleep (epoll, a futex, a timer)
+    and so, one for one, a wakeup; involuntary ones a thread preempted.  The
+    Go daemon runs several threads, so every thread counts (threads that
+    ended in between are missing: the Go runtime rarely ends one).
+    """
+    total = 0
+    for p in tree(pid):
+        for tid in _tasks(p):
+            try:
+                text = _read(f"/proc/{p}/task/{tid}/status")
+            except OSError:
+                continue
+            total += sum(parse_switches(text))
+    return total
+
+
+def parse_switches(status: str) -> tuple[int, int]:
+    """(voluntary, nonvoluntary) context switches from a /proc/.../status text."""
+    found = {"voluntary_ctxt_switches:": 0, "nonvoluntary_ctxt_switches:": 0}
+    for line in status.splitlines():
+        key, _, value = line.partition("\t")
+        if key in found:
+            found[key] = int(value.split()[0])
+    return found["voluntary_ctxt_switches:"], found["nonvoluntary_ctxt_switches:"]
+
+
+def run_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` and its descendants, from /proc/.../schedstat.
+
+    Nanosecond resolution (the first field of schedstat is the time on a
+    CPU), where utime + stime count 10 ms ticks: at 10 segments/s a 10-s
+    run uses a few ticks of CPU in all.
+    """
+    total = 0
+    for p in tree(pid):
+        for tid in _tasks(p):
+            try:
+                total += int(_read(f"/proc/{p}/task/{tid}/schedstat").split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 def _status_kb(pid: int, key: str) -> int:
     """The number after ``key`` in /proc/<pid>/status (0 if the process is gone)."""
     try:

@@ -56,13 +56,13 @@ _PLUMBING = re.compile(
 _HTTP = r"\((treq|twisted/web|hyperlink|idna)/|^HostnameEndpoint|\(twisted/internet/endpoints"
 CATEGORIES = [
     ("UDP receive (recvfrom)", re.compile(r"^Port\.doRead \(twisted/internet/udp\.py")),
-    ("ingest + buffer", re.compile(r"\(xraytwisted/(ingest|buffer|header)")),
-    ("JSON request body", re.compile(r"^trace_segments_body")),
-    ("SigV4 signing", re.compile(r"\(xraytwisted/sigv4\.py|^Uploader\.signed_headers")),
+    ("ingest + buffer", re.compile(r"\(xraytwisted/(ingest/|pipeline/buffer)")),
+    ("JSON request body", re.compile(r"^(trace_segments_body|json_string_content)")),
+    ("SigV4 signing", re.compile(r"\(xraytwisted/aws/sigv4\.py|^Uploader\.signed_headers")),
     ("TCP send (socket.send)", re.compile(r"^(untilConcludes|Connection\.writeSomeData)")),
-    ("logging", re.compile(r"\(xraytwisted/logs\.py|\(twisted/logger/")),
+    ("logging", re.compile(r"\(xraytwisted/observe/logs\.py|\(twisted/logger/")),
     ("HTTP client (treq, twisted.web, hyperlink, idna)", re.compile(_HTTP)),
-    ("batcher", re.compile(r"\(xraytwisted/(batcher|backoff|uploader)")),
+    ("batcher", re.compile(r"\(xraytwisted/pipeline/(batcher|backoff|uploader)")),
     ("timers (callLater)", re.compile(r"^(ReactorBase\.(callLater|runUntilCurrent)|DelayedCall)")),
 ]
 

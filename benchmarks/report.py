@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Targets for xraytwisted on the 2-core benchmark machine, by rate (see docs/benchmarks.md).
-CPU_TARGET_US = {1000: 23.0, 4000: 16.0}
-LOSS_TARGET_PERCENT = {10000: 0.0, 20000: 0.0, 40000: 0.1}
+# Targets, ours/Go measured side by side (docs/benchmarks.md), and absolute ones.
+CPU_RATIO_TARGET = {10: 0.5, 100: 0.5, 1000: 0.7, 4000: 0.7, 20000: 0.8}
+LOSS_TARGET_PERCENT = {10000: 0.0, 20000: 0.0}
 P99_TARGET_MS = {4000: 50.0}
 RSS_IDLE_TARGET_MB = 55.0
-RSS_PEAK_TARGET_MB = {20000: 70.0}
-# Go daemon 3.6.6 on a comparable 2-core machine (default settings, loss uncounted by it).
-GO_CPU_US = {1000: 46.0, 4000: 33.0}
-GO_LOSS_PERCENT = {10000: 6.5, 20000: 6.5, 40000: 11.0}
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -46,14 +43,16 @@ def diagnostics_table(results: Sequence[dict[str, Any]]) -> str:
     """The numbers that explain the main table."""
     header = (
         "| rate (seg/s) | achieved rate | CPU µs/delivered seg | kernel share of CPU % "
-        "| context switches/seg | background busy % | machine busy % | steal % | RcvbufErrors "
+        "| wakeups/s | context switches/seg | background busy % | machine busy % | steal % "
+        "| RcvbufErrors "
         "| latency p90 ms | max ms "
         "| drain s | exit status | log warnings |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = [
         f"| {r['rate']:,.0f} | {r['send_rate']:,.0f} | {_fmt(r['cpu_us_per_delivered'])} "
-        f"| {_fmt(r['cpu_system_percent'], 0)} | {_fmt(r['switches_per_segment'], 2)} "
+        f"| {_fmt(r['cpu_system_percent'], 0)} | {_fmt(r.get('wakeups_per_second', math.nan), 0)} "
+        f"| {_fmt(r['switches_per_segment'], 2)} "
         f"| {_fmt(r['background_busy_percent'], 0)} "
         f"| {_fmt(r['machine_busy_percent'], 0)} | {_fmt(r['steal_percent'], 1)} "
         f"| {r['rcvbuf_errors']:,} "
@@ -74,64 +73,160 @@ def soak_table(soak: dict[str, Any]) -> str:
     )
 
 
-def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Four panels against the send rate: CPU/segment, loss, RSS, latency."""
-    import matplotlib
+def comparison_table(summary: dict[str, Any]) -> str:
+    """One row per rate: each daemon's CPU/segment, wakeups/s, loss and latency; ours/Go."""
+    labels, ref = summary["labels"], summary.get("reference")
+    results = summary["results"]
+    ours = labels[0]
+    other = ref if ref is not None else None
+    if other is None:
+        return ""
+    ratio = {r["rate"]: r for r in summary.get("ratios", [])}
+    by_rate = {r["rate"]: r for r in results[other]}
+    header = (
+        f"| rate (seg/s) | CPU µs/seg {ours} | CPU µs/seg {other} | **ours/Go** | target "
+        f"| runs ours/Go | wakeups/s {ours} | wakeups/s {other} | lost {ours} | lost {other} "
+        f"| p50/p99 ms {ours} | p50/p99 ms {other} | RSS peak MB {ours} | RSS peak MB {other} |\n"
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in results[ours]:
+        g = by_rate.get(r["rate"])
+        if g is None:
+            continue
+        q = ratio.get(r["rate"], {})
+        target = CPU_RATIO_TARGET.get(int(r["rate"]))
+        goal = f"≤ {target:g}" if target else ""
+        runs = ", ".join(_fmt(x, 2) for x in q.get("cpu_ratio_runs", []))
+        rows.append(
+            f"| {r['rate']:,.0f} | {_fmt(r['cpu_us_per_segment'])} "
+            f"| {_fmt(g['cpu_us_per_segment'])} "
+            f"| **{_fmt(q.get('cpu_ratio', math.nan), 2)}** | {goal} "
+            f"| {runs} | {_fmt(r['wakeups_per_second'], 0)} | {_fmt(g['wakeups_per_second'], 0)} "
+            f"| {_lost(r)} | {_lost(g)} "
+            f"| {_fmt(r['latency_ms_p50'], 0)} / {_fmt(r['latency_ms_p99'], 0)} "
+            f"| {_fmt(g['latency_ms_p50'], 0)} / {_fmt(g['latency_ms_p99'], 0)} "
+            f"| {_fmt(r['rss_peak_mb'])} | {_fmt(g['rss_peak_mb'])} |"
+        )
+    return header + "\n".join(rows) + "\n"
 
+
+def _lost(r: dict[str, Any]) -> str:
+    return f"{r['lost']:,} ({r['loss_percent']:.2g} %)"
+
+
+def idle_table(summary: dict[str, Any]) -> str:
+    """Each daemon with nothing to do: CPU, wakeups, RSS."""
+    idle = summary.get("idle") or {}
+    if not idle:
+        return ""
+    header = (
+        "| idle | seconds | CPU ms per minute | CPU % of a core | wakeups/s | RSS MB |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {label} | {r['seconds']:.0f} | {_fmt(r['cpu_ms_per_minute'])} "
+        f"| {_fmt(r['cpu_ms_per_minute'] / 600, 3)} | {_fmt(r['wakeups_per_second'], 2)} "
+        f"| {_fmt(r['rss_mb'])} |"
+        for label, r in idle.items()
+    ]
+    return header + "\n".join(rows) + "\n"
+
+
+def full_report(summary: dict[str, Any]) -> str:
+    """results.md: what was run, the side-by-side tables, then each daemon's own."""
+    m = summary["machine"]
+    parts = [
+        f"Measured {m['date']} on commit {m['commit']} (src {m['src_sha256']}), "
+        f"{m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, Python {m['python']}; "
+        f"{summary['segment_bytes']}-byte segments, {summary['duration']:g} s per rate "
+        f"({summary['low_duration']:g} s at 100/s and below), "
+        f"median of {summary.get('repeat', 1)}.",
+        "",
+    ]
+    if summary.get("reference") is None:
+        parts += ["No reference daemon: xraytwisted alone, no ratios.", ""]
+    table = comparison_table(summary) if summary["results"] else ""
+    if table:
+        parts += ["## Side by side", "", table]
+    idle = idle_table(summary)
+    if idle:
+        parts += ["## Idle", "", idle]
+    for label, results in summary["results"].items():
+        parts += [f"## {label}", "", markdown_table(results), diagnostics_table(results)]
+    for label, soak in (summary.get("soak") or {}).items():
+        parts += [f"## Soak: {label}", "", soak_table(soak)]
+    for label, lone in (summary.get("lone") or {}).items():
+        parts += [f"lone segment, {label}: {lone}", ""]
+    return "\n".join(parts) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Against the send rate, each daemon: CPU/segment, ours/Go, wakeups/s, loss, RSS, latency."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = [r["rate"] for r in results]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    fig.suptitle(title)
-
-    ax = axes[0][0]
-    ax.plot(rates, [r["cpu_us_per_segment"] for r in results], "o-", label="measured")
-    ax.plot(list(CPU_TARGET_US), list(CPU_TARGET_US.values()), "g^", ms=9, label="target")
-    ax.plot(list(GO_CPU_US), list(GO_CPU_US.values()), "rs", ms=7, label="Go daemon 3.6.6")
-    ax.set_ylabel("daemon CPU µs per segment")
-    ax.set_ylim(bottom=0)
-
-    ax = axes[0][1]
-    ax.plot(rates, [r["loss_percent"] for r in results], "o-", label="measured")
-    ax.plot(
-        list(LOSS_TARGET_PERCENT), list(LOSS_TARGET_PERCENT.values()), "g^", ms=9, label="target"
+    results: dict[str, list[dict[str, Any]]] = summary["results"]
+    m = summary["machine"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig.suptitle(
+        f"{' vs '.join(summary['labels'])} ({m['commit']}, {m['date'][:10]}): "
+        f"{summary['segment_bytes']}-byte segments, median of {summary.get('repeat', 1)}"
     )
-    ax.plot(list(GO_LOSS_PERCENT), list(GO_LOSS_PERCENT.values()), "rs", ms=7, label="Go daemon")
-    ax.set_ylabel("segments lost %")
-    ax.set_ylim(bottom=-0.5)
-
-    ax = axes[1][0]
-    ax.plot(rates, [r["rss_idle_mb"] for r in results], "o--", label="idle")
-    ax.plot(rates, [r["rss_peak_mb"] for r in results], "o-", label="peak")
-    ax.axhline(RSS_IDLE_TARGET_MB, color="g", ls=":", label="idle target")
-    ax.plot(list(RSS_PEAK_TARGET_MB), list(RSS_PEAK_TARGET_MB.values()), "g^", ms=9,
-            label="peak target")  # fmt: skip
-    ax.set_ylabel("daemon RSS MiB")
+    styles = ["o-", "s--", "^:"]
+    panels = [
+        (axes[0][0], "cpu_us_per_segment", "daemon CPU µs per segment", False),
+        (axes[0][2], "wakeups_per_second", "wakeups/s (context switches, all threads)", True),
+        (axes[1][0], "loss_percent", "segments lost %", False),
+        (axes[1][1], "rss_peak_mb", "RSS peak MiB", False),
+        (axes[1][2], "latency_ms_p99", "latency p99 ms (p50 dotted)", True),
+    ]
+    for ax, key, ylabel, log in panels:
+        for style, (label, rows) in zip(styles, results.items(), strict=False):
+            rates = [r["rate"] for r in rows]
+            ax.plot(rates, [r[key] for r in rows], style, label=label)
+            if key == "latency_ms_p99":
+                ax.plot(rates, [r["latency_ms_p50"] for r in rows], style[0] + ":", alpha=0.6)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+    ax = axes[0][1]
+    ratio_rows = summary.get("ratios", [])
+    if ratio_rows:
+        ax.plot([r["rate"] for r in ratio_rows], [r["cpu_ratio"] for r in ratio_rows], "o-",
+                label="CPU per segment, ours/Go")  # fmt: skip
+        ax.plot(list(CPU_RATIO_TARGET), list(CPU_RATIO_TARGET.values()), "g^", ms=9,
+                label="target")  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("ratio ours / Go")
     ax.set_ylim(bottom=0)
-
-    ax = axes[1][1]
-    ax.plot(rates, [r["latency_ms_p50"] for r in results], "o--", label="p50")
-    ax.plot(rates, [r["latency_ms_p99"] for r in results], "o-", label="p99")
-    ax.plot(list(P99_TARGET_MS), list(P99_TARGET_MS.values()), "g^", ms=9, label="p99 target")
-    ax.set_ylabel("send → upload latency ms")
-    ax.set_yscale("log")
-
+    axes[1][1].axhline(RSS_IDLE_TARGET_MB, color="g", ls=":", label="idle target")
     for ax in (a for row in axes for a in row):
         ax.set_xscale("log")
-        ax.set_xticks(rates, [f"{r / 1000:g}k" for r in rates])
+        rates = sorted({r["rate"] for rows in results.values() for r in rows})
+        ax.set_xticks(rates, [f"{r / 1000:g}k" if r >= 1000 else f"{r:g}" for r in rates])
         ax.minorticks_off()
-        ax.set_xlabel("segments per second (1 KB each)")
+        ax.set_xlabel("segments per second")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def plot_soak(samples: Sequence[tuple[float, float]], path: Path, title: str) -> None:
     """RSS over the soak run."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,21 +1,28 @@
-"""Run the benchmark sweep (and optionally the soak and lone-segment checks).
+"""Run the benchmark sweep: xraytwisted and the Go daemon side by side.
 
-    python -m benchmarks.run --rates 1000,4000,10000,20000,40000 --duration 10 \\
-        --out benchmarks/results/NAME
+    python -m benchmarks.run --out benchmarks/results/NAME
 
-writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
-``--soak 300`` adds a 5-minute memory-flatness run (``soak.json``,
-``soak.png``); ``--lone`` adds the lone-segment latency check.
+For every rate (default 10, 100, 1 000, 4 000, 10 000, 20 000 and 40 000
+segments/s) it runs a fresh xraytwisted and, when its binary is found, a
+fresh Go daemon 3.6.6, one after the other (who goes first alternates),
+with the same sender and sink; then each daemon idles for ``--idle``
+seconds.  It writes ``results.json`` (every number of every run),
+``results.md`` (the side-by-side table with ours/Go ratios, then each
+daemon's own tables) and ``results.png`` into ``--out``.  ``--soak 300``
+adds a memory-flatness run and ``--lone`` the lone-segment check, for
+both daemons.
 
-Any daemon can be measured: ``--daemon-cmd`` is a command line with
-placeholders ({endpoint}, {udp_address}, {udp_port}, {tcp_address},
-{tcp_port}, {config}, {python}, {twistd}, {workdir}); ``--config-template``
-is a file rendered with the same placeholders into {config}.  For the Go
-daemon, for example:
+The Go binary is ``--go-bin``, else ``$XRAY_GO_BIN``, else
+``shared/reference-bin/xray-go-3.6.6`` beside the checkout (or beside the
+folder of its worktree); ``--go-bin none`` measures xraytwisted alone.  The
+run says which it did.  The binary is only measured, never part of the
+project.
 
-    python -m benchmarks.run --daemon-cmd "/usr/bin/xray -o -n us-east-2 \\
-        -c {config} -b {udp_address} -t {tcp_address}" \\
-        --config-template benchmarks/go-cfg.yaml.template --label "Go 3.6.6"
+Another daemon can stand in for xraytwisted: ``--daemon-cmd`` is a command
+line with placeholders ({endpoint}, {udp_address}, {udp_port},
+{tcp_address}, {tcp_port}, {config}, {python}, {twistd}, {workdir});
+``--config-template`` is a file rendered with the same placeholders into
+{config}.
 """
 
 from __future__ import annotations
@@ -34,9 +41,81 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import lone, report
-from benchmarks.measure import Settings, measure
+from benchmarks.measure import Settings, measure, measure_idle
 from benchmarks.processes import DEFAULT_COMMAND, PLACEHOLDERS, REPO, Sink, set_priority
 from benchmarks.soak import soak
+
+GO_BINARY = "xray-go-3.6.6"
+GO_LABEL = "Go 3.6.6"
+# The Go daemon has no endpoint flag: the sink's URL goes in its cfg.yaml.
+GO_COMMAND = "{binary} -o -n us-east-2 -c {config} -b {udp_address} -t {tcp_address}"
+GO_TEMPLATE = REPO / "benchmarks" / "go-cfg.yaml.template"
+DEFAULT_RATES = "10,100,1000,4000,10000,20000,40000"
+
+
+def find_go(explicit: str | None, env: dict[str, str] | None = None) -> Path | None:
+    """The Go daemon's binary: the flag, $XRAY_GO_BIN, or shared/reference-bin near REPO."""
+    env = dict(os.environ) if env is None else env
+    if explicit == "none":
+        return None
+    given = explicit or env.get("XRAY_GO_BIN")
+    if given:
+        path = Path(given)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise SystemExit(f"--go-bin: {path} is not an executable file")
+        return path
+    # ../shared from a checkout; ../../shared from a worktree in a folder beside it.
+    for base in (REPO.parent, REPO.parent.parent):
+        path = base / "shared" / "reference-bin" / GO_BINARY
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One daemon of the comparison."""
+
+    label: str
+    settings: Settings
+    reference: bool = False  # the one ratios are taken against
+
+
+def duration_for(rate: float, duration: float, low_duration: float) -> float:
+    """Low rates run longer, so that each run holds enough batches."""
+    return max(duration, low_duration) if rate <= 100 else duration
+
+
+def order(contenders: list[Contender], turn: int) -> list[Contender]:
+    """Alternate who goes first, so that neither always runs right after the other."""
+    return contenders if turn % 2 == 0 else contenders[::-1]
+
+
+def ratios(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ours/reference per rate: CPU per segment and wakeups per second (medians, and per run)."""
+    rows = []
+    by_rate = {r["rate"]: r for r in ref}
+    for r in ours:
+        g = by_rate.get(r["rate"])
+        if g is None:
+            continue
+        pairs = zip(r.get("runs", [r]), g.get("runs", [g]), strict=False)
+        rows.append(
+            {
+                "rate": r["rate"],
+                "cpu_ratio": _ratio(r["cpu_us_per_segment"], g["cpu_us_per_segment"]),
+                "wakeups_ratio": _ratio(r["wakeups_per_second"], g["wakeups_per_second"]),
+                # Runs n of both daemons ran back to back: their ratios show the spread.
+                "cpu_ratio_runs": [
+                    _ratio(a["cpu_us_per_segment"], b["cpu_us_per_segment"]) for a, b in pairs
+                ],
+            }
+        )
+    return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def machine() -> dict[str, Any]:
@@ -92,13 +171,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=f"Placeholders in --daemon-cmd and --config-template: {placeholders}",
     )
-    parser.add_argument("--rates", default="1000,4000,10000,20000,40000", help="segments/s")
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="segments/s")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument(
+        "--low-duration", type=float, default=30.0, help="seconds per rate at 100/s and below"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per rate (median reported)")
+    parser.add_argument("--idle", type=float, default=60.0, help="idle seconds per run (0: none)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/<date-time>")
     parser.add_argument("--daemon-cmd", default=DEFAULT_COMMAND, help="the daemon under test")
     parser.add_argument("--config-template", type=Path, help="rendered into {config}")
     parser.add_argument("--label", default="xraytwisted", help="names the run in the outputs")
+    parser.add_argument(
+        "--go-bin",
+        help=f"the Go daemon to compare with ('none': no comparison; default: $XRAY_GO_BIN "
+        f"or shared/reference-bin/{GO_BINARY} beside the checkout)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="bytes per segment datagram")
     parser.add_argument("--drain-idle", type=float, default=3.0)
     parser.add_argument("--drain-max", type=float, default=30.0)
@@ -116,8 +204,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="nice value of all benchmark processes (-10: before others)",
     )
-    parser.add_argument("--skip-sweep", action="store_true", help="only --soak / --lone")
+    parser.add_argument("--skip-sweep", action="store_true", help="only --idle / --soak / --lone")
     return parser.parse_args(argv)
+
+
+def contenders(args: argparse.Namespace) -> list[Contender]:
+    """xraytwisted (or --daemon-cmd) first, then the Go daemon if its binary is found."""
+    common: dict[str, Any] = {
+        "size": args.size,
+        "drain_idle": args.drain_idle,
+        "drain_max": args.drain_max,
+        "quiet_wait": args.quiet_wait,
+    }
+    ours = Contender(
+        args.label,
+        Settings(command=args.daemon_cmd, config_template=args.config_template, **common),
+    )
+    go = find_go(args.go_bin)
+    if go is None:
+        print(
+            f"Go daemon not found (--go-bin, $XRAY_GO_BIN, shared/reference-bin/{GO_BINARY}): "
+            f"measuring {args.label} alone, no ratios",
+            file=sys.stderr,
+        )
+        return [ours]
+    print(f"comparing with {GO_LABEL}: {go}", file=sys.stderr)
+    command = GO_COMMAND.replace("{binary}", str(go))
+    settings = Settings(command=command, config_template=GO_TEMPLATE, **common)
+    return [ours, Contender(GO_LABEL, settings, reference=True)]
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,66 +243,76 @@ def main(argv: list[str] | None = None) -> None:
     set_priority(args.nice)
     out: Path = args.out or REPO / "benchmarks" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        command=args.daemon_cmd,
-        config_template=args.config_template,
-        size=args.size,
-        drain_idle=args.drain_idle,
-        drain_max=args.drain_max,
-        quiet_wait=args.quiet_wait,
-    )
+    daemons = contenders(args)
     summary: dict[str, Any] = {
-        "label": args.label,
+        "labels": [c.label for c in daemons],
+        "reference": next((c.label for c in daemons if c.reference), None),
         "nice": args.nice,
-        "daemon_cmd": args.daemon_cmd,
+        "commands": {c.label: c.settings.command for c in daemons},
         "duration": args.duration,
+        "low_duration": args.low_duration,
+        "repeat": args.repeat,
         "segment_bytes": args.size,
         "machine": machine(),
+        "results": {},
+        "idle": {},
     }
+    seqs = iter(range(1, 1 << 20))
     with Sink() as sink:
         if not args.skip_sweep:
-            results = []
             rates = [float(r) for r in args.rates.split(",")]
-            for index, rate in enumerate(rates):
-                runs = []
-                for n in range(args.repeat):
-                    print(f"rate {rate:,.0f}/s for {args.duration:g} s ...", file=sys.stderr)
-                    first_seq = (index * args.repeat + n + 1) << 40
-                    name = f"daemon-{rate:.0f}" + (f"-{n + 1}" if args.repeat > 1 else "")
-                    result = measure(sink, settings, rate, args.duration, first_seq, out, name=name)
-                    runs.append(dataclasses.asdict(result))
-                    print(report.markdown_table(runs[-1:]).splitlines()[-1], file=sys.stderr)
-                results.append(combine(runs))
-            summary["results"] = results
-            commit = summary["machine"]["commit"]
-            title = (
-                f"{args.label} ({commit}): {args.size}-byte segments, {args.duration:g} s per rate"
-                + (f", median of {args.repeat}" if args.repeat > 1 else "")
-            )
-            (out / "results.md").write_text(
-                report.markdown_table(results) + "\n" + report.diagnostics_table(results)
-            )
-            report.plot(results, out / "results.png", title)
+            runs: dict[str, list[list[dict[str, Any]]]] = {
+                c.label: [[] for _ in rates] for c in daemons
+            }
+            for n in range(args.repeat):
+                for index, rate in enumerate(rates):
+                    seconds = duration_for(rate, args.duration, args.low_duration)
+                    for c in order(daemons, n + index):
+                        print(f"{c.label}: {rate:,.0f}/s for {seconds:g} s ...", file=sys.stderr)
+                        name = f"{_slug(c.label)}-{rate:.0f}-{n + 1}"
+                        result = measure(
+                            sink, c.settings, rate, seconds, next(seqs) << 40, out, name=name
+                        )
+                        runs[c.label][index].append(dataclasses.asdict(result))
+                        row = report.markdown_table(runs[c.label][index][-1:]).splitlines()[-1]
+                        print(row, file=sys.stderr)
+            for c in daemons:
+                summary["results"][c.label] = [combine(r) for r in runs[c.label]]
+        if args.idle:
+            idle_runs: dict[str, list[dict[str, Any]]] = {c.label: [] for c in daemons}
+            for n in range(args.repeat):
+                for c in order(daemons, n):
+                    print(f"{c.label}: idle for {args.idle:g} s ...", file=sys.stderr)
+                    name = f"{_slug(c.label)}-idle-{n + 1}"
+                    idle = measure_idle(sink, c.settings, args.idle, out, name=name)
+                    idle_runs[c.label].append(dataclasses.asdict(idle))
+            summary["idle"] = {label: combine(r) for label, r in idle_runs.items()}
         if args.soak:
-            print(f"soak at {args.soak_rate:,.0f}/s for {args.soak:g} s ...", file=sys.stderr)
-            summary["soak"] = soak(
-                sink, settings, args.soak_rate, args.soak, args.soak_every, 0xA << 40, out
-            )
-            (out / "soak.md").write_text(report.soak_table(summary["soak"]))
-            report.plot_soak(
-                summary["soak"]["rss_samples"],
-                out / "soak.png",
-                f"{args.label}: RSS at {args.soak_rate:,.0f} seg/s",
-            )
+            summary["soak"] = {}
+            for c in daemons:
+                print(f"{c.label}: soak at {args.soak_rate:,.0f}/s for {args.soak:g} s ...",
+                      file=sys.stderr)  # fmt: skip
+                summary["soak"][c.label] = soak(
+                    sink, c.settings, args.soak_rate, args.soak, args.soak_every,
+                    next(seqs) << 40, out,
+                )  # fmt: skip
     if args.lone:
-        print("lone segment ...", file=sys.stderr)
-        summary["lone"] = lone.check(args.daemon_cmd, 5, 2.0, out / "lone", args.config_template)
+        summary["lone"] = {}
+        for c in daemons:
+            print(f"{c.label}: lone segment ...", file=sys.stderr)
+            summary["lone"][c.label] = lone.check(
+                c.settings.command, 5, 2.0, out / f"lone-{_slug(c.label)}",
+                c.settings.config_template,
+            )  # fmt: skip
+    ref, ours = summary["reference"], daemons[0].label
+    if ref is not None and summary["results"]:
+        summary["ratios"] = ratios(summary["results"][ours], summary["results"][ref])
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    for name in ("results.md", "soak.md"):
-        if (out / name).exists():
-            print((out / name).read_text())
-    if "lone" in summary:
-        print("lone segment:", json.dumps(summary["lone"]))
+    text = report.full_report(summary)
+    (out / "results.md").write_text(text)
+    print(text)
+    if summary["results"]:
+        report.plot(summary, out / "results.png")
     print(f"written to {out}", file=sys.stderr)
 
 

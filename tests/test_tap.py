@@ -114,11 +114,12 @@ class MakeServiceTests(SynchronousTestCase):
     def test_builds_the_daemon(self) -> None:
         daemon = self.make(
             "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0", "-e", "http://127.0.0.1:9",
-            "--udp-read-interval", "2.5",
+            "--udp-read-interval", "2.5", "--udp-read-adaptive=false",
         )  # fmt: skip
         assert daemon.parts is not None
         self.assertEqual(daemon.parts.region, "us-east-2")
         self.assertEqual(daemon.parts.udp.read_interval, 0.0025)
+        self.assertFalse(daemon.parts.udp.adaptive)
         self.assertEqual(daemon.parts.endpoint.url, "http://127.0.0.1:9")
         # The sockets are bound already; close them.
         daemon.parts.udp.stopService()

@@ -464,6 +464,7 @@ def build(
         clock=reactor,
         timeout=settings.request_timeout,
     )
+    daemon.cleanups.append(uploader.close)  # after the drain and the last telemetry
     send: Any = uploader.put_trace_segments
     if local:
         try:
@@ -662,10 +663,12 @@ def build(
         ingest,
         read_interval=settings.udp_read_interval_ms / 1000,
         asked_receive_buffer=settings.udp_receive_buffer_kb * 1024,
+        adaptive=settings.udp_read_adaptive,
     )
     tcp = TCPPortService(reactor, opened[1], stream, endpoint_url="" if local else endpoint.url)
     listeners.append(tcp)
     drop_monitor.watch(lambda: [socket_inode(udp.port.socket.fileno())] if udp.port else [])
+    udp.on_readable = drop_monitor.wake  # it sleeps while nothing comes
 
     # Stop order (XRayDaemon.stopService): ingest, then the batcher drain,
     # then the rest (telemetry sends its final record), then the cleanups.

@@ -896,7 +896,7 @@ class STSTests(TestCase):
 
     def uploader(self, service: CredentialsService) -> Uploader:
         pool = HTTPConnectionPool(reactor, persistent=False)
-        return Uploader(
+        uploader = Uploader(
             client=cast(Any, treq.client.HTTPClient(Agent(reactor, pool=pool))),
             endpoint=endpoints.parse(self.moto.endpoint),
             region=self.moto.region,
@@ -904,6 +904,8 @@ class STSTests(TestCase):
             clock=cast(Any, reactor),
             timeout=10,
         )
+        self.addCleanup(uploader.close)
+        return uploader
 
     @inlineCallbacks
     def upload_and_read_back(self, service: CredentialsService) -> Any:

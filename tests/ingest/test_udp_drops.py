@@ -193,6 +193,29 @@ class MonitorTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.counters.kernel_drops, 3)
 
+    def test_with_the_socket_counter_it_sleeps_while_nothing_is_received(self) -> None:
+        self.inodes = {4242}
+        m = self.monitor()
+        self.clock.advance(10)  # first check: nothing to compare with yet
+        self.clock.advance(10)  # nothing received, nothing dropped: no more timer
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        m.wake()  # datagrams again
+        self.counters.received += 5
+        self.proc.socket_drops = 2
+        self.clock.advance(10)
+        self.assertEqual(self.counters.kernel_drops, 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # still busy
+        self.clock.advance(10)  # quiet again
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.proc.socket_drops = 3
+        m.stopService()  # the last partial interval is counted all the same
+        self.assertEqual(self.counters.kernel_drops, 3)
+        # The host-wide counter shows other programs' drops too, traffic or not.
+        self.inodes = ()
+        self.monitor()
+        self.clock.advance(30)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
     def test_stop_counts_the_last_partial_interval(self) -> None:
         m = self.monitor()
         self.proc.host = 4

@@ -548,7 +548,7 @@ class RealSocketTests(TestCase):
         creds = StaticCredentials(Credentials("AKIDTELEMETRYTEST", "secret", None))
 
         def uploader(url: str) -> Uploader:
-            return Uploader(
+            made = Uploader(
                 client=client,
                 endpoint=endpoints.parse(url),
                 region="us-east-1",
@@ -556,6 +556,8 @@ class RealSocketTests(TestCase):
                 clock=reactor,
                 timeout=0.5,
             )
+            self.addCleanup(made.close)
+            return made
 
         # Attempt n of the one batch goes to the n-th of these.
         route = [

@@ -279,6 +279,7 @@ class ProxyFailureTests(ClientTestCase):
             clock=reactor(),
             timeout=0.3,
         )
+        self.addCleanup(uploader.close)
         outcome = await uploader.put_trace_segments([b'{"id":"1"}'])
         assert outcome.error is not None
         self.assertEqual(outcome.error.error_class, "TimeoutCount")
@@ -690,7 +691,7 @@ class UploaderThroughProxyTests(ClientTestCase):
         client: Any  # treq's client; uploader.HTTPClient is a narrower Protocol
         client, pool = make_http(reactor(), settings, env, 2)
         self.addCleanup(pool.closeCachedConnections)
-        return Uploader(
+        uploader = Uploader(
             client=client,
             endpoint=endpoints.parse(server.url()),
             region="us-east-2",
@@ -698,6 +699,8 @@ class UploaderThroughProxyTests(ClientTestCase):
             clock=reactor(),
             timeout=10.0,
         )
+        self.addCleanup(uploader.close)
+        return uploader
 
     async def test_upload_succeeds_through_the_proxy(self) -> None:
         env = {"AWS_CA_BUNDLE": write_ca(self.ca, self.dir)}
@@ -727,3 +730,26 @@ class UploaderThroughProxyTests(ClientTestCase):
         netloc = f"{FAKE_HOST}:{self.server.port}"
         self.assertEqual(outcome.error.message, "TLSError: " + UNTRUSTED.format(netloc=netloc))
         self.assertEqual(self.server.requests, [])
+
+
+class BodyProducerTests(SynchronousTestCase):
+    def test_bytes_are_written_at_once(self) -> None:
+        # treq's default (FileBodyProducer) writes from a cooperator timer, a
+        # turn of the event loop after the headers.
+        from twisted.internet.task import Clock
+
+        from xraytwisted.outbound.http_client import BytesProducer, make_client
+
+        client = make_client(Clock(), HTTPConnectionPool(Clock(), persistent=False))
+        producer = client._data_to_body_producer(b"body")  # what treq does with data=
+        self.assertIsInstance(producer, BytesProducer)
+        self.assertEqual(producer.length, 4)
+        written: list[bytes] = []
+
+        class Consumer:
+            def write(self, data: bytes) -> None:
+                written.append(data)
+
+        d = producer.startProducing(Consumer())
+        self.assertEqual(written, [b"body"])
+        self.assertIsNone(self.successResultOf(d))

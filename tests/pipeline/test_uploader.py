@@ -24,6 +24,7 @@ from xraytwisted.pipeline.uploader import (
     classify_exception,
     classify_response,
     error_code,
+    json_string_content,
     parse_unprocessed,
     trace_segments_body,
 )
@@ -195,6 +196,59 @@ class UploaderTests(SynchronousTestCase):
         self.assertEqual(outcome.error.error_class, "TimeoutCount")
         self.assertTrue(outcome.error.retryable)
 
+    def test_one_timer_watches_every_request_for_its_timeout(self) -> None:
+        # A timer per request would leave a wakeup behind each answered one.
+        scheduled: list[float] = []
+        call_later = self.clock.callLater
+
+        def counting(delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+            scheduled.append(delay)
+            return call_later(delay, f, *args, **kw)
+
+        self.patch(self.clock, "callLater", counting)
+        held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+        stub = self.stub
+
+        class Answered:  # the stub answers at once; a real server a little later
+            def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+                answer: Deferred[Any] = Deferred()
+                held.append((stub.request(method, url, **kwargs), answer))
+                return answer
+
+        self.uploader.client = Answered()
+        for _ in range(5):
+            d = self.uploader.put_trace_segments([b"{}"])
+            self.clock.advance(0.1)
+            for response, answer in held:
+                response.chainDeferred(answer)
+            held.clear()
+            self.stub.flush()
+            self.assertIsNone(self.successResultOf(d).error)
+        self.assertEqual(scheduled, [2.0])
+        self.uploader.client = stub
+        # It still times out what hangs, each request 2 s after it started.
+        self.resource.hang = True
+        self.clock.advance(2.0)  # the first timer runs out: nothing waiting
+        first = self.uploader.put_trace_segments([b"{}"])
+        self.clock.advance(1.0)
+        second = self.uploader.put_trace_segments([b"{}"])
+        self.stub.flush()
+        self.clock.advance(1.0)
+        outcome = self.successResultOf(first)
+        assert outcome.error is not None
+        self.assertEqual(outcome.error.error_class, "TimeoutCount")
+        self.assertNoResult(second)
+        self.clock.advance(1.0)
+        outcome = self.successResultOf(second)
+        assert outcome.error is not None
+        self.assertEqual(outcome.error.error_class, "TimeoutCount")
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing waiting: no timer
+
+    def test_close_forgets_the_timer(self) -> None:
+        self.upload([b"{}"])
+        self.uploader.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_no_credentials_sends_nothing(self) -> None:
         self.uploader = self.make(None)
         outcome = self.upload([b"{}"])
@@ -279,6 +333,47 @@ class PureTests(SynchronousTestCase):
         docs = [(b'{"n":%d}' % i) for i in range(50)]
         parsed = json.loads(trace_segments_body(docs))["TraceSegmentDocuments"]
         self.assertEqual(parsed, [d.decode() for d in docs])
+
+    def test_a_clean_batch_is_escaped_once_not_per_document(self) -> None:
+        from xraytwisted.pipeline import uploader
+
+        def per_document(doc: bytes) -> bytes:
+            raise AssertionError("escaped document by document")
+
+        self.patch(uploader, "json_string_content", per_document)
+        docs = [b'{"id":"%d","q":"a\\"b"}' % i for i in range(50)]
+        parsed = json.loads(trace_segments_body(docs))["TraceSegmentDocuments"]
+        self.assertEqual(parsed, [d.decode() for d in docs])
+
+    def test_body_bytes_are_those_of_the_per_document_encoding(self) -> None:
+        # The body as it was built before batches were escaped as a whole.
+        def old(docs: list[bytes]) -> bytes:
+            if not docs:
+                return b'{"TraceSegmentDocuments":[]}'
+            inner = b'","'.join([json_string_content(doc) for doc in docs])
+            return b'{"TraceSegmentDocuments":["' + inner + b'"]}'
+
+        tricky = [
+            b'{"plain":"json"}',
+            b'quote " and backslash \\ and both \\"',
+            b"nul \x00 inside",
+            b"\x00",
+            b"tab\tnewline\ncr\r\x1f\x7f",
+            b"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+            b"invalid \xff\xfe utf-8 \xc3",
+            b"\\u0000 looks escaped already",
+            b'","',
+            b"",
+        ]
+        batches = [[], *([doc] for doc in tricky), tricky, tricky[:1] * 50]
+        batches += [[clean, dirty] for clean in tricky[:2] for dirty in tricky[2:]]
+        for docs in batches:
+            self.assertEqual(trace_segments_body(docs), old(docs), docs)
+            if docs:
+                self.assertEqual(
+                    json.loads(trace_segments_body(docs))["TraceSegmentDocuments"],
+                    [d.decode("utf-8", "replace") for d in docs],
+                )
 
     def test_parse_unprocessed_tolerates_junk(self) -> None:
         self.assertEqual(parse_unprocessed(b""), ())

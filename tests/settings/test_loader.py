@@ -189,6 +189,7 @@ class GoSampleFileTests(ConfigTestCase):
                 "ShutdownTimeoutSeconds",
                 "Socket.UDPReceiveBufferKB",
                 "Socket.UDPReadIntervalMS",
+                "Socket.UDPReadAdaptive",
                 "Socket.StreamMaxLineKB",
                 "Socket.StreamIdleTimeoutSeconds",
                 "Socket.TCPMaxConnections",
@@ -907,6 +908,10 @@ class ValidateTests(SynchronousTestCase):
             self.assertEqual(resolve({}, {"local_sampling_rate": ok}).local_sampling_rate, ok)
         for bad in (-0.1, 1.5, math.nan):
             self.invalid("Invalid LocalSampling.FixedRate", local_sampling_rate=bad)
+
+    def test_udp_read_adaptive(self) -> None:
+        self.assertTrue(resolve({}, {}).udp_read_adaptive)
+        self.assertFalse(resolve({}, {"udp_read_adaptive": False}).udp_read_adaptive)
 
     def test_proxy_address_needs_a_scheme(self) -> None:
         self.assertEqual(

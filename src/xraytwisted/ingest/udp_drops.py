@@ -18,6 +18,12 @@ Two sources, the better one first:
 
 Both are per network namespace, and are Linux-only: elsewhere the monitor
 reports itself unavailable and does nothing.
+
+With the per-socket counter the monitor sleeps while the daemon receives
+nothing (its socket cannot drop what nobody sends): after a check with no
+new drops and no datagram since the one before, the timer stops, and
+``wake`` (called when the UDP socket turns readable after a quiet spell)
+starts it again.  An idle daemon has one timer fewer waking it.
 """
 
 from __future__ import annotations
@@ -140,6 +146,7 @@ class UdpDropMonitor(Service):
         self._last: Sample | None = None
         self._last_at = 0.0
         self._loop: LoopingCall | None = None
+        self._received: int | None = None  # Counters.received at the last check
         self.error = ""  # why no counters could be read, if so
 
     def watch(self, inodes: Inodes) -> None:
@@ -224,14 +231,34 @@ class UdpDropMonitor(Service):
                 error=self.error or "unknown reason",
             )
             return
-        loop = self._loop = LoopingCall(self.check)
+        self._start()
+
+    def _start(self) -> None:
+        loop = self._loop = LoopingCall(self._tick)
         loop.clock = self._clock
         loop.start(self.interval, now=False)
+
+    def _tick(self) -> None:
+        grew = self.check()
+        received, before = self._counters.received, self._received
+        self._received = received
+        if grew or before is None or received != before:
+            return
+        last = self._last
+        if last is not None and last.source == "socket" and self._loop is not None:
+            self._loop.stop()  # nothing sent to us, nothing dropped: sleep until wake()
+            self._loop = None
+
+    def wake(self) -> None:
+        """Datagrams are coming in again: check every ``interval`` while they do."""
+        if self.running and self._loop is None and self._last is not None:
+            self._start()
 
     def stopService(self) -> None:
         super().stopService()
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.stop()
+        if self._last is not None:
             # Drops since the last tick count too (ingest stops before this).
             self.check()

@@ -455,7 +455,46 @@ def _client(
     # Cached per host name: building a context loads the whole trust store.
     tls = HostnameCachingHTTPSPolicy(TLSPolicy(verify=verify, extra_cas=extra_cas))
     agent = ProxyRoutingAgent(reactor, pool, choose, tls, connect_timeout)
-    return treq.client.HTTPClient(agent, cookiejar=_NoCookies())
+    return treq.client.HTTPClient(
+        agent, cookiejar=_NoCookies(), data_to_body_producer=body_producer
+    )
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory, written in one go.
+
+    treq's default for bytes is a ``FileBodyProducer`` over a ``BytesIO``,
+    which writes from a cooperator task: a timer and an extra event-loop
+    turn per request, with the headers and the body in separate sends.
+    This writes the body from ``startProducing``, in the same turn as the
+    headers, so the transport sends both together.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass  # everything was written at once: nothing left to pause
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def body_producer(data: Any) -> IBodyProducer:
+    """treq's ``data_to_body_producer``: bytes as a ``BytesProducer``, the rest as treq does."""
+    if isinstance(data, bytes):
+        return BytesProducer(data)
+    producer: IBodyProducer = IBodyProducer(data)
+    return producer
 
 
 class _NoCookies(IndexableCookieJar):

@@ -79,6 +79,11 @@ class SegmentBuffer:
         self._counters = counters
         self._batches: deque[Batch] = deque()
         self._open: Batch | None = None  # the batch new documents go to
+        # Set by a reader that let documents wait in the kernel (the UDP
+        # socket read on a timer): the earliest time the documents it offers
+        # now can have arrived.  A batch they open counts its deadline from
+        # then, so waiting in the kernel counts against the 1 s deadline too.
+        self.arrived_since: float | None = None
         self._listener: BufferListener | None = None
         self.queued_docs = 0
         # Producers paused for lack of budget (the TCP segment stream), told
@@ -147,7 +152,8 @@ class SegmentBuffer:
         self.queued_docs += 1
         batch = self._open
         if batch is None:
-            batch = self._open = Batch(self._clock.seconds())
+            since = self.arrived_since
+            batch = self._open = Batch(self._clock.seconds() if since is None else since)
             self._batches.append(batch)
             if self._listener is not None:
                 self._listener.batch_opened(batch)
@@ -158,6 +164,11 @@ class SegmentBuffer:
             if self._listener is not None:
                 self._listener.batch_filled()
         return True
+
+    @property
+    def open_batch(self) -> Batch | None:
+        """The batch new documents go to (None: the next document opens one)."""
+        return self._open
 
     def head(self) -> Batch | None:
         """The oldest waiting batch, without removing it."""
@@ -238,11 +249,6 @@ class SegmentBuffer:
         self.capacity += nbytes
         if self._space_waiters:
             self._space_freed()
-
-    @property
-    def open_batch(self) -> Batch | None:
-        """The batch new documents go to (None: the next document opens one)."""
-        return self._open
 
     def close_batch(self) -> None:
         """The next document starts a new batch (the open one is full by another measure)."""

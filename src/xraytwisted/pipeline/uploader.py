@@ -149,13 +149,23 @@ def json_string_content(doc: bytes) -> bytes:
 
 
 def trace_segments_body(docs: Sequence[bytes]) -> bytes:
-    """The PutTraceSegments JSON body, each document as one JSON string."""
-    inner = b'","'.join([json_string_content(doc) for doc in docs])
-    return (
-        b'{"TraceSegmentDocuments":["' + inner + b'"]}'
-        if docs
-        else (b'{"TraceSegmentDocuments":[]}')
-    )
+    """The PutTraceSegments JSON body, each document as one JSON string.
+
+    Byte for byte what escaping each document with ``json_string_content``
+    gives, but a batch of clean documents (ASCII, no control characters:
+    nearly every batch) is checked and escaped once as a whole.  They are
+    joined with NUL, a control character no clean document contains, which
+    then becomes the '","' between two JSON strings.
+    """
+    if not docs:
+        return b'{"TraceSegmentDocuments":[]}'
+    joined = b"\x00".join(docs)
+    controls = len(joined) - len(joined.translate(None, _CONTROL_BYTES))
+    if controls == len(docs) - 1 and joined.isascii():
+        inner = joined.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\x00", b'","')
+    else:
+        inner = b'","'.join([json_string_content(doc) for doc in docs])
+    return b"".join((b'{"TraceSegmentDocuments":["', inner, b'"]}'))
 
 
 def parse_unprocessed(body: bytes) -> tuple[Unprocessed, ...]:
@@ -312,6 +322,57 @@ class HTTPClient(Protocol):
     def request(self, method: str, url: str | EncodedURL, **kwargs: Any) -> Deferred[Any]: ...
 
 
+class Deadlines:
+    """Cancels requests still waiting after ``timeout`` seconds, with one timer for all.
+
+    ``Deferred.addTimeout`` schedules a timer per request, which the answer
+    cancels; but the reactor removes cancelled timers lazily and still wakes
+    for one at the head of its queue, so every upload left a wakeup behind,
+    ``timeout`` seconds later.  Here one timer waits for the oldest request;
+    when it fires it cancels what is overdue and waits for the next oldest,
+    or stops when nothing is waiting: while uploads run at most one wakeup
+    per ``timeout``, none when idle.  A cancelled request fails with
+    ``CancelledError``, which the uploader reports as a timeout.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self._clock = clock
+        self.timeout = timeout
+        # Insertion order is deadline order: one timeout for all.
+        self._waiting: dict[Deferred[Any], float] = {}
+        self._timer: Any = None
+
+    def watch(self, d: Deferred[Any]) -> None:
+        """Cancel ``d`` unless it has a result within ``timeout`` seconds."""
+        self._waiting[d] = self._clock.seconds() + self.timeout
+        d.addBoth(self._answered, d)
+        if self._timer is None and d in self._waiting:
+            self._timer = self._clock.callLater(self.timeout, self._expire)
+
+    def stop(self) -> None:
+        """Forget the timer (shutdown): the requests left are no longer watched."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._waiting.clear()
+
+    def _answered(self, result: object, d: Deferred[Any]) -> object:
+        self._waiting.pop(d, None)
+        return result
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        for d, deadline in list(self._waiting.items()):
+            if deadline > now + 1e-9:
+                break
+            self._waiting.pop(d, None)
+            d.cancel()
+        if self._waiting:
+            first = next(iter(self._waiting.values()))
+            self._timer = self._clock.callLater(max(0.0, first - now), self._expire)
+
+
 class Uploader:
     """Signs and sends X-Ray API requests to one endpoint."""
 
@@ -334,6 +395,11 @@ class Uploader:
         self.timeout = timeout
         self.user_agent = agent_name or user_agent()
         self._urls: dict[str, FixedURL] = {}  # one per API path
+        self._deadlines = Deadlines(clock, timeout)
+
+    def close(self) -> None:
+        """Stop watching requests for their timeout (the timer may outlive them)."""
+        self._deadlines.stop()
 
     def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
         return self.call("/TraceSegments", trace_segments_body(docs)).addCallback(
@@ -382,7 +448,7 @@ class Uploader:
             allow_redirects=False,
         )
         d.addCallback(self._read, start)
-        d.addTimeout(self.timeout, self.clock)
+        self._deadlines.watch(d)
         d.addErrback(lambda f: Outcome(self.clock.seconds() - start, error=classify_exception(f)))
         return d
 

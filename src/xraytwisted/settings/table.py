@@ -100,10 +100,14 @@ KEYS: tuple[Key, ...] = (
         "Kernel receive buffer (SO_RCVBUF) asked for the UDP socket, in KiB.",
         None, "udp-receive-buffer", go=False, metavar="KB"),
     Key("Socket.UDPReadIntervalMS", "udp_read_interval_ms", "float", 20.0,
-        "While datagrams keep coming, read the UDP socket every this many milliseconds "
-        "rather than on each datagram: less CPU for at most this much added latency; "
-        "0 reads as soon as datagrams arrive.",
+        "While datagrams keep coming, read the UDP socket at most every this many "
+        "milliseconds rather than on each datagram (the shortest pause; with "
+        "Socket.UDPReadAdaptive false, the pause); 0: on every event-loop turn.",
         None, "udp-read-interval", go=False, metavar="MS"),
+    Key("Socket.UDPReadAdaptive", "udp_read_adaptive", "bool", True,
+        "Pause longer between UDP reads when segments come slowly: until a batch is "
+        "expected to be full, within the batch deadline and the receive buffer.",
+        None, "udp-read-adaptive", go=False),
     Key("Socket.StreamMaxLineKB", "stream_max_line_kb", "int", 1024,
         "Longest line accepted on the TCP segment stream, in KiB; a longer line closes "
         "that connection.", None, "stream-max-line", go=False, metavar="KB"),
@@ -221,6 +225,7 @@ class Settings:
     shutdown_timeout: float = 20.0
     udp_receive_buffer_kb: int = 16384
     udp_read_interval_ms: float = 20.0
+    udp_read_adaptive: bool = True
     stream_max_line_kb: int = 1024
     stream_idle_timeout: float = 300.0
     tcp_max_connections: int = 0
