@@ -81,7 +81,7 @@ class Counters:
     batches_failed: int = 0  # upload attempts that failed (each may be retried)
     kernel_drops: int = 0  # datagrams the kernel dropped: receive buffer full
     spooled: int = 0  # documents written to the disk spool
-    replayed: int = 0  # documents read back from the spool for upload
+    replayed: int = 0  # documents read back from the spool and delivered
     stream_connections: int = 0  # TCP segment-stream connections accepted
     tcp_refused: int = 0  # TCP connections closed at once: connection limits reached
     first_received_at: float | None = None  # clock time of the first record

@@ -526,6 +526,9 @@ class Batcher(Service):
         counters.upload_seconds.observe(outcome.seconds)
         unprocessed = outcome.unprocessed
         counters.sent += len(batch) - len(unprocessed)
+        if replay is not None:
+            # Delivered from the spool (a failed probe read it, but did not replay it).
+            counters.replayed += len(batch) - len(unprocessed)
         counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
             if self.destination:
