@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from typing import Any
 
@@ -162,6 +163,46 @@ class ReceiverTests(TestCase):
         self.assertEqual(inflate(two, b"gzip", 1000), b"abcd")
         self.assertRaises(otlp_http.BadBody, inflate, gzip.compress(b"abc")[:-3], b"gzip", 10)
         self.assertRaises(otlp_http.BadBody, inflate, zlib.compress(b"a") + b"x", b"deflate", 10)
+
+    def test_inflate_takes_at_most_64_gzip_members(self) -> None:
+        self.assertEqual(inflate(gzip.compress(b"a") * 64, b"gzip", 1000), b"a" * 64)
+        with self.assertRaises(otlp_http.BadBody) as raised:
+            inflate(gzip.compress(b"a") * 65, b"gzip", 1000)
+        self.assertIn("too many gzip members", str(raised.exception))
+
+    def test_inflate_work_is_linear_in_the_body(self) -> None:
+        # zlib copies what follows a member's end (unused_data): fed the
+        # rest of the body for every member, the work grows with the square
+        # of the body.  Count the bytes given to zlib.
+        fed = [0]
+        real = zlib.decompressobj
+
+        class Counting:
+            def __init__(self, wbits: int) -> None:
+                self._real = real(wbits)
+
+            def decompress(self, data: Any, max_length: int = 0) -> bytes:
+                fed[0] += len(data)
+                return self._real.decompress(data, max_length)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._real, name)
+
+        self.patch(zlib, "decompressobj", Counting)
+        members = [gzip.compress(os.urandom(50_000), 1) for _ in range(64)]
+        data = b"".join(members)
+        self.assertEqual(len(inflate(data, b"gzip", 10**7) or b""), 64 * 50_000)
+        self.assertLessEqual(fed[0], 3 * len(data))  # fed the rest each time: ~32x
+
+    @inlineCallbacks
+    def test_a_body_of_many_gzip_members_is_400(self) -> Any:
+        empty = gzip.compress(b"")
+        response, content = yield self.post(empty * 1000, {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 400)
+        self.assertIn("too many gzip members", self.status_message(content))
+        self.assertEqual(self.counters.refused["bad_data"], 1)
+        response, _ = yield self.post(empty * 64, {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 200)  # an empty request, in 64 members
 
     @inlineCallbacks
     def test_body_over_the_wire_limit_is_refused_as_it_arrives(self) -> Any:

@@ -69,6 +69,12 @@ _INFLATE_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _ENCODINGS = (b"", b"identity", *_INFLATE_WBITS)
 
 
+# Concatenated gzip members accepted in one body (SDKs send one); more is a
+# 400.  Each member costs a decompressor, so this bounds the work per byte.
+MAX_GZIP_MEMBERS = 64
+INFLATE_STEP = 64 * 1024  # input bytes handed to zlib at a time
+
+
 class BadBody(ValueError):
     """A compressed body that does not decompress."""
 
@@ -78,26 +84,42 @@ def inflate(data: bytes, encoding: bytes, limit: int) -> bytes | None:
 
     At most ``limit + 1`` bytes are ever produced, whatever the input claims
     (a gzip bomb costs no more than a large honest body).  Concatenated gzip
-    members are one body, as RFC 1952 says.  Raises BadBody for corrupt or
-    truncated data.
+    members are one body, as RFC 1952 says, up to ``MAX_GZIP_MEMBERS`` of
+    them (an SDK sends one).  The input is fed to zlib in pieces of at most
+    ``INFLATE_STEP`` bytes, so the work is linear in its size: zlib copies
+    what follows the end of a member (``unused_data``), and a body of many
+    tiny members would otherwise copy the rest of the body once per member.
+    Raises BadBody for corrupt or truncated data, or too many members.
     """
     wbits = _INFLATE_WBITS[encoding]
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
     out: list[bytes] = []
     total = 0
+    members = 0
     while True:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise BadBody(
+                f"too many gzip members (more than {MAX_GZIP_MEMBERS} concatenated streams)"
+            )
         unpacker = zlib.decompressobj(wbits)
-        try:
-            chunk = unpacker.decompress(data, limit + 1 - total)
-        except zlib.error as e:
-            raise BadBody(f"bad {encoding.decode()} data: {e}") from None
-        total += len(chunk)
-        out.append(chunk)
-        if total > limit or unpacker.unconsumed_tail:
-            return None
-        if not unpacker.eof:
-            raise BadBody(f"truncated {encoding.decode()} data")
-        data = unpacker.unused_data
-        if not data:
+        while not unpacker.eof:
+            if pos >= end:
+                raise BadBody(f"truncated {encoding.decode()} data")
+            piece = view[pos : pos + INFLATE_STEP]
+            pos += len(piece)
+            try:
+                chunk = unpacker.decompress(piece, limit + 1 - total)
+            except zlib.error as e:
+                raise BadBody(f"bad {encoding.decode()} data: {e}") from None
+            total += len(chunk)
+            out.append(chunk)
+            if total > limit:
+                return None  # (with input left over: unconsumed_tail)
+        pos -= len(unpacker.unused_data)  # the next member starts there
+        if pos >= end:
             return b"".join(out)
         if encoding != b"gzip":
             raise BadBody(f"data after the end of the {encoding.decode()} stream")
