@@ -20,10 +20,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.pipeline.test_otlp_upload import otlp_request
+from tests.support.logs import capture_logs
 from xraytwisted.ingest import otlp_http
 from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpSite, OtlpTracesResource, inflate
 from xraytwisted.listen.bind import bind_tcp
@@ -203,6 +205,33 @@ class ReceiverTests(TestCase):
         self.assertEqual(self.counters.refused["bad_data"], 1)
         response, _ = yield self.post(empty * 64, {**PROTOBUF, "Content-Encoding": "gzip"})
         self.assertEqual(response.code, 200)  # an empty request, in 64 members
+
+    @inlineCallbacks
+    def test_deeply_nested_json_is_400_bad_data(self) -> Any:
+        events = capture_logs(self)
+        response, content = yield self.post(b"[" * 200_000, JSON)
+        self.assertEqual(response.code, 400)
+        self.assertIn("nested too deeply", json.loads(content)["message"])
+        self.assertEqual(self.counters.refused["bad_data"], 1)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+
+    @inlineCallbacks
+    def test_an_error_in_the_receiver_is_a_counted_500_logged_once_per_interval(self) -> Any:
+        def broken(data: bytes) -> Any:
+            raise KeyError("a bug")
+
+        self.patch(otlp_http.otlp_wire, "request_shape", broken)
+        events = capture_logs(self)
+        body = otlp_request("a").SerializeToString()
+        for _ in range(3):
+            response, content = yield self.post(body, PROTOBUF)
+            self.assertEqual(response.code, 500)
+            self.assertIn("internal error", self.status_message(content))
+        self.assertEqual(self.counters.refused["internal_error"], 3)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        logged = [formatEvent(e) for e in events if "answered 500" in formatEvent(e)]
+        self.assertEqual(len(logged), 1)  # throttled: one line per 10 s
+        self.flushLoggedErrors(KeyError)
 
     @inlineCallbacks
     def test_body_over_the_wire_limit_is_refused_as_it_arrives(self) -> Any:

@@ -64,7 +64,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_DEADLINE = 30.0
 
 # HTTP status -> google.rpc.Code for the Status bodies.
-_RPC_CODES = {400: 3, 403: 7, 404: 5, 405: 12, 408: 4, 413: 3, 415: 3, 503: 14}
+_RPC_CODES = {400: 3, 403: 7, 404: 5, 405: 12, 408: 4, 413: 3, 415: 3, 500: 13, 503: 14}
 _INFLATE_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _ENCODINGS = (b"", b"identity", *_INFLATE_WBITS)
 
@@ -165,6 +165,21 @@ class _Refusals:
         self.counters = counters
         self._throttle = Throttle(clock, 10.0)
 
+    def failed(self, peer: str, failure: Failure) -> None:
+        """The receiver raised while handling a request (a bug): count, log throttled."""
+        self.counters.refused["internal_error"] += 1
+        suppressed = self._throttle.check("internal_error")
+        if suppressed is None:
+            return
+        note = f" ({suppressed} more not logged)" if suppressed else ""
+        # An [Error] with the traceback (log.failure would make it [Critical]).
+        self.log.error(
+            "Error while handling an OTLP request from {peer}; answered 500{note}",
+            log_failure=failure,
+            peer=peer,
+            note=note,
+        )
+
     def refused(self, reason: str, peer: str, message: str) -> None:
         self.counters.refused[reason] += 1
         suppressed = self._throttle.check(reason)
@@ -208,6 +223,21 @@ class OtlpTracesResource(Resource):
         self.refusals = refusals or _Refusals(counters, clock)
 
     def render(self, request: Request) -> bytes:
+        try:
+            return self._render(request)
+        except Exception:
+            # A last resort: a request must never cost a Critical traceback
+            # per request (twisted.web's) or more than a counted 500.
+            self.refusals.failed(_peer(request), Failure())
+            message = "internal error in the daemon's OTLP receiver; see the daemon's log"
+            ctype, body = error_answer(_wants_protobuf(request), 500, message)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", ctype)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.responseHeaders.removeHeader(b"retry-after")
+            return b"" if request.method == b"HEAD" else body
+
+    def _render(self, request: Request) -> bytes:
         if request.path != PATH:
             return self._refuse(
                 request, 404, "not_found", "not found: OTLP traces go to /v1/traces"

@@ -111,6 +111,7 @@ OTLP_REFUSALS = (
     "buffer_full",  # 503 + Retry-After: the shared memory budget is spent
     "deadline",  # headers and body did not arrive within the request deadline
     "too_many_connections",  # connection closed at once: the connection cap was reached
+    "internal_error",  # 500: the receiver failed on the request (a bug; logged, throttled)
 )
 
 
