@@ -33,6 +33,7 @@ from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
 from xraytwisted.settings.addresses import Address
+from xraytwisted.tcpport.held import HeldBytes
 
 reactor: Any = _reactor
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -61,8 +62,9 @@ class ReceiverTests(TestCase):
         self.buffer = SpanBuffer(self.segments, self.clock, self.counters.requests)
         self.start(max_body=1_000_000)
 
-    def start(self, max_body: int, max_connections: int = 4) -> None:
+    def start(self, max_body: int, max_connections: int = 4, hold: int | None = None) -> None:
         resource = OtlpTracesResource(self.buffer, self.counters, self.clock, max_body=max_body)
+        extra = {} if hold is None else {"hold": HeldBytes(hold, self.clock)}
         self.site = OtlpSite(
             resource,
             clock=self.clock,
@@ -70,6 +72,7 @@ class ReceiverTests(TestCase):
             deadline=5,
             max_connections=max_connections,
             max_wire_body=max_body + 100,
+            **extra,
         )
         self.service = OtlpHTTPService(reactor, bind_tcp(Address("127.0.0.1", 0)), self.site)
         self.service.startService()
@@ -281,6 +284,49 @@ class ReceiverTests(TestCase):
         self.assertIn("memory buffer is full", self.status_message(content))
         self.assertEqual(self.counters.refused["buffer_full"], 1)
         self.assertEqual(self.counters.spans_received, 0)
+
+    @inlineCallbacks
+    def raw(self, data: bytes) -> Any:
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.service.address.port)
+        yield connectProtocol(endpoint, client)
+        assert client.transport is not None
+        client.transport.write(data)
+        return client
+
+    @inlineCallbacks
+    def test_bodies_still_arriving_are_bounded_by_the_hold(self) -> Any:
+        yield self.service.stopService()
+        self.start(max_body=1_000_000, hold=2500)
+        hold = self.site.hold
+        head = b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+        # A sender announces a body that fits, sends most of it and goes quiet.
+        first = yield self.raw(head + b"Content-Length: 1800\r\n\r\n" + b"\x0a" * 1500)
+        yield self.until(lambda: hold.used == 1500)
+        # Chunked: no length to judge by, refused as its body arrives.
+        second = yield self.raw(
+            head + b"Transfer-Encoding: chunked\r\n\r\n4b0\r\n" + b"\x0a" * 1200 + b"\r\n"
+        )
+        yield second.closed
+        self.assertTrue(second.data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertIn(b"\r\nRetry-After: 2\r\n", second.data)
+        self.assertIn(b"OTLP.HoldMB", second.data)
+        self.assertEqual(hold.used, 1500)
+        # A third announces more than is left: refused before its body.
+        third = yield self.raw(head + b"Content-Length: 1200\r\n\r\n")
+        yield third.closed
+        self.assertTrue(third.data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertEqual(self.counters.refused["hold_full"], 2)
+        self.assertLessEqual(hold.peak, hold.capacity)
+        # The quiet sender leaves: its bytes are given back, and a request fits again.
+        assert first.transport is not None
+        first.transport.loseConnection()
+        yield first.closed
+        yield self.until(lambda: hold.used == 0)
+        body = otlp_request("a").SerializeToString()
+        response, _ = yield self.post(body, PROTOBUF)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(hold.used, 0)  # answered: released
 
     @inlineCallbacks
     def test_request_deadline(self) -> Any:

@@ -109,6 +109,7 @@ OTLP_REFUSALS = (
     "not_found",  # 404: a path other than /v1/traces
     "bad_method",  # 405
     "buffer_full",  # 503 + Retry-After: the shared memory budget is spent
+    "hold_full",  # 503 + Retry-After: bodies still arriving hold OTLP.HoldMB already
     "deadline",  # headers and body did not arrive within the request deadline
     "too_many_connections",  # connection closed at once: the connection cap was reached
     "internal_error",  # 500: the receiver failed on the request (a bug; logged, throttled)
