@@ -415,7 +415,8 @@ class NoLossTests(SynchronousTestCase):
         self.assertEqual(code, 0, notable(first))
         self.assertLess(stopped_in, 5, f"took {stopped_in:.1f}s to stop\n{notable(first)}")
         written = re.search(
-            r"Shutting down with X-Ray not reachable: (\d+) segments were written to the spool",
+            r"Shutting down after \d+ seconds of failed uploads \(.*\): \d+ segments are in "
+            r"the spool \S+ \((\d+) of them written while shutting down\)",
             first.output(),
         )
         self.assertIsNotNone(written, notable(first))

@@ -29,6 +29,7 @@ from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
 from xraytwisted.pipeline.uploader import CredentialSource
 from xraytwisted.settings.table import Settings
+from xraytwisted.tcpport.held import HeldBytes
 
 SPOOL_SUBDIR = "otlp"
 
@@ -104,6 +105,7 @@ def build_bridge(
         idle_timeout=settings.proxy_client_timeout,
         deadline=settings.otlp_request_deadline,
         max_connections=settings.otlp_max_connections,
+        hold=HeldBytes(settings.otlp_hold_mb * 1024 * 1024, reactor),
     )
     return OtlpBridge(
         counters=counters,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -14,11 +15,14 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.buffers import CollectingBuffer
+from tests.support.tempdirs import temp_dir
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.udp import MAX_DATAGRAM, UDPIngestService
 from xraytwisted.listen.bind import bind_udp
 from xraytwisted.observe.counters import Counters
-from xraytwisted.pipeline.buffer import DOC_OVERHEAD
+from xraytwisted.pipeline.batcher import Batcher
+from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
+from xraytwisted.pipeline.spool import Spool
 from xraytwisted.settings.addresses import Address
 
 HEADER = b'{"format":"json","version":1}\n'
@@ -76,6 +80,30 @@ class IngestTests(SynchronousTestCase):
         warnings = [formatEvent(e) for e in events]
         self.assertEqual(len(warnings), 1)
         self.assertIn("Segment dropped", warnings[0])
+
+    def test_a_segment_lost_to_an_unwritable_spool_is_one_line_not_two(self) -> None:
+        # Memory full, the spool's disk full: the batcher counts the segment
+        # as lost and says so; the spillover warning would say it again.
+        def enospc(fd: int, parts: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        body = b'{"id":"0123456789abcdef"}'
+        buffer = SegmentBuffer((len(body) + DOC_OVERHEAD) * 60, self.clock, self.counters)
+        spool = Spool.open(
+            os.path.join(temp_dir(self), "spool"), 1 << 20, self.clock, self.counters
+        )
+        self.addCleanup(spool.close)
+        uploads_hang = lambda docs: Deferred()  # noqa: E731
+        Batcher(buffer, uploads_hang, self.clock, self.counters, concurrency=1, spool=spool)
+        self.patch(os, "writev", enospc)
+        ingest = Ingest(buffer, self.counters, self.clock, warn_interval=10)
+        with capturedLogs() as events:
+            for _ in range(100):
+                ingest.datagram(HEADER + body)
+        self.assertEqual((self.counters.lost, self.counters.spillover), (40, 0))
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual([line for line in lines if "Segment dropped" in line], [])
+        self.assertEqual(len([line for line in lines if "Segment lost" in line]), 1)
 
 
 class UDPTests(TestCase):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from typing import Any
 
@@ -19,10 +20,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.pipeline.test_otlp_upload import otlp_request
+from tests.support.logs import capture_logs
 from xraytwisted.ingest import otlp_http
 from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpSite, OtlpTracesResource, inflate
 from xraytwisted.listen.bind import bind_tcp
@@ -30,6 +33,7 @@ from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
 from xraytwisted.settings.addresses import Address
+from xraytwisted.tcpport.held import HeldBytes
 
 reactor: Any = _reactor
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -58,8 +62,9 @@ class ReceiverTests(TestCase):
         self.buffer = SpanBuffer(self.segments, self.clock, self.counters.requests)
         self.start(max_body=1_000_000)
 
-    def start(self, max_body: int, max_connections: int = 4) -> None:
+    def start(self, max_body: int, max_connections: int = 4, hold: int | None = None) -> None:
         resource = OtlpTracesResource(self.buffer, self.counters, self.clock, max_body=max_body)
+        extra = {} if hold is None else {"hold": HeldBytes(hold, self.clock)}
         self.site = OtlpSite(
             resource,
             clock=self.clock,
@@ -67,6 +72,7 @@ class ReceiverTests(TestCase):
             deadline=5,
             max_connections=max_connections,
             max_wire_body=max_body + 100,
+            **extra,
         )
         self.service = OtlpHTTPService(reactor, bind_tcp(Address("127.0.0.1", 0)), self.site)
         self.service.startService()
@@ -163,6 +169,73 @@ class ReceiverTests(TestCase):
         self.assertRaises(otlp_http.BadBody, inflate, gzip.compress(b"abc")[:-3], b"gzip", 10)
         self.assertRaises(otlp_http.BadBody, inflate, zlib.compress(b"a") + b"x", b"deflate", 10)
 
+    def test_inflate_takes_at_most_64_gzip_members(self) -> None:
+        self.assertEqual(inflate(gzip.compress(b"a") * 64, b"gzip", 1000), b"a" * 64)
+        with self.assertRaises(otlp_http.BadBody) as raised:
+            inflate(gzip.compress(b"a") * 65, b"gzip", 1000)
+        self.assertIn("too many gzip members", str(raised.exception))
+
+    def test_inflate_work_is_linear_in_the_body(self) -> None:
+        # zlib copies what follows a member's end (unused_data): fed the
+        # rest of the body for every member, the work grows with the square
+        # of the body.  Count the bytes given to zlib.
+        fed = [0]
+        real = zlib.decompressobj
+
+        class Counting:
+            def __init__(self, wbits: int) -> None:
+                self._real = real(wbits)
+
+            def decompress(self, data: Any, max_length: int = 0) -> bytes:
+                fed[0] += len(data)
+                return self._real.decompress(data, max_length)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._real, name)
+
+        self.patch(zlib, "decompressobj", Counting)
+        members = [gzip.compress(os.urandom(50_000), 1) for _ in range(64)]
+        data = b"".join(members)
+        self.assertEqual(len(inflate(data, b"gzip", 10**7) or b""), 64 * 50_000)
+        self.assertLessEqual(fed[0], 3 * len(data))  # fed the rest each time: ~32x
+
+    @inlineCallbacks
+    def test_a_body_of_many_gzip_members_is_400(self) -> Any:
+        empty = gzip.compress(b"")
+        response, content = yield self.post(empty * 1000, {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 400)
+        self.assertIn("too many gzip members", self.status_message(content))
+        self.assertEqual(self.counters.refused["bad_data"], 1)
+        response, _ = yield self.post(empty * 64, {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 200)  # an empty request, in 64 members
+
+    @inlineCallbacks
+    def test_deeply_nested_json_is_400_bad_data(self) -> Any:
+        events = capture_logs(self)
+        response, content = yield self.post(b"[" * 200_000, JSON)
+        self.assertEqual(response.code, 400)
+        self.assertIn("nested too deeply", json.loads(content)["message"])
+        self.assertEqual(self.counters.refused["bad_data"], 1)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+
+    @inlineCallbacks
+    def test_an_error_in_the_receiver_is_a_counted_500_logged_once_per_interval(self) -> Any:
+        def broken(data: bytes) -> Any:
+            raise KeyError("a bug")
+
+        self.patch(otlp_http.otlp_wire, "request_shape", broken)
+        events = capture_logs(self)
+        body = otlp_request("a").SerializeToString()
+        for _ in range(3):
+            response, content = yield self.post(body, PROTOBUF)
+            self.assertEqual(response.code, 500)
+            self.assertIn("internal error", self.status_message(content))
+        self.assertEqual(self.counters.refused["internal_error"], 3)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        logged = [formatEvent(e) for e in events if "answered 500" in formatEvent(e)]
+        self.assertEqual(len(logged), 1)  # throttled: one line per 10 s
+        self.flushLoggedErrors(KeyError)
+
     @inlineCallbacks
     def test_body_over_the_wire_limit_is_refused_as_it_arrives(self) -> Any:
         yield self.service.stopService()
@@ -211,6 +284,49 @@ class ReceiverTests(TestCase):
         self.assertIn("memory buffer is full", self.status_message(content))
         self.assertEqual(self.counters.refused["buffer_full"], 1)
         self.assertEqual(self.counters.spans_received, 0)
+
+    @inlineCallbacks
+    def raw(self, data: bytes) -> Any:
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.service.address.port)
+        yield connectProtocol(endpoint, client)
+        assert client.transport is not None
+        client.transport.write(data)
+        return client
+
+    @inlineCallbacks
+    def test_bodies_still_arriving_are_bounded_by_the_hold(self) -> Any:
+        yield self.service.stopService()
+        self.start(max_body=1_000_000, hold=2500)
+        hold = self.site.hold
+        head = b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+        # A sender announces a body that fits, sends most of it and goes quiet.
+        first = yield self.raw(head + b"Content-Length: 1800\r\n\r\n" + b"\x0a" * 1500)
+        yield self.until(lambda: hold.used == 1500)
+        # Chunked: no length to judge by, refused as its body arrives.
+        second = yield self.raw(
+            head + b"Transfer-Encoding: chunked\r\n\r\n4b0\r\n" + b"\x0a" * 1200 + b"\r\n"
+        )
+        yield second.closed
+        self.assertTrue(second.data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertIn(b"\r\nRetry-After: 2\r\n", second.data)
+        self.assertIn(b"OTLP.HoldMB", second.data)
+        self.assertEqual(hold.used, 1500)
+        # A third announces more than is left: refused before its body.
+        third = yield self.raw(head + b"Content-Length: 1200\r\n\r\n")
+        yield third.closed
+        self.assertTrue(third.data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertEqual(self.counters.refused["hold_full"], 2)
+        self.assertLessEqual(hold.peak, hold.capacity)
+        # The quiet sender leaves: its bytes are given back, and a request fits again.
+        assert first.transport is not None
+        first.transport.loseConnection()
+        yield first.closed
+        yield self.until(lambda: hold.used == 0)
+        body = otlp_request("a").SerializeToString()
+        response, _ = yield self.post(body, PROTOBUF)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(hold.used, 0)  # answered: released
 
     @inlineCallbacks
     def test_request_deadline(self) -> Any:

@@ -129,3 +129,9 @@ class JSONShapeTests(SynchronousTestCase):
         ):
             with self.assertRaises(WireError, msg=repr(junk)):
                 json_request_shape(junk)
+
+    def test_absurd_nesting_is_refused_not_a_recursion_error(self) -> None:
+        for deep in (b"[" * 200_000, b'{"a":' * 100_000, b'{"resourceSpans": ' + b"[" * 50_000):
+            with self.assertRaises(WireError) as raised:
+                json_request_shape(deep)
+            self.assertIn("nested too deeply", str(raised.exception))

@@ -207,6 +207,7 @@ class GoSampleFileTests(ConfigTestCase):
                 "OTLP.Gzip",
                 "OTLP.MaxConnections",
                 "OTLP.RequestDeadlineSeconds",
+                "OTLP.HoldMB",
                 "Monitoring.Address",
                 "Monitoring.UnhealthyAfterSeconds",
                 "Monitoring.ShowIdentity",

@@ -21,6 +21,7 @@ from xraytwisted.tcpport.health import (
     Report,
     assess,
     credentials_status,
+    hide_identity,
     monitoring_site,
 )
 from xraytwisted.tcpport.metrics import MetricsResource, make_registry
@@ -332,3 +333,44 @@ class HealthHTTPTests(TestCase):
         shown = self.serve(Site(HealthResource(self.state, show_identity=True))) + "/health"
         code, body = yield self.status(shown)
         self.assertIn("arn:aws:iam::123456789012:role/xray-writer", body["credentials"]["source"])
+
+
+class HideIdentityTests(SynchronousTestCase):
+    HIDDEN = "(hidden: Monitoring.ShowIdentity)"
+
+    def test_identities_are_hidden_wherever_they_are(self) -> None:
+        h = self.HIDDEN
+        table = [
+            ("not authorized for account 123456789012.", f"not authorized for account {h}."),
+            ("account 123456789012, region", f"account {h}, region"),
+            ("(123456789012)", f"({h})"),
+            ("account:123456789012", f"account:{h}"),
+            ("arn:aws:iam::123456789012:role/x is", f"{h} is"),
+            ("arn:aws-cn:sts::123456789012:assumed-role/r/s.", f"{h}."),
+            ("key AKIAIOSFODNN7EXAMPLE.", f"key {h}."),
+            ("key ASIAIOSFODNN7EXAMPLE", f"key {h}"),
+            ("role AROAEXAMPLEID123456", f"role {h}"),
+            ("role AROAEXAMPLEID123456:alice@example.com is", f"role {h} is"),
+            ("user AIDAJQABLZS4A3QDU576Q.", f"user {h}."),
+            ("group AGPAJQABLZS4A3QDU576Q", f"group {h}"),
+            ("policy ANPAJQABLZS4A3QDU576Q", f"policy {h}"),
+            ("profile AIPAJQABLZS4A3QDU576Q", f"profile {h}"),
+        ]
+        for text, expected in table:
+            self.assertEqual(hide_identity(text), expected, text)
+
+    def test_other_numbers_and_words_are_left_alone(self) -> None:
+        for text in (
+            "1234567890123 bytes",  # 13 digits
+            "12345678901 bytes",  # 11 digits
+            "uptime 123456789012.5 s",  # a decimal number
+            "version 1.123456789012",
+            "AROA is a prefix",  # too short to be an id
+            "AKIAshort",
+            "ACCESS DENIED",
+        ):
+            self.assertEqual(hide_identity(text), text, text)
+        document = {"n": 123456789012, "list": ["account 123456789012"]}
+        self.assertEqual(
+            hide_identity(document), {"n": 123456789012, "list": [f"account {self.HIDDEN}"]}
+        )

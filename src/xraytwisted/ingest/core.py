@@ -117,6 +117,8 @@ class Ingest:
         return False
 
     def _buffer_full(self) -> None:
+        if self.buffer.refused_lost:
+            return  # counted as lost, and said so, by the batcher: one line per event
         self._warn(
             "buffer full",
             "Segment dropped: the buffer of {mb} MB is full. "

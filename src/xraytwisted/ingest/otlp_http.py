@@ -51,6 +51,7 @@ from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
+from xraytwisted.tcpport.held import HeldBytes
 
 PATH = b"/v1/traces"
 PROTOBUF = b"application/x-protobuf"
@@ -62,11 +63,18 @@ MAX_WIRE_BODY = MAX_BODY + 64 * 1024
 RETRY_AFTER = 2  # seconds, for 503 buffer full
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_DEADLINE = 30.0
+DEFAULT_HOLD = 16 * 1024 * 1024  # OTLP.HoldMB: bodies still arriving, all connections
 
 # HTTP status -> google.rpc.Code for the Status bodies.
-_RPC_CODES = {400: 3, 403: 7, 404: 5, 405: 12, 408: 4, 413: 3, 415: 3, 503: 14}
+_RPC_CODES = {400: 3, 403: 7, 404: 5, 405: 12, 408: 4, 413: 3, 415: 3, 500: 13, 503: 14}
 _INFLATE_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 _ENCODINGS = (b"", b"identity", *_INFLATE_WBITS)
+
+
+# Concatenated gzip members accepted in one body (SDKs send one); more is a
+# 400.  Each member costs a decompressor, so this bounds the work per byte.
+MAX_GZIP_MEMBERS = 64
+INFLATE_STEP = 64 * 1024  # input bytes handed to zlib at a time
 
 
 class BadBody(ValueError):
@@ -78,26 +86,42 @@ def inflate(data: bytes, encoding: bytes, limit: int) -> bytes | None:
 
     At most ``limit + 1`` bytes are ever produced, whatever the input claims
     (a gzip bomb costs no more than a large honest body).  Concatenated gzip
-    members are one body, as RFC 1952 says.  Raises BadBody for corrupt or
-    truncated data.
+    members are one body, as RFC 1952 says, up to ``MAX_GZIP_MEMBERS`` of
+    them (an SDK sends one).  The input is fed to zlib in pieces of at most
+    ``INFLATE_STEP`` bytes, so the work is linear in its size: zlib copies
+    what follows the end of a member (``unused_data``), and a body of many
+    tiny members would otherwise copy the rest of the body once per member.
+    Raises BadBody for corrupt or truncated data, or too many members.
     """
     wbits = _INFLATE_WBITS[encoding]
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
     out: list[bytes] = []
     total = 0
+    members = 0
     while True:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise BadBody(
+                f"too many gzip members (more than {MAX_GZIP_MEMBERS} concatenated streams)"
+            )
         unpacker = zlib.decompressobj(wbits)
-        try:
-            chunk = unpacker.decompress(data, limit + 1 - total)
-        except zlib.error as e:
-            raise BadBody(f"bad {encoding.decode()} data: {e}") from None
-        total += len(chunk)
-        out.append(chunk)
-        if total > limit or unpacker.unconsumed_tail:
-            return None
-        if not unpacker.eof:
-            raise BadBody(f"truncated {encoding.decode()} data")
-        data = unpacker.unused_data
-        if not data:
+        while not unpacker.eof:
+            if pos >= end:
+                raise BadBody(f"truncated {encoding.decode()} data")
+            piece = view[pos : pos + INFLATE_STEP]
+            pos += len(piece)
+            try:
+                chunk = unpacker.decompress(piece, limit + 1 - total)
+            except zlib.error as e:
+                raise BadBody(f"bad {encoding.decode()} data: {e}") from None
+            total += len(chunk)
+            out.append(chunk)
+            if total > limit:
+                return None  # (with input left over: unconsumed_tail)
+        pos -= len(unpacker.unused_data)  # the next member starts there
+        if pos >= end:
             return b"".join(out)
         if encoding != b"gzip":
             raise BadBody(f"data after the end of the {encoding.decode()} stream")
@@ -143,6 +167,21 @@ class _Refusals:
         self.counters = counters
         self._throttle = Throttle(clock, 10.0)
 
+    def failed(self, peer: str, failure: Failure) -> None:
+        """The receiver raised while handling a request (a bug): count, log throttled."""
+        self.counters.refused["internal_error"] += 1
+        suppressed = self._throttle.check("internal_error")
+        if suppressed is None:
+            return
+        note = f" ({suppressed} more not logged)" if suppressed else ""
+        # An [Error] with the traceback (log.failure would make it [Critical]).
+        self.log.error(
+            "Error while handling an OTLP request from {peer}; answered 500{note}",
+            log_failure=failure,
+            peer=peer,
+            note=note,
+        )
+
     def refused(self, reason: str, peer: str, message: str) -> None:
         self.counters.refused[reason] += 1
         suppressed = self._throttle.check(reason)
@@ -186,6 +225,21 @@ class OtlpTracesResource(Resource):
         self.refusals = refusals or _Refusals(counters, clock)
 
     def render(self, request: Request) -> bytes:
+        try:
+            return self._render(request)
+        except Exception:
+            # A last resort: a request must never cost a Critical traceback
+            # per request (twisted.web's) or more than a counted 500.
+            self.refusals.failed(_peer(request), Failure())
+            message = "internal error in the daemon's OTLP receiver; see the daemon's log"
+            ctype, body = error_answer(_wants_protobuf(request), 500, message)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", ctype)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.responseHeaders.removeHeader(b"retry-after")
+            return b"" if request.method == b"HEAD" else body
+
+    def _render(self, request: Request) -> bytes:
         if request.path != PATH:
             return self._refuse(
                 request, 404, "not_found", "not found: OTLP traces go to /v1/traces"
@@ -292,12 +346,12 @@ class OtlpTracesResource(Resource):
         return b"" if request.method == b"HEAD" else body
 
 
-def _raw_answer(request: Any, status: int, reason: bytes, message: str) -> None:
+def _raw_answer(request: Any, status: int, reason: bytes, message: str, extra: bytes = b"") -> None:
     """Answer on the wire and close: for refusals before twisted.web made a Request of it."""
     ctype, body = error_answer(_wants_protobuf(request), status, message)
     head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        % (status, reason, ctype, len(body))
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close"
+        b"\r\n\r\n" % (status, reason, ctype, len(body), extra)
     )
     channel = request.channel
     if channel is not None and channel.transport is not None:
@@ -306,45 +360,101 @@ def _raw_answer(request: Any, status: int, reason: bytes, message: str) -> None:
 
 
 class _OtlpRequest(Request):
-    """A Request whose body may not exceed the site's ``max_wire_body`` (413 at once)."""
+    """A Request whose body is bounded as it arrives.
 
-    _too_large = False
+    Over the site's ``max_wire_body``: 413 at once.  The bytes of a body
+    still arriving are charged to the site's ``hold`` (``OTLP.HoldMB``, all
+    connections together) until the request is answered or its connection
+    is gone; a body that does not fit, by its Content-Length or as it
+    arrives, is answered 503 with Retry-After (the SDK retries), so senders
+    that go quiet halfway cannot make the daemon hold more than that.
+    """
+
+    _refused = False
     _body_bytes = 0
+    _held = 0
+
+    def _site(self) -> Any:
+        return getattr(self.channel, "site", None)
 
     def _limit(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return int(getattr(site, "max_wire_body", MAX_WIRE_BODY))
+        return int(getattr(self._site(), "max_wire_body", MAX_WIRE_BODY))
+
+    def _hold(self) -> HeldBytes | None:
+        hold = getattr(self._site(), "hold", None)
+        return hold if isinstance(hold, HeldBytes) else None
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()  # in memory: a read-only file system has no temp dir
         if length is not None and length > self._limit():
-            self._refuse()
+            self._refuse_too_large()
+            return
+        hold = self._hold()
+        if length and hold is not None and not hold.fits(length):
+            self._refuse_busy(hold)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
+        if self._refused:
             return
         self._body_bytes += len(data)
         if self._body_bytes > self._limit():
-            self._refuse()
+            self._refuse_too_large()
             return
+        hold = self._hold()
+        if hold is not None:
+            if not hold.fits(len(data)):
+                self._refuse_busy(hold)
+                return
+            hold.charge(len(data))
+            self._held += len(data)
         content = self.content
         assert content is not None  # set by gotLength
         content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._too_large:
+        if self._refused:
             return  # answered already; the connection is closing
         super().requestReceived(command, path, version)
 
-    def _refuse(self) -> None:
-        self._too_large = True
-        site = getattr(self.channel, "site", None)
-        refusals = getattr(site, "refusals", None)
+    def finish(self) -> None:
+        self._release()  # answered: the body is in the span buffer's budget, or refused
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._release()
+        super().connectionLost(reason)
+
+    def _release(self) -> None:
+        held, self._held = self._held, 0
+        hold = self._hold()
+        if held and hold is not None:
+            hold.release(held)
+
+    def _refuse_too_large(self) -> None:
         message = f"request body larger than {self._limit()} bytes (X-Ray takes 5 MB)"
+        self._refuse("too_large", message, 413, b"Request Entity Too Large")
+
+    def _refuse_busy(self, hold: HeldBytes) -> None:
+        message = (
+            f"the daemon already holds {hold.used} bytes of OTLP request bodies still "
+            f"arriving, the most OTLP.HoldMB ({hold.capacity // (1024 * 1024)} MB) allows; "
+            "retry later"
+        )
+        self._refuse(
+            "hold_full", message, 503, b"Service Unavailable", b"Retry-After: %d\r\n" % RETRY_AFTER
+        )
+
+    def _refuse(
+        self, reason: str, message: str, status: int, phrase: bytes, extra: bytes = b""
+    ) -> None:
+        self._refused = True
+        self._release()
+        self.content = BytesIO()  # what arrived is dropped
+        refusals = getattr(self._site(), "refusals", None)
         if isinstance(refusals, _Refusals):
-            refusals.refused("too_large", _peer(self), message)
+            refusals.refused(reason, _peer(self), message)
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
-        _raw_answer(self, 413, b"Request Entity Too Large", message)
+        _raw_answer(self, status, phrase, message, extra)
 
 
 class _OtlpChannel(http.HTTPChannel):
@@ -420,8 +530,11 @@ class OtlpSite(Site):
         deadline: float = DEFAULT_DEADLINE,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_wire_body: int = MAX_WIRE_BODY,
+        hold: HeldBytes | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        # Bytes of bodies still arriving, all connections together (OTLP.HoldMB).
+        self.hold = hold if hold is not None else HeldBytes(DEFAULT_HOLD, clock)
         self.clock = clock
         self.deadline = deadline
         self.max_connections = max_connections

@@ -147,7 +147,11 @@ def partial_success(data: bytes) -> tuple[int, str]:
 def json_request_shape(data: bytes) -> RequestShape:
     """The same for an OTLP/JSON request body (``resourceSpans`` > ``scopeSpans`` > ``spans``)."""
     try:
+        # Python's parser gives up on nesting deeper than the recursion limit
+        # (about a thousand levels) as soon as it gets there: cheap to refuse.
         document = json.loads(data)
+    except RecursionError:
+        raise WireError("not an OTLP request: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise WireError(f"not JSON: {e}") from None
     if not isinstance(document, dict):

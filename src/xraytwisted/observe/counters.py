@@ -81,7 +81,7 @@ class Counters:
     batches_failed: int = 0  # upload attempts that failed (each may be retried)
     kernel_drops: int = 0  # datagrams the kernel dropped: receive buffer full
     spooled: int = 0  # documents written to the disk spool
-    replayed: int = 0  # documents read back from the spool for upload
+    replayed: int = 0  # documents read back from the spool and delivered
     stream_connections: int = 0  # TCP segment-stream connections accepted
     tcp_refused: int = 0  # TCP connections closed at once: connection limits reached
     first_received_at: float | None = None  # clock time of the first record
@@ -109,8 +109,10 @@ OTLP_REFUSALS = (
     "not_found",  # 404: a path other than /v1/traces
     "bad_method",  # 405
     "buffer_full",  # 503 + Retry-After: the shared memory budget is spent
+    "hold_full",  # 503 + Retry-After: bodies still arriving hold OTLP.HoldMB already
     "deadline",  # headers and body did not arrive within the request deadline
     "too_many_connections",  # connection closed at once: the connection cap was reached
+    "internal_error",  # 500: the receiver failed on the request (a bug; logged, throttled)
 )
 
 

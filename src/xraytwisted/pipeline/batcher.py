@@ -139,6 +139,9 @@ class Batcher(Service):
         # Where batches go when not to X-Ray (a local sink file), for the log.
         self.destination = destination
         self._failing_since: float | None = None  # first failure since the last success
+        self._last_error = ""  # what the last failed upload said; "" since a success
+        self._drain_skipped = False  # stopping with everything on disk: no drain was needed
+        self._spooled_at_stop = 0  # counters.spooled when stopping began
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
         self._park_call: IDelayedCall | None = None  # more to write to the spool, next turn
@@ -514,6 +517,7 @@ class Batcher(Service):
             )
         self._failures = 0
         self._failing_since = None
+        self._last_error = ""
         self.credentials_refused = None
         replay = self._replays.pop(batch, None)
         self.limit.succeeded()
@@ -522,6 +526,9 @@ class Batcher(Service):
         counters.upload_seconds.observe(outcome.seconds)
         unprocessed = outcome.unprocessed
         counters.sent += len(batch) - len(unprocessed)
+        if replay is not None:
+            # Delivered from the spool (a failed probe read it, but did not replay it).
+            counters.replayed += len(batch) - len(unprocessed)
         counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
             if self.destination:
@@ -652,6 +659,7 @@ class Batcher(Service):
         # The batch waits by its own attempt count; consecutive failures with
         # no success in between (an outage) also pause everything.
         self._failures += 1
+        self._last_error = error.message
         if self._failing_since is None:
             self._failing_since = self._clock.seconds()
         if replay is not None and replay.untouched(batch) and self.spool is not None:
@@ -728,16 +736,19 @@ class Batcher(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._should_spool(self._clock.seconds()):
-            # X-Ray has been unreachable for a while: do not spend the whole
-            # deadline retrying, put everything on disk for the next start.
-            self._flushing = True
-            self._stopped = Deferred()
-            stopped = self._stopped
-            self._give_up()
-            return stopped
         self._flushing = True
         self._stopped = Deferred()
+        stopped = self._stopped
+        self._spooled_at_stop = self._counters.spooled
+        if self._should_spool(self._clock.seconds()) and self._park_everything():
+            # Uploads have failed for a while and the spool took everything:
+            # do not spend the deadline retrying, the next start sends it.
+            self._drain_skipped = True
+            self._give_up()
+            return stopped
+        # Otherwise send what is held (while uploads fail, one probe at a
+        # time finds out when X-Ray answers again) up to the deadline; what
+        # the spool can take meanwhile goes there.
         waiting = self.waiting_docs
         if waiting:
             self.log.info(
@@ -747,11 +758,33 @@ class Batcher(Service):
             )
         self._deadline = self._clock.callLater(self.shutdown_timeout, self._give_up)
         self._dispatch()
-        stopped = self._stopped
         self._check_stopped()
         if self._cut_short and not stopped.called:
             self._give_up()
         return stopped
+
+    def _park_everything(self) -> bool:
+        """Stopping while spooling: write every batch in memory to the spool.
+
+        True if nothing is left that giving up now could lose: all of it is
+        on disk, and what is in flight is a spool record that stays there.
+        What the spool does not take waits for the drain (False).
+        """
+        spool = self.spool
+        assert spool is not None
+        spool.try_writes_now()  # one write tells whether the disk takes batches again
+        waiting = sorted(self._retries, key=lambda entry: entry[2].started)
+        self._retries.clear()
+        batches = [entry[2] for entry in waiting] + self.buffer.drain()
+        for batch in batches:
+            if not self._park(batch):
+                self._retry(batch, 0.0)
+        if self._retries:
+            return False
+        return all(
+            (replay := self._replays.get(batch)) is not None and replay.untouched(batch)
+            for batch in self.in_flight.values()
+        )
 
     def stop_now(self, why: str) -> None:
         """End the drain at once (a second shutdown signal); now, or as soon as it starts.
@@ -785,7 +818,7 @@ class Batcher(Service):
         self._deadline = None
         self._abandoned = True
         counters = self._counters
-        lost, spooled = counters.lost, counters.spooled
+        lost = counters.lost
         if self.spool is not None:
             self.spool.try_writes_now()  # a last try, even if the disk was refusing
         batches = self.buffer.drain() + [entry[2] for entry in self._retries]
@@ -794,31 +827,51 @@ class Batcher(Service):
             self._keep_or_lose(batch)
         for d in list(self.in_flight):
             d.cancel()  # _finished keeps (spool) or loses them
-        if self.spool is not None:
-            self.spool.flush()
-            self.log.warn(
-                "Shutting down with X-Ray not reachable: {count} segments were written to "
-                "the spool {directory} and will be sent by the next start",
-                count=counters.spooled - spooled,
-                directory=self.spool.directory,
-            )
-        if counters.lost > lost and self.spool is not None:
+        why = self._stop_reason()
+        spool = self.spool
+        if spool is not None:
+            spool.flush()
+            if spool.pending_docs:
+                self.log.warn(
+                    "{why}: {count} segments are in the spool {directory} ({written} of them "
+                    "written while shutting down) and will be sent by the next start",
+                    why=why,
+                    count=spool.pending_docs,
+                    written=counters.spooled - self._spooled_at_stop,
+                    directory=spool.directory,
+                )
+        if counters.lost > lost and spool is not None:
             self.log.error(
-                "Shutting down: {count} segments were not sent and could not be written to the "
+                "{why}: {count} segments were not sent and could not be written to the "
                 "spool {directory} ({error}); they are lost (spool unwritable at shutdown). "
                 "Free space for the spool",
+                why=why,
                 count=counters.lost - lost,
-                directory=self.spool.directory,
-                error=self.spool.unwritable or "unknown error",
+                directory=spool.directory,
+                error=spool.unwritable or "unknown error",
             )
         elif counters.lost > lost:
             self.log.error(
                 "{why}: {count} segments were not sent and are lost",
-                why=self._cut_short
-                or f"Shutdown deadline of {self.shutdown_timeout:g} seconds reached",
+                why=why,
                 count=counters.lost - lost,
             )
         self._check_stopped()
+
+    def _stop_reason(self) -> str:
+        """Why stopping ends with segments not sent, in the words of the last failure."""
+        if self._cut_short:
+            return self._cut_short
+        failure = f"the last upload failed with: {self._last_error}" if self._last_error else ""
+        if self._drain_skipped:
+            since = self._failing_since
+            seconds = self._clock.seconds() - since if since is not None else 0.0
+            return f"Shutting down after {seconds:.0f} seconds of failed uploads" + (
+                f" ({failure})" if failure else ""
+            )
+        return f"Shutdown deadline of {self.shutdown_timeout:g} seconds reached" + (
+            f" ({failure})" if failure else " (uploads did not finish in time)"
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class SegmentBuffer:
         self.arrived_since: float | None = None
         self._listener: BufferListener | None = None
         self.queued_docs = 0
+        self.refused_lost = False  # the last refused document was counted as lost
         # Producers paused for lack of budget (the TCP segment stream), told
         # once when some budget is given back.
         self._space_waiters: list[Callable[[], object]] = []
@@ -145,7 +146,9 @@ class SegmentBuffer:
             # Full: the listener may move waiting batches elsewhere (a disk spool).
             self._listener is None or not self._listener.make_room(cost)
         ):
-            if self._listener is None or not self._listener.refused():
+            # Lost (the listener counted and logged it) or spillover (counted here).
+            self.refused_lost = self._listener is not None and self._listener.refused()
+            if not self.refused_lost:
                 self._counters.spillover += 1
             return False
         self.used += cost

@@ -43,10 +43,12 @@ has the measurements).
 
 Every document appended ends in exactly one of: acknowledged, or counted as
 lost (oldest data dropped when the spool is full, corruption found on
-disk).  The spool counts (``Counters.spooled``, ``replayed``, ``lost``) and
-logs those itself.  A batch that cannot be written (disk full, no file
-descriptors left, an I/O error) is not appended at all: ``append`` raises
-``SpoolWriteError`` and the batch stays its caller's.  The spool then says
+disk).  The spool counts (``Counters.spooled``, ``lost``) and logs those
+itself; ``replayed`` is counted by whoever delivers what ``take`` handed out
+(the batcher), so a batch read again by every failed probe counts once.
+A batch that cannot be written (disk full, no file descriptors left, an
+I/O error) is not appended at all: ``append`` raises ``SpoolWriteError``
+and the batch stays its caller's.  The spool then says
 once that it is unwritable and refuses further writes without touching the
 disk until ``write_retry_at``; the next write after that is the probe
 (backing off from ``PROBE_MIN`` to ``PROBE_MAX`` seconds while it fails).
@@ -827,7 +829,6 @@ class Spool:
                 continue
             f.outstanding[offset] = (entry[0], entry[1], True)
             self.in_flight_docs += entry[0]
-            self._counters.replayed += entry[0]
             return batch
         while True:
             # Files before the first one with unread records are only waiting
@@ -849,7 +850,6 @@ class Spool:
                 continue
             f.outstanding[offset] = (len(batch.docs), batch.nbytes, True)
             self.in_flight_docs += len(batch.docs)
-            self._counters.replayed += len(batch.docs)
             return batch
 
     def _read(self, f: _File, offset: int) -> SpooledBatch | None:

@@ -39,6 +39,8 @@ from xraytwisted.tcpport import operations
 # Where the Go daemon looks when no -c is given (its third, repository-
 # relative path is a build artefact and is not searched here).
 SEARCH_PATHS = ("/etc/amazon/xray/cfg.yaml", "cfg.yaml")
+# OTLP.HoldMB must fit the largest body on the wire (5 MB plus gzip's overhead).
+MIN_OTLP_HOLD_MB = 5
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +155,13 @@ def validate(s: Settings) -> None:
             raise _invalid(attr, getattr(s, attr), "must be at least 1")
     if s.otlp_max_connections < 1:
         raise _invalid("otlp_max_connections", s.otlp_max_connections, "must be at least 1")
+    if s.otlp_hold_mb < MIN_OTLP_HOLD_MB:
+        raise _invalid(
+            "otlp_hold_mb",
+            s.otlp_hold_mb,
+            f"must be at least {MIN_OTLP_HOLD_MB}: room for one of the largest bodies "
+            "X-Ray takes (5 MB)",
+        )
     for attr in ("tcp_max_connections", "tcp_max_connections_per_peer", "tcp_hold_kb"):
         if getattr(s, attr) < 0:
             raise _invalid(attr, getattr(s, attr), "must be 0 (automatic) or more")

@@ -166,6 +166,10 @@ KEYS: tuple[Key, ...] = (
     Key("OTLP.RequestDeadlineSeconds", "otlp_request_deadline", "float", 30.0,
         "Seconds an OTLP/HTTP request's headers and body may take to arrive (then 408).",
         None, "otlp-request-deadline", go=False, metavar="SECONDS"),
+    Key("OTLP.HoldMB", "otlp_hold_mb", "int", 16,
+        "MiB of OTLP/HTTP request bodies still arriving that the daemon holds, all "
+        "connections together (more: HTTP 503); at least 5, one largest body.",
+        None, "otlp-hold", go=False, metavar="MB"),
     Key("Monitoring.Address", "monitoring_address", "str", "",
         "Also serve /health and /metrics on this address (always served on the TCP port).",
         None, "monitoring-address", go=False, metavar="ADDR"),
@@ -243,6 +247,7 @@ class Settings:
     otlp_gzip: bool = True
     otlp_max_connections: int = 64
     otlp_request_deadline: float = 30.0
+    otlp_hold_mb: int = 16
     monitoring_address: str = ""
     unhealthy_after: float = 120.0
     monitoring_show_identity: bool = False

@@ -42,15 +42,24 @@ CredentialsStatus = Callable[[], "tuple[bool, str]"]
 
 MAX_BODY = 4096  # bytes of request body the monitoring listener accepts
 
+# IAM unique id prefixes: access keys (AKIA, ASIA), users (AIDA), roles
+# (AROA), groups (AGPA), managed policies (ANPA) and their versions (ANVA),
+# instance profiles (AIPA), certificates (ASCA), public keys (APKA),
+# bearer tokens (ABIA), context credentials (ACCA).  A role's id may be
+# followed by ":session-name", which names the caller: hidden too.
 _IDENTITY = re.compile(
-    r"arn:aws[a-z-]*:[^\s\"',;()\[\]]*"  # an ARN
-    r"|\b(?:AKIA|ASIA)[A-Z0-9]{12,}\b"  # an access key id
-    r"|(?<![\d.])\d{12}(?![\d.])"  # an account id (not part of a longer number)
+    r"arn:aws[a-z-]*:[^\s\"',;()\[\]]*(?<!\.)"  # an ARN (not a full stop after it)
+    r"|\bA(?:KIA|SIA|IDA|ROA|GPA|NPA|NVA|IPA|SCA|PKA|BIA|CCA)[A-Z0-9]{12,}\b"
+    r"(?::[\w+=,.@-]+(?<!\.))?"
+    # An account id: 12 digits, not part of a longer number (a decimal
+    # point between digits continues a number; a full stop ending a
+    # sentence does not).
+    r"|(?<!\d)(?<!\d\.)\d{12}(?!\d)(?!\.\d)"
 )
 
 
 def hide_identity(value: Any) -> Any:
-    """``value`` (a JSON document) with ARNs, account ids and access key ids replaced."""
+    """``value`` (a JSON document) with ARNs, account ids, access key and principal ids replaced."""
     if isinstance(value, str):
         return _IDENTITY.sub("(hidden: Monitoring.ShowIdentity)", value)
     if isinstance(value, dict):

@@ -67,7 +67,7 @@ _SIMPLE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("segments_lost", "lost",
      "Accepted segments given up on (shutdown deadline reached, spool full)."),
     ("segments_spooled", "spooled", "Segments written to the disk spool."),
-    ("segments_replayed", "replayed", "Segments read back from the disk spool for upload."),
+    ("segments_replayed", "replayed", "Segments read back from the disk spool and delivered."),
     ("received_bytes", "received_bytes", "Bytes of segment records received."),
     ("sent_bytes", "sent_bytes", "Bytes of segment documents in successful uploads."),
     ("stream_connections", "stream_connections", "TCP segment-stream connections accepted."),
@@ -255,7 +255,8 @@ _OTLP_REQUEST_COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Accepted OTLP requests given up on (shutdown deadline reached, spool full)."),
     ("otlp_requests_retried", "retried", "OTLP requests sent again after a failed upload."),
     ("otlp_requests_spooled", "spooled", "OTLP requests written to the disk spool."),
-    ("otlp_requests_replayed", "replayed", "OTLP requests read back from the disk spool."),
+    ("otlp_requests_replayed", "replayed",
+     "OTLP requests read back from the disk spool and delivered."),
 )  # fmt: skip
 
 
