@@ -317,7 +317,9 @@ class TwistdProcessTests(SynchronousTestCase):
         pid = int(pidfile.read_text())
         try:
             deadline = time.monotonic() + 20
-            while "Listening on UDP" not in _read(logfile) and time.monotonic() < deadline:
+            # The credentials line comes from the running reactor, so our
+            # signal handlers (installed once it runs) are in place by then.
+            while "Using AWS credentials" not in _read(logfile) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.assertIn("Listening on UDP", _read(logfile))
             os.kill(pid, 0)  # running

@@ -814,6 +814,7 @@ class MotoTests(TestCase):
             clock=reactor,
             timeout=5,
         )
+        self.addCleanup(uploader.close)
         batcher = Batcher(buffer, uploader.put_trace_segments, reactor, counters, concurrency=2)
         batcher.startService()
         self.addCleanup(batcher.stopService)
