@@ -247,3 +247,36 @@ class AdaptiveTests(SynchronousTestCase):
         self.paced(h, 4000, 1)
         self.assertEqual(len(h.seen), 4000)
         self.assertTrue(all(p >= 0.05 for p in h.clock.scheduled))
+
+
+class DatagramSocketTests(SynchronousTestCase):
+    """The bound socket is watched through IReactorFDSet, not a patched Twisted port."""
+
+    def test_reading_registers_with_the_reactor(self) -> None:
+        import socket as socket_module
+
+        from twisted.internet.interfaces import IReadDescriptor
+        from twisted.internet.protocol import DatagramProtocol
+        from twisted.internet.testing import MemoryReactor
+        from zope.interface.verify import verifyObject
+
+        from xraytwisted.ingest.udp import DatagramSocket
+
+        reactor = MemoryReactor()
+        sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        port = DatagramSocket(reactor, sock, DatagramProtocol())
+        self.assertTrue(verifyObject(IReadDescriptor, port))
+        self.assertEqual(port.fileno(), sock.fileno())
+        port.startReading()
+        port.startReading()
+        self.assertEqual(reactor.getReaders(), [port])
+        port.stopReading()
+        self.assertEqual(reactor.getReaders(), [])
+        port.startReading()
+        port.stopListening()
+        self.assertEqual(reactor.getReaders(), [])
+        self.assertEqual(sock.fileno(), -1)
+        port.startReading()  # a closed socket is never watched again
+        self.assertEqual(reactor.getReaders(), [])

@@ -37,8 +37,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.listen.adopted_port import AdoptedPortService
@@ -81,6 +84,53 @@ class UDPIngest(DatagramProtocol):
         # The port calls datagramReceived(data, addr) for every segment; going
         # straight to the ingest core saves a Python call on the hot path.
         self.datagramReceived = ingest.datagram  # type: ignore[method-assign,assignment]
+
+
+@implementer(IReadDescriptor)
+class DatagramSocket:
+    """The UDP socket bound at startup, watched through the reactor's public FD set.
+
+    Twisted's own datagram port reads one datagram per readable event; the
+    coalescing reader needs to decide itself when to read and when to ask
+    the reactor to watch the socket again.  Instead of replacing the doRead
+    of an adopted Twisted port, the daemon owns the socket and registers this
+    descriptor with ``IReactorFDSet.addReader``/``removeReader``.
+    """
+
+    def __init__(self, reactor: Any, sock: socket.socket, protocol: DatagramProtocol) -> None:
+        sock.setblocking(False)
+        self._reactor = reactor
+        self.socket = sock
+        self.protocol = protocol
+        self.reading = False
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "UDPIngest"
+
+    def doRead(self) -> None:
+        """Replaced by the CoalescingReader that reads this socket."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor gives up on a descriptor it cannot watch any more.
+        self.reading = False
+        self.socket.close()
+
+    def startReading(self) -> None:
+        if not self.reading and self.socket.fileno() >= 0:
+            self._reactor.addReader(self)
+            self.reading = True
+
+    def stopReading(self) -> None:
+        if self.reading:
+            self._reactor.removeReader(self)
+            self.reading = False
+
+    def stopListening(self) -> None:
+        self.stopReading()
+        self.socket.close()
 
 
 class CoalescingReader:
@@ -256,9 +306,8 @@ class UDPIngestService(AdoptedPortService):
         self.on_readable: Callable[[], object] | None = None
 
     def adopt(self, sock: socket.socket) -> Any:
-        port = self._reactor.adoptDatagramPort(
-            sock.fileno(), sock.family, self.protocol, maxPacketSize=MAX_DATAGRAM
-        )
+        # A duplicate: the service closes the socket it was given once adopted.
+        port = DatagramSocket(self._reactor, sock.dup(), self.protocol)
         self.receive_buffer = receive_buffer_size(sock)
         self.reader = CoalescingReader(
             self._reactor,
@@ -269,6 +318,7 @@ class UDPIngestService(AdoptedPortService):
             receive_buffer=self.receive_buffer,
             on_readable=self.on_readable,
         )
+        port.startReading()
         return port
 
     def listening(self) -> None:
