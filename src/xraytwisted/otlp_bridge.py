@@ -24,7 +24,7 @@ from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSpanSink
-from xraytwisted.pipeline.otlp_batches import SpanBatcher, SpanBuffer, SpanSpool
+from xraytwisted.pipeline.otlp_batches import SpanBatcher, SpanBuffer, SpanSpool, SpanTally
 from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
 from xraytwisted.pipeline.uploader import CredentialSource
@@ -61,6 +61,8 @@ def build_bridge(
     With ``sink`` (``--local-sink``) spans are written there instead of uploaded.
     """
     counters = OtlpCounters()
+    # Spans spooled, replayed and lost, where the batcher and spool count requests.
+    tally = SpanTally(counters)
     buffer = SpanBuffer(segment_buffer, reactor, counters.requests)
     uploader = None
     if sink is None:
@@ -87,6 +89,7 @@ def build_bridge(
             settings.spool_max_mb * 1024 * 1024,
             reactor,
             counters.requests,
+            tally=tally,
         )
     batcher = SpanBatcher(
         buffer,
@@ -98,6 +101,7 @@ def build_bridge(
         spool=spool,
         spool_after=settings.spool_after,
         destination=destination,
+        tally=tally,
     )
     site = OtlpSite(
         OtlpTracesResource(buffer, counters, reactor),

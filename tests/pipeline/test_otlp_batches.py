@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.pipeline.test_batcher import FakeUploads
 from tests.support.logs import capture_logs
-from xraytwisted.observe.counters import Counters
+from tests.support.tempdirs import temp_path
+from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import (
     FRAME,
@@ -16,11 +19,14 @@ from xraytwisted.pipeline.otlp_batches import (
     KIND_PROTOBUF,
     SpanBatcher,
     SpanBuffer,
+    SpanSpool,
+    SpanTally,
     frame,
     reword,
     spans_in,
     unframe,
 )
+from xraytwisted.pipeline.spool import HEADER_SIZE
 from xraytwisted.pipeline.uploader import Outcome, UploadError
 
 OUTAGE = UploadError("HTTPCode5XXCount", True, False, "HTTP 503 ServiceUnavailableException", 503)
@@ -164,3 +170,187 @@ class SpanBatcherTests(SynchronousTestCase):
             reword("wrote {count} waiting segments; Sending segment batch failed"),
             "wrote {count} waiting OTLP requests; Sending OTLP batch failed",
         )
+
+
+def requests(*spans: int) -> list[bytes]:
+    """A batch of OTLP requests of these span counts, 100 body bytes each."""
+    return [request(n) for n in spans]
+
+
+RECORD = HEADER_SIZE + 2 * (4 + FRAME.size + 100)  # one spooled batch of two requests
+
+
+class SpanTallyTests(SynchronousTestCase):
+    def test_describe(self) -> None:
+        tally = SpanTally(OtlpCounters())
+        self.assertEqual(tally.describe(0, 0, 0), "")
+        self.assertEqual(tally.describe(3, 120, 0), " (120 spans)")
+        self.assertEqual(tally.describe(3, 0, 3), " (an unknown number of spans)")
+        self.assertEqual(
+            tally.describe(3, 40, 1), " (40 spans, and those of 1 more whose spans are not known)"
+        )
+
+
+class SpanSpoolTallyTests(SynchronousTestCase):
+    """Spans spooled and lost inside the span spool: known for this run's files."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.join(temp_path(self), "otlp")
+        self.clock = Clock()
+        self.counters = OtlpCounters()
+        self.spools: list[SpanSpool] = []
+
+    def tearDown(self) -> None:
+        for spool in self.spools:
+            spool.close()
+
+    def open(self, max_bytes: int = 10_000_000, file_bytes: int = 2 * RECORD) -> SpanSpool:
+        spool = SpanSpool.open(
+            self.dir,
+            max_bytes,
+            self.clock,
+            self.counters.requests,
+            file_bytes=file_bytes,
+            tally=SpanTally(self.counters),
+        )
+        assert isinstance(spool, SpanSpool)
+        self.spools.append(spool)
+        return spool
+
+    def test_a_full_spool_drops_a_file_of_this_run_counting_its_spans(self) -> None:
+        spool = self.open(max_bytes=4 * RECORD)
+        spool.append(requests(1, 2))  # file 1
+        spool.append(requests(3, 4))
+        spool.append(requests(5, 6))  # file 2
+        spool.append(requests(7, 8))
+        self.assertEqual((self.counters.spans_spooled, self.counters.requests.spooled), (36, 8))
+        flying = spool.take()  # the first record of file 1: out, not on disk to lose
+        assert flying is not None
+        events = capture_logs(self)
+        spool.append(requests(9, 10))  # drops file 1
+        self.assertEqual(self.counters.requests.lost, 2)
+        self.assertEqual(
+            (self.counters.spans_lost, self.counters.lost_requests_spans_unknown), (7, 0)
+        )
+        text = [formatEvent(e) for e in events]
+        self.assertTrue(any("with 2 OTLP requests (7 spans) not yet sent" in t for t in text), text)
+        # The one that was out comes back unsent: its file is gone, so it is lost too.
+        self.assertEqual(spool.release(flying), 2)
+        self.assertEqual((self.counters.requests.lost, self.counters.spans_lost), (4, 10))
+
+    def test_a_released_batch_counts_again_when_its_file_is_dropped(self) -> None:
+        spool = self.open(max_bytes=4 * RECORD)
+        for pair in ((1, 1), (2, 2), (3, 3), (4, 4)):
+            spool.append(requests(*pair))
+        out = spool.take()
+        assert out is not None
+        spool.release(out)  # back on disk: a drop loses it
+        spool.append(requests(5, 5))
+        self.assertEqual(self.counters.spans_lost, 6)
+
+    def test_spans_of_a_file_from_an_earlier_run_are_unknown(self) -> None:
+        spool = self.open(file_bytes=RECORD)
+        for pair in ((1, 1), (2, 2), (3, 3)):
+            spool.append(requests(*pair))
+        spool.close()
+        events = capture_logs(self)
+        self.open(max_bytes=2 * RECORD, file_bytes=RECORD)  # room for two: drops the oldest
+        self.assertEqual(self.counters.requests.lost, 2)
+        self.assertEqual(
+            (self.counters.spans_lost, self.counters.lost_requests_spans_unknown), (0, 2)
+        )
+        text = [formatEvent(e) for e in events]
+        self.assertTrue(
+            any("with 2 OTLP requests (an unknown number of spans) not yet" in t for t in text),
+            text,
+        )
+
+    def test_a_corrupt_record_has_unknown_spans_and_so_has_its_file_after(self) -> None:
+        spool = self.open(max_bytes=5 * RECORD, file_bytes=3 * RECORD)
+        for pair in ((1, 2), (3, 4), (5, 6)):  # file 1
+            spool.append(requests(*pair))
+        (name,) = [n for n in os.listdir(self.dir) if n.endswith(".xsp")]
+        with open(os.path.join(self.dir, name), "r+b") as f:
+            f.seek(HEADER_SIZE + 20)  # inside the first record's payload
+            f.write(b"\xff")
+        capture_logs(self)
+        second = spool.take()  # the first record is skipped as corrupt
+        assert second is not None
+        self.assertEqual(second.docs, requests(3, 4))
+        spool.ack(second)
+        self.assertEqual(self.counters.lost_requests_spans_unknown, 2)
+        spool.append(requests(7, 8))  # file 2
+        spool.append(requests(9, 9))
+        spool.append(requests(1, 1))  # drops file 1: its weight was lost with the record
+        self.assertEqual(self.counters.requests.lost, 4)
+        self.assertEqual(
+            (self.counters.spans_lost, self.counters.lost_requests_spans_unknown), (0, 4)
+        )
+
+
+class SpanBatcherTallyTests(SynchronousTestCase):
+    """The span batcher counts the spans of what it spools, replays and loses."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.counters = OtlpCounters()
+        self.tally = SpanTally(self.counters)
+        self.segments = SegmentBuffer(100_000, self.clock, Counters())
+        self.buffer = SpanBuffer(self.segments, self.clock, self.counters.requests)
+        self.uploads = FakeUploads()
+
+    def batcher(self, spool: SpanSpool | None = None) -> SpanBatcher:
+        batcher = SpanBatcher(
+            self.buffer,
+            self.uploads,
+            self.clock,
+            self.counters.requests,
+            shutdown_timeout=5.0,
+            spool=spool,
+            spool_after=10.0,
+            tally=self.tally,
+        )
+        batcher.startService()
+        return batcher
+
+    def test_the_shutdown_deadline_loses_spans_and_says_how_many(self) -> None:
+        batcher = self.batcher()
+        for doc in requests(3, 4):
+            self.buffer.offer(doc)
+        self.clock.advance(1.0)  # in flight, never answered
+        self.buffer.offer(request(5))  # waiting in the buffer
+        events = capture_logs(self)
+        stopped = batcher.stopService()
+        self.clock.advance(5.0)
+        self.successResultOf(stopped)
+        self.assertEqual((self.counters.requests.lost, self.counters.spans_lost), (3, 12))
+        text = [formatEvent(e) for e in events]
+        self.assertTrue(
+            any(t.endswith("3 OTLP requests (12 spans) were not sent and are lost") for t in text),
+            text,
+        )
+
+    def test_spooled_and_replayed_spans(self) -> None:
+        spool = SpanSpool.open(
+            os.path.join(temp_path(self), "otlp"),
+            10_000_000,
+            self.clock,
+            self.counters.requests,
+            tally=self.tally,
+        )
+        self.addCleanup(spool.close)
+        self.batcher(spool)
+        capture_logs(self)
+        for doc in requests(3, 4):
+            self.buffer.offer(doc)
+        self.clock.advance(1.0)
+        self.uploads.finish(0, Outcome(0.1, error=OUTAGE))
+        self.clock.advance(11.0)  # failing for spool_after: the batch goes to disk
+        self.assertEqual((self.counters.requests.spooled, self.counters.spans_spooled), (2, 7))
+        # The probe reads it back; X-Ray answers again.
+        ((probe, _),) = self.uploads.pending()
+        self.assertEqual(probe, requests(3, 4))
+        self.uploads.finish(len(self.uploads.calls) - 1, Outcome(0.1))
+        self.assertEqual((self.counters.requests.replayed, self.counters.spans_replayed), (2, 7))
+        self.assertEqual((self.counters.spans_lost, spool.pending_docs), (0, 0))

@@ -130,5 +130,13 @@ class OtlpCounters:
     spans_received: int = 0  # spans in those requests
     spans_sent: int = 0  # spans X-Ray accepted
     spans_rejected: int = 0  # spans X-Ray refused (partial success, or a refused request)
+    # Spans of accepted requests given up on (shutdown deadline, spool full, ...).  A
+    # request lost inside the spool whose spans the daemon cannot know (in a file from an
+    # earlier run, or in a corrupt record) is counted in lost_requests_spans_unknown
+    # instead: requests.lost counts both.
+    spans_lost: int = 0
+    lost_requests_spans_unknown: int = 0
+    spans_spooled: int = 0  # spans of the requests written to the disk spool
+    spans_replayed: int = 0  # spans of requests read back from the spool and delivered
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OTLP_REFUSALS, 0))
     requests: Counters = field(default_factory=Counters)

@@ -39,7 +39,7 @@ from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle, printable, suppressed_note
 from xraytwisted.pipeline.backoff import ConcurrencyLimit, full_jitter
 from xraytwisted.pipeline.buffer import Batch, SegmentBuffer
-from xraytwisted.pipeline.spool import Spool, SpooledBatch, SpoolWriteError
+from xraytwisted.pipeline.spool import Spool, SpooledBatch, SpoolWriteError, Tally
 from xraytwisted.pipeline.uploader import (
     CONTENT_CODES,
     THROTTLING_CODES,
@@ -111,8 +111,12 @@ class Batcher(Service):
         spool: Spool | None = None,
         spool_after: float = 10.0,
         destination: str = "",
+        tally: Tally | None = None,
     ) -> None:
         self.buffer = buffer
+        # What documents weigh besides being counted (the span batcher: spans), on the
+        # rare paths only: lost and replayed batches.
+        self.tally = tally
         self._send_docs = send
         self._clock = clock
         self._counters = counters
@@ -145,6 +149,8 @@ class Batcher(Service):
         self._spooling = False  # failing for spool_after: batches are parked on disk
         self._replays: dict[Batch, _Replay] = {}  # batches with documents of a spool record
         self._park_call: IDelayedCall | None = None  # more to write to the spool, next turn
+        # With a tally: [documents, their weight] that _lose gave up on, for the log.
+        self._lost_weighed = [0, 0]
         # What X-Ray said when it last refused the credentials; None since a success.
         self.credentials_refused: str | None = None
         buffer.attach(self)
@@ -217,6 +223,8 @@ class Batcher(Service):
         if spool is None or spool.unwritable is None:
             return False
         self._counters.lost += 1
+        if self.tally is not None:
+            self.tally.lost(1, None)  # the buffer did not say which document
         suppressed = self._error_throttle.check("memory full: spool unwritable")
         if suppressed is not None:
             self.log.error(
@@ -529,6 +537,11 @@ class Batcher(Service):
         if replay is not None:
             # Delivered from the spool (a failed probe read it, but did not replay it).
             counters.replayed += len(batch) - len(unprocessed)
+            if self.tally is not None:
+                # The span uploader never reports unprocessed documents (a partial
+                # success is per span, counted there); for others they are taken out.
+                returned = [doc for _, doc in match_unprocessed(batch.docs, unprocessed) if doc]
+                self.tally.replayed(self.tally.weigh(batch.docs) - self.tally.weigh(returned))
         counters.sent_bytes += sum(map(len, batch.docs))
         if not unprocessed:
             if self.destination:
@@ -705,6 +718,11 @@ class Batcher(Service):
 
     def _lose(self, batch: Batch) -> None:
         self._counters.lost += len(batch)
+        if self.tally is not None:
+            weight = self.tally.weigh(batch.docs)
+            self.tally.lost(len(batch), weight)
+            self._lost_weighed[0] += len(batch)
+            self._lost_weighed[1] += weight
         self.buffer.release(batch)
 
     def _keep_or_lose(self, batch: Batch) -> None:
@@ -819,6 +837,7 @@ class Batcher(Service):
         self._abandoned = True
         counters = self._counters
         lost = counters.lost
+        lost_docs, lost_weight = self._lost_weighed
         if self.spool is not None:
             self.spool.try_writes_now()  # a last try, even if the disk was refusing
         batches = self.buffer.drain() + [entry[2] for entry in self._retries]
@@ -840,21 +859,31 @@ class Batcher(Service):
                     written=counters.spooled - self._spooled_at_stop,
                     directory=spool.directory,
                 )
-        if counters.lost > lost and spool is not None:
+        count = counters.lost - lost
+        weighed = ""
+        if self.tally is not None and count:
+            # Lost here, weighed by _lose; anything else is what the spool dropped
+            # meanwhile, of its own files (and said so).
+            weighed_docs = self._lost_weighed[0] - lost_docs
+            weight = self._lost_weighed[1] - lost_weight
+            weighed = self.tally.describe(count, weight, count - weighed_docs)
+        if count and spool is not None:
             self.log.error(
-                "{why}: {count} segments were not sent and could not be written to the "
-                "spool {directory} ({error}); they are lost (spool unwritable at shutdown). "
-                "Free space for the spool",
+                "{why}: {count} segments{weighed} were not sent and could not be written to "
+                "the spool {directory} ({error}); they are lost (spool unwritable at "
+                "shutdown). Free space for the spool",
                 why=why,
-                count=counters.lost - lost,
+                count=count,
+                weighed=weighed,
                 directory=spool.directory,
                 error=spool.unwritable or "unknown error",
             )
-        elif counters.lost > lost:
+        elif count:
             self.log.error(
-                "{why}: {count} segments were not sent and are lost",
+                "{why}: {count} segments{weighed} were not sent and are lost",
                 why=why,
-                count=counters.lost - lost,
+                count=count,
+                weighed=weighed,
             )
         self._check_stopped()
 

@@ -10,7 +10,17 @@ to know without parsing it again::
     the request body, exactly as received (decompressed)
 
 The frame travels through the spool unchanged, so a replayed batch still
-knows its API, its content type and its span count.
+knows its API, its content type and its span count.  Every span spool
+record ever written holds frames, so no record lacks the count.
+
+``SpanTally`` counts spans where the batcher and the spool count requests
+(spooled, replayed, lost), reading the count from the frames of the batch
+in hand: nothing on the receiving path changes.  A request lost inside the
+spool without being read (its oldest file dropped because the spool is
+full, a corrupt record) is weighed from what the spool tracked for the
+files this run wrote; for a file from an earlier run (opening a spool reads
+only record headers) or a record that could not be read, its spans are not
+known and it is counted in ``OtlpCounters.lost_requests_spans_unknown``.
 
 ``SpanBuffer`` closes a batch before it would exceed what X-Ray's OTLP
 endpoint takes in one request (5 MB, 10 000 spans); a JSON request, which
@@ -25,13 +35,14 @@ their log lines say "OTLP requests" where the segment ones say "segments".
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from zope.interface import implementer
 
 from xraytwisted.ingest.otlp_wire import MAX_REQUEST_BYTES, MAX_SPANS_PER_REQUEST
-from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, Batch, BufferListener, SegmentBuffer
 from xraytwisted.pipeline.spool import Spool
@@ -53,8 +64,39 @@ def unframe(doc: bytes) -> tuple[int, int, memoryview]:
     return kind, spans, memoryview(doc)[FRAME.size :]
 
 
-def spans_in(docs: list[bytes]) -> int:
+def spans_in(docs: Sequence[bytes]) -> int:
     return sum(FRAME.unpack_from(doc)[1] for doc in docs)
+
+
+class SpanTally:
+    """The span pipeline's ``Tally``: spans spooled, replayed and lost, in ``OtlpCounters``."""
+
+    def __init__(self, counters: OtlpCounters) -> None:
+        self.counters = counters
+
+    def weigh(self, docs: Sequence[bytes]) -> int:
+        return spans_in(docs)
+
+    def spooled(self, weight: int) -> None:
+        self.counters.spans_spooled += weight
+
+    def replayed(self, weight: int) -> None:
+        self.counters.spans_replayed += weight
+
+    def lost(self, docs: int, weight: int | None) -> None:
+        if weight is None:
+            self.counters.lost_requests_spans_unknown += docs
+        else:
+            self.counters.spans_lost += weight
+
+    def describe(self, docs: int, weight: int, unknown: int) -> str:
+        if docs <= 0:
+            return ""
+        if unknown <= 0:
+            return f" ({weight} spans)"
+        if unknown >= docs:
+            return " (an unknown number of spans)"
+        return f" ({weight} spans, and those of {unknown} more whose spans are not known)"
 
 
 class SpanBuffer(SegmentBuffer):

@@ -46,6 +46,10 @@ lost (oldest data dropped when the spool is full, corruption found on
 disk).  The spool counts (``Counters.spooled``, ``lost``) and logs those
 itself; ``replayed`` is counted by whoever delivers what ``take`` handed out
 (the batcher), so a batch read again by every failed probe counts once.
+With a ``Tally`` (the span spool) the same events are also counted in its
+unit (spans), weighed from the batch in hand; for a file dropped unread the
+spool keeps each file's weight from what this run wrote to it (unknown for
+files of an earlier run, whose payloads are not read at open).
 A batch that cannot be written (disk full, no file descriptors left, an
 I/O error) is not appended at all: ``append`` raises ``SpoolWriteError``
 and the batch stays its caller's.  The spool then says
@@ -73,6 +77,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -133,6 +138,31 @@ def thread_runner(reactor: IReactorThreads) -> BlockingRunner:
         return deferToThreadPool(reactor, reactor.getThreadPool(), call)
 
     return run
+
+
+class Tally(Protocol):
+    """What a pipeline's documents weigh in a second unit, counted beside its ``Counters``.
+
+    The span pipeline's documents are OTLP requests and its tally counts
+    their spans (read from each document's frame, never from its body); the
+    segment pipeline has none.  ``weigh`` runs once per batch spooled, read
+    back, given back or lost, never per document arriving.
+    """
+
+    def weigh(self, docs: Sequence[bytes]) -> int: ...
+
+    def spooled(self, weight: int) -> None: ...
+
+    def replayed(self, weight: int) -> None: ...
+
+    def lost(self, docs: int, weight: int | None) -> None:
+        """``docs`` accepted documents are lost; they weighed ``weight`` (None: not known)."""
+
+    def describe(self, docs: int, weight: int, unknown: int) -> str:
+        """For a log line about ``docs`` documents of which ``unknown`` have no known weight.
+
+        ``weight`` is what the others weigh; the text follows "N segments".
+        """
 
 
 class SpoolError(Exception):
@@ -212,6 +242,7 @@ class _File:
         "seq",
         "size",
         "skips",
+        "weight",
         "wfd",
     )
 
@@ -231,6 +262,10 @@ class _File:
         self.outstanding: dict[int, tuple[int, int, bool]] = {}
         self.skips: dict[int, int] = {}  # unreadable region start -> next good record
         self.dropped = False
+        # With a Tally: the weight of the records neither handed out, acknowledged nor
+        # known lost.  None when unknown: a file from an earlier run (opening reads only
+        # record headers), or one with a record that could not be read.
+        self.weight: int | None = None
 
     @property
     def ack_path(self) -> str:
@@ -429,8 +464,10 @@ class Spool:
         lock_fd: int,
         dir_fd: int,
         run_blocking: BlockingRunner | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.directory = directory
+        self.tally = tally
         self.max_bytes = max_bytes
         self.file_bytes = file_bytes
         self.flush_interval = flush_interval
@@ -482,6 +519,7 @@ class Spool:
         file_bytes: int | None = None,
         flush_interval: float = FLUSH_INTERVAL,
         run_blocking: BlockingRunner | None = None,
+        tally: Tally | None = None,
     ) -> Spool:
         """Lock ``directory`` (created 0700 if need be) and read what is in it.
 
@@ -489,7 +527,8 @@ class Spool:
         not private to this user (see ``check_private``) or another daemon
         has it.  Torn and corrupt data found are logged and counted as lost;
         the rest is waiting to be taken.  ``run_blocking`` runs the periodic
-        fsync off the caller's thread (see the module docstring).
+        fsync off the caller's thread (see the module docstring).  ``tally``
+        counts what the documents weigh (the span spool: their spans).
         """
         if max_bytes <= 0:
             raise SpoolError(f"spool size must be positive, not {max_bytes} bytes")
@@ -527,6 +566,7 @@ class Spool:
             lock_fd,
             dir_fd,
             run_blocking,
+            tally,
         )
         try:
             spool._load()
@@ -679,6 +719,12 @@ class Spool:
         self.pending_bytes += size
         self.disk_bytes += size
         self._counters.spooled += count
+        tally = self.tally
+        if tally is not None:
+            weight = tally.weigh(docs)
+            tally.spooled(weight)
+            if f.weight is not None:
+                f.weight += weight
         self._unsynced.add(f.wfd)
         self._flush_soon()
         if f.end >= self.file_bytes:
@@ -729,6 +775,8 @@ class Spool:
         self._by_seq[f.seq] = f
         self._write = f
         self._dir_dirty = True
+        if self.tally is not None:
+            f.weight = 0  # written by this run: every record's weight is known
         return f
 
     def _seal(self, f: _File, inline: bool = False) -> None:
@@ -781,16 +829,22 @@ class Spool:
         self._delete(f)
         self.dropped_docs += lost
         self._counters.lost += lost
+        weighed = ""
+        if self.tally is not None and lost:
+            self.tally.lost(lost, f.weight)
+            known = f.weight is not None
+            weighed = self.tally.describe(lost, f.weight or 0, 0 if known else lost)
         problem = Problem("spool full", f.path, 0, f.size, lost, "oldest file dropped")
         self.problems.append(problem)
         self.log.warn(
             "Spool {dir} is full ({mb} MB): dropped its oldest file {path} with {count} "
-            "segments not yet sent; they are lost. Raise --spool-max-mb (Spool.MaxMB) or fix "
-            "what stops uploads",
+            "segments{weighed} not yet sent; they are lost. Raise --spool-max-mb (Spool.MaxMB) "
+            "or fix what stops uploads",
             dir=self.directory,
             mb=self.max_bytes // (1024 * 1024),
             path=os.path.basename(f.path),
             count=lost,
+            weighed=weighed,
         )
         return lost
 
@@ -829,6 +883,7 @@ class Spool:
                 continue
             f.outstanding[offset] = (entry[0], entry[1], True)
             self.in_flight_docs += entry[0]
+            self._weigh_out(f, batch.docs, -1)
             return batch
         while True:
             # Files before the first one with unread records are only waiting
@@ -850,7 +905,13 @@ class Spool:
                 continue
             f.outstanding[offset] = (len(batch.docs), batch.nbytes, True)
             self.in_flight_docs += len(batch.docs)
+            self._weigh_out(f, batch.docs, -1)
             return batch
+
+    def _weigh_out(self, f: _File, docs: Sequence[bytes], sign: int) -> None:
+        """A batch of ``f`` leaves (-1) or comes back to (+1) what a drop of ``f`` would lose."""
+        if self.tally is not None and f.weight is not None:
+            f.weight += sign * self.tally.weigh(docs)
 
     def _read(self, f: _File, offset: int) -> SpooledBatch | None:
         """Read the record at ``offset`` (moving ``read_at`` past it if it is next).
@@ -867,6 +928,7 @@ class Spool:
             head = os.pread(rfd, HEADER_SIZE, offset)
             parsed = parse_header(head)
             if parsed is None or offset + HEADER_SIZE + parsed[1] > f.end:
+                f.weight = None  # the record's weight can no longer be told apart
                 following = resync(lambda o, n: os.pread(rfd, n, o), offset + 1, f.end)
                 self._corrupt(f, offset, (following or f.end) - offset, None, "unreadable header")
                 if offset == f.read_at:
@@ -883,6 +945,7 @@ class Spool:
                 self._read_later(f, e)
                 raise _ReadLater() from None
             # Unreadable (I/O error, file removed by hand): nothing here can be sent.
+            f.weight = None
             self._corrupt(f, offset, f.end - offset, None, _reason(e))
             f.read_at = f.end
             return None
@@ -895,6 +958,9 @@ class Spool:
             self.pending_bytes -= size
             self.corrupt_docs += count
             self._counters.lost += count
+            f.weight = None
+            if self.tally is not None:
+                self.tally.lost(count, None)
             return None
         return SpooledBatch(f, offset, size, docs)
 
@@ -921,6 +987,8 @@ class Spool:
         if problem.docs and not counted:
             self.corrupt_docs += problem.docs
             self._counters.lost += problem.docs
+            if self.tally is not None:
+                self.tally.lost(problem.docs, None)
         suppressed = self._throttle.check(problem.kind)
         if suppressed is None:
             return
@@ -931,14 +999,18 @@ class Spool:
             what = f"has a corrupt record ({problem.detail})"
             advice = "Check the disk if this repeats"
         docs = "an unknown number of" if problem.docs is None else str(problem.docs)
+        weighed = ""
+        if self.tally is not None:
+            weighed = self.tally.describe(problem.docs or 0, 0, problem.docs or 0)
         self.log.error(
             "Spool file {path} {what} at offset {offset}; skipped {nbytes} bytes, "
-            "{docs} segments in them are lost. {advice}{note}",
+            "{docs} segments{weighed} in them are lost. {advice}{note}",
             path=problem.path,
             what=what,
             offset=problem.offset,
             nbytes=problem.nbytes,
             docs=docs,
+            weighed=weighed,
             advice=advice,
             note=suppressed_note(suppressed),
         )
@@ -975,10 +1047,16 @@ class Spool:
                 return 0
             self.dropped_docs += len(batch.docs)
             self._counters.lost += len(batch.docs)
+            weighed = ""
+            if self.tally is not None:
+                weight = self.tally.weigh(batch.docs)
+                self.tally.lost(len(batch.docs), weight)
+                weighed = self.tally.describe(len(batch.docs), weight, 0)
             self.log.warn(
-                "{count} segments read back from the spool {dir} could not be sent and "
-                "their file was dropped meanwhile (spool full); they are lost",
+                "{count} segments{weighed} read back from the spool {dir} could not be sent "
+                "and their file was dropped meanwhile (spool full); they are lost",
                 count=len(batch.docs),
+                weighed=weighed,
                 dir=self.directory,
             )
             return len(batch.docs)
@@ -987,6 +1065,7 @@ class Spool:
             return 0
         f.outstanding[batch.offset] = (entry[0], entry[1], False)
         self.in_flight_docs -= entry[0]
+        self._weigh_out(f, batch.docs, +1)
         heapq.heappush(self._released, (f.seq, batch.offset))
         return 0
 
@@ -1003,6 +1082,8 @@ class Spool:
                 # number was unknown until now.
                 self.corrupt_docs += f.pending_docs
                 self._counters.lost += f.pending_docs
+                if self.tally is not None:
+                    self.tally.lost(f.pending_docs, None)
                 self.pending_docs -= f.pending_docs
                 self.pending_bytes -= f.pending_bytes
             self._delete(f)
