@@ -18,8 +18,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
 from xraytwisted import __version__
-from xraytwisted.observe.counters import ERROR_CLASSES, PROXY_OUTCOMES, Counters
-from xraytwisted.tcpport.metrics import ERROR_CLASS_LABELS, MetricsResource, make_registry
+from xraytwisted.observe.counters import (
+    ERROR_CLASSES,
+    OTLP_REFUSALS,
+    PROXY_OUTCOMES,
+    Counters,
+    OtlpCounters,
+)
+from xraytwisted.tcpport.metrics import (
+    ERROR_CLASS_LABELS,
+    MetricsResource,
+    OtlpCollector,
+    make_registry,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -191,6 +202,80 @@ class CollectorTests(SynchronousTestCase):
         )
         names = {m.name for m in prometheus_client.REGISTRY.collect()}
         self.assertFalse([n for n in names if n.startswith("xray_daemon")])
+
+
+class OtlpCollectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.counters = OtlpCounters(
+            requests_received=40,
+            spans_received=900,
+            spans_sent=700,
+            spans_rejected=30,
+            spans_lost=120,
+            lost_requests_spans_unknown=2,
+            spans_spooled=300,
+            spans_replayed=250,
+            requests=busy_counters(),
+        )
+        for n, reason in enumerate(OTLP_REFUSALS, start=50):
+            self.counters.refused[reason] = n
+
+    def scrape(self) -> Samples:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(
+            OtlpCollector(self.counters, buffer_used=lambda: 2048, waiting_requests=lambda: 6)
+        )
+        return samples(generate_latest(registry).decode())
+
+    def test_every_counter_under_its_name(self) -> None:
+        s = self.scrape()
+        c, r = self.counters, self.counters.requests
+        expected = {
+            "xray_daemon_otlp_requests_received_total": c.requests_received,
+            "xray_daemon_otlp_spans_received_total": c.spans_received,
+            "xray_daemon_otlp_spans_sent_total": c.spans_sent,
+            "xray_daemon_otlp_spans_rejected_total": c.spans_rejected,
+            "xray_daemon_otlp_spans_lost_total": c.spans_lost,
+            "xray_daemon_otlp_lost_requests_spans_unknown_total": c.lost_requests_spans_unknown,
+            "xray_daemon_otlp_spans_spooled_total": c.spans_spooled,
+            "xray_daemon_otlp_spans_replayed_total": c.spans_replayed,
+            "xray_daemon_otlp_requests_sent_total": r.sent,
+            "xray_daemon_otlp_requests_rejected_total": r.rejected,
+            "xray_daemon_otlp_requests_lost_total": r.lost,
+            "xray_daemon_otlp_requests_retried_total": r.retried,
+            "xray_daemon_otlp_requests_spooled_total": r.spooled,
+            "xray_daemon_otlp_requests_replayed_total": r.replayed,
+            "xray_daemon_otlp_buffer_bytes": 2048,
+            "xray_daemon_otlp_requests_waiting": 6,
+            "xray_daemon_otlp_upload_duration_seconds_count": 5,
+        }
+        for name, value in expected.items():
+            self.assertEqual(s[(name, ())], value, name)
+        for n, reason in enumerate(OTLP_REFUSALS, start=50):
+            key = ("xray_daemon_otlp_requests_refused_total", (("reason", reason),))
+            self.assertEqual(s[key], n, reason)
+        self.assertEqual(s[("xray_daemon_otlp_upload_batches_total", (("outcome", "ok"),))], 9)
+        for n, cls in enumerate(ERROR_CLASSES, start=1):
+            key = ("xray_daemon_otlp_backend_errors_total", (("class", ERROR_CLASS_LABELS[cls]),))
+            self.assertEqual(s[key], n, cls)
+
+    def test_upload_families_are_the_segment_ones_under_otlp_names(self) -> None:
+        # One helper builds both: the same buckets, labels and values for the same Counters.
+        otlp = self.scrape()
+        segments = samples(generate_latest(registry_for(busy_counters(), State())).decode())
+        for family in ("upload_batches_total", "backend_errors_total", "upload_duration_seconds"):
+            mine = {
+                (name.replace("xray_daemon_otlp_", ""), labels): value
+                for (name, labels), value in otlp.items()
+                if name.startswith("xray_daemon_otlp_" + family)
+            }
+            theirs = {
+                (name.replace("xray_daemon_", ""), labels): value
+                for (name, labels), value in segments.items()
+                if name.startswith("xray_daemon_" + family)
+            }
+            self.assertTrue(mine, family)
+            self.assertEqual(mine, theirs, family)
 
 
 class HTTPScrapeTests(TestCase):

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -87,6 +89,58 @@ def _histogram_buckets(histogram: Histogram) -> list[tuple[str, float]]:
     return buckets
 
 
+def _counter_table(table: tuple[tuple[str, str, str], ...], source: Any) -> Iterator[Metric]:
+    """One counter per (name, attribute of ``source``, help) row."""
+    for name, attr, doc in table:
+        yield CounterMetricFamily(PREFIX + name, doc, value=getattr(source, attr))
+
+
+@dataclass(frozen=True)
+class _UploadHelp:
+    """Names and help texts of a pipeline's upload metrics (segments, or the OTLP bridge)."""
+
+    prefix: str  # "" or "otlp_"
+    batches: str
+    errors: str
+    duration: str
+
+
+_SEGMENT_UPLOADS = _UploadHelp(
+    "",
+    "PutTraceSegments attempts by outcome (a failed batch may be retried).",
+    "Failed PutTraceSegments attempts by cause, as reported in telemetry records.",
+    "Duration of successful PutTraceSegments calls.",
+)
+_OTLP_UPLOADS = _UploadHelp(
+    "otlp_",
+    "Uploads to X-Ray's OTLP endpoint by outcome (a failed batch may be retried).",
+    "Failed uploads to X-Ray's OTLP endpoint by cause.",
+    "Duration of successful uploads to X-Ray's OTLP endpoint.",
+)
+
+
+def _upload_families(c: Counters, names: _UploadHelp) -> tuple[Metric, Metric, Metric]:
+    """Upload attempts by outcome, failures by cause, and the duration histogram."""
+    batches = CounterMetricFamily(
+        PREFIX + names.prefix + "upload_batches", names.batches, labels=["outcome"]
+    )
+    batches.add_metric(["ok"], c.batches_ok)
+    batches.add_metric(["failed"], c.batches_failed)
+    errors = CounterMetricFamily(
+        PREFIX + names.prefix + "backend_errors", names.errors, labels=["class"]
+    )
+    for cls, label in ERROR_CLASS_LABELS.items():
+        errors.add_metric([label], c.backend_errors.get(cls, 0))
+    hist = c.upload_seconds
+    duration = HistogramMetricFamily(
+        PREFIX + names.prefix + "upload_duration_seconds",
+        names.duration,
+        buckets=_histogram_buckets(hist),
+        sum_value=hist.sum,
+    )
+    return batches, errors, duration
+
+
 class CountersCollector(Collector):
     """A prometheus_client collector over ``Counters`` and a few gauge callables."""
 
@@ -114,25 +168,9 @@ class CountersCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.counters
-        for name, attr, doc in _SIMPLE_COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(c, attr))
-
-        batches = CounterMetricFamily(
-            PREFIX + "upload_batches",
-            "PutTraceSegments attempts by outcome (a failed batch may be retried).",
-            labels=["outcome"],
-        )
-        batches.add_metric(["ok"], c.batches_ok)
-        batches.add_metric(["failed"], c.batches_failed)
+        yield from _counter_table(_SIMPLE_COUNTERS, c)
+        batches, errors, duration = _upload_families(c, _SEGMENT_UPLOADS)
         yield batches
-
-        errors = CounterMetricFamily(
-            PREFIX + "backend_errors",
-            "Failed PutTraceSegments attempts by cause, as reported in telemetry records.",
-            labels=["class"],
-        )
-        for cls, label in ERROR_CLASS_LABELS.items():
-            errors.add_metric([label], c.backend_errors.get(cls, 0))
         yield errors
 
         proxy = CounterMetricFamily(
@@ -143,14 +181,7 @@ class CountersCollector(Collector):
         for outcome in PROXY_OUTCOMES:
             proxy.add_metric([outcome], c.proxy_requests.get(outcome, 0))
         yield proxy
-
-        hist = c.upload_seconds
-        yield HistogramMetricFamily(
-            PREFIX + "upload_duration_seconds",
-            "Duration of successful PutTraceSegments calls.",
-            buckets=_histogram_buckets(hist),
-            sum_value=hist.sum,
-        )
+        yield duration
 
         yield GaugeMetricFamily(
             PREFIX + "buffer_bytes",
@@ -245,6 +276,15 @@ _OTLP_SPAN_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("otlp_spans_sent", "spans_sent", "Spans X-Ray's OTLP endpoint accepted."),
     ("otlp_spans_rejected", "spans_rejected",
      "Spans X-Ray refused (partial success, or a request refused for good)."),
+    ("otlp_spans_lost", "spans_lost",
+     "Spans of accepted OTLP requests given up on (shutdown deadline reached, spool full); "
+     "see otlp_lost_requests_spans_unknown."),
+    ("otlp_lost_requests_spans_unknown", "lost_requests_spans_unknown",
+     "Lost OTLP requests whose spans are not known (in a spool file of an earlier run, or "
+     "in a corrupt spool record): not in otlp_spans_lost."),
+    ("otlp_spans_spooled", "spans_spooled", "Spans of OTLP requests written to the disk spool."),
+    ("otlp_spans_replayed", "spans_replayed",
+     "Spans of OTLP requests read back from the disk spool and delivered."),
 )  # fmt: skip
 
 # (metric name without _total, Counters attribute of OtlpCounters.requests, help text)
@@ -276,10 +316,8 @@ class OtlpCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.counters
-        for name, attr, doc in _OTLP_SPAN_COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(c, attr))
-        for name, attr, doc in _OTLP_REQUEST_COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(c.requests, attr))
+        yield from _counter_table(_OTLP_SPAN_COUNTERS, c)
+        yield from _counter_table(_OTLP_REQUEST_COUNTERS, c.requests)
 
         refused = CounterMetricFamily(
             PREFIX + "otlp_requests_refused",
@@ -289,32 +327,7 @@ class OtlpCollector(Collector):
         for reason in counter_types.OTLP_REFUSALS:
             refused.add_metric([reason], c.refused.get(reason, 0))
         yield refused
-
-        batches = CounterMetricFamily(
-            PREFIX + "otlp_upload_batches",
-            "Uploads to X-Ray's OTLP endpoint by outcome (a failed batch may be retried).",
-            labels=["outcome"],
-        )
-        batches.add_metric(["ok"], c.requests.batches_ok)
-        batches.add_metric(["failed"], c.requests.batches_failed)
-        yield batches
-
-        errors = CounterMetricFamily(
-            PREFIX + "otlp_backend_errors",
-            "Failed uploads to X-Ray's OTLP endpoint by cause.",
-            labels=["class"],
-        )
-        for cls, label in ERROR_CLASS_LABELS.items():
-            errors.add_metric([label], c.requests.backend_errors.get(cls, 0))
-        yield errors
-
-        hist = c.requests.upload_seconds
-        yield HistogramMetricFamily(
-            PREFIX + "otlp_upload_duration_seconds",
-            "Duration of successful uploads to X-Ray's OTLP endpoint.",
-            buckets=_histogram_buckets(hist),
-            sum_value=hist.sum,
-        )
+        yield from _upload_families(c.requests, _OTLP_UPLOADS)
         yield GaugeMetricFamily(
             PREFIX + "otlp_buffer_bytes",
             "Bytes of the shared memory budget held by OTLP requests (queued and in flight).",
