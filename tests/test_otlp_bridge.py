@@ -125,6 +125,11 @@ class OtlpBridgeTests(SynchronousTestCase):
                 values[name] = float(value)
         return values
 
+    def health(self) -> Any:
+        url = f"http://127.0.0.1:{self.tcp_port}/health"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
     def test_sdk_spans_arrive_signed_beside_udp_segments(self) -> None:
         daemon = self.start_daemon()
         segment_ids = [f"{i:016x}" for i in range(1, 21)]
@@ -142,6 +147,14 @@ class OtlpBridgeTests(SynchronousTestCase):
         self.assertEqual(metrics["xray_daemon_otlp_spans_received_total"], len(ids))
         self.assertEqual(metrics["xray_daemon_otlp_spans_sent_total"], len(ids))
         self.assertEqual(metrics["xray_daemon_otlp_requests_lost_total"], 0)
+        otlp = self.health()["otlp"]
+        self.assertEqual(otlp["traces_url"], self.fake.url + "/v1/traces")
+        self.assertEqual((otlp["spans"]["received"], otlp["spans"]["sent"]), (len(ids), len(ids)))
+        self.assertEqual(
+            otlp["requests"]["received"], metrics["xray_daemon_otlp_requests_received_total"]
+        )
+        self.assertIsNone(otlp["last_upload_error"])
+        self.assertIsNotNone(otlp["last_successful_upload"])
         self.assertEqual(daemon.stop(), 0)
         out = daemon.output()
         self.assertIn("Successfully sent batch of", out)
@@ -166,6 +179,9 @@ class OtlpBridgeTests(SynchronousTestCase):
         self.assertGreater(metrics["xray_daemon_otlp_requests_spooled_total"], 0)
         self.assertEqual(metrics["xray_daemon_otlp_requests_lost_total"], 0)
         self.assertEqual(metrics["xray_daemon_otlp_spans_sent_total"], len(ids))
+        self.assertGreater(metrics["xray_daemon_otlp_spans_spooled_total"], 0)
+        self.assertGreater(metrics["xray_daemon_otlp_spans_replayed_total"], 0)
+        self.assertEqual(metrics["xray_daemon_otlp_spans_lost_total"], 0)
         self.assertEqual(self.fake.stats()["signature_errors"], [])
         self.assertEqual(daemon.stop(), 0)
         self.assertIn("OTLP requests", daemon.output())

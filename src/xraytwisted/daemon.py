@@ -53,6 +53,7 @@ from xraytwisted.settings.table import KEYS, Settings
 from xraytwisted.tcpport.health import (
     HealthResource,
     HealthState,
+    OtlpHealth,
     credentials_status,
     monitoring_site,
 )
@@ -538,6 +539,18 @@ def build(
             waiting_docs=lambda: batcher.waiting_docs,
             oldest_waiting_since=batcher.oldest_waiting_since,
             credentials_refused=lambda: batcher.credentials_refused,
+            last_upload_error=lambda: batcher.last_upload_error,
+            otlp=(
+                OtlpHealth(
+                    counters=bridge.counters,
+                    traces_url=bridge.traces_url,
+                    buffer_used=lambda: bridge.buffer.used,
+                    waiting=lambda: bridge.batcher.waiting_docs,
+                    last_upload_error=lambda: bridge.batcher.last_upload_error,
+                )
+                if bridge is not None
+                else None
+            ),
             credentials_status=(
                 (lambda: (True, "not needed (local sink)"))
                 if local

@@ -340,12 +340,13 @@ class SpanBatcherTallyTests(SynchronousTestCase):
             tally=self.tally,
         )
         self.addCleanup(spool.close)
-        self.batcher(spool)
+        batcher = self.batcher(spool)
         capture_logs(self)
         for doc in requests(3, 4):
             self.buffer.offer(doc)
         self.clock.advance(1.0)
         self.uploads.finish(0, Outcome(0.1, error=OUTAGE))
+        self.assertEqual(batcher.last_upload_error, (1001.0, OUTAGE.message))
         self.clock.advance(11.0)  # failing for spool_after: the batch goes to disk
         self.assertEqual((self.counters.requests.spooled, self.counters.spans_spooled), (2, 7))
         # The probe reads it back; X-Ray answers again.
@@ -353,4 +354,5 @@ class SpanBatcherTallyTests(SynchronousTestCase):
         self.assertEqual(probe, requests(3, 4))
         self.uploads.finish(len(self.uploads.calls) - 1, Outcome(0.1))
         self.assertEqual((self.counters.requests.replayed, self.counters.spans_replayed), (2, 7))
+        self.assertIsNone(batcher.last_upload_error)  # cleared by the success
         self.assertEqual((self.counters.spans_lost, spool.pending_docs), (0, 0))

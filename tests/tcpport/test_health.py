@@ -14,15 +14,17 @@ from twisted.web.server import Site
 
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
-from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.tcpport.health import (
     HealthResource,
     HealthState,
+    OtlpHealth,
     Report,
     assess,
     credentials_status,
     hide_identity,
     monitoring_site,
+    otlp_section,
 )
 from xraytwisted.tcpport.metrics import MetricsResource, make_registry
 
@@ -117,6 +119,87 @@ class AssessTests(SynchronousTestCase):
         idle = verdict().body
         self.assertIsNone(idle["last_successful_upload"])
         self.assertIsNone(idle["oldest_waiting_seconds"])
+        self.assertIsNone(idle["last_upload_error"])
+        self.assertIsNone(idle["otlp"])  # the OTLP bridge is off
+
+    def test_last_upload_error_says_what_and_when(self) -> None:
+        body = assess(
+            now=self.now,
+            started_at=START,
+            last_success_at=None,
+            waiting=0,
+            oldest_waiting_since=None,
+            unhealthy_after=LIMIT,
+            credentials=(True, "environment"),
+            buffer_used=0,
+            buffer_capacity=1,
+            endpoint=ENDPOINT,
+            last_upload_error=(self.now - 3, "HTTP 503 ServiceUnavailableException"),
+        ).body
+        self.assertEqual(
+            body["last_upload_error"],
+            {
+                "message": "HTTP 503 ServiceUnavailableException",
+                "epoch": self.now - 3,
+                "seconds_ago": 3,
+            },
+        )
+
+    def test_otlp_section(self) -> None:
+        c = OtlpCounters(
+            requests_received=10,
+            spans_received=500,
+            spans_sent=300,
+            spans_rejected=20,
+            spans_lost=80,
+            lost_requests_spans_unknown=1,
+            spans_spooled=150,
+            spans_replayed=100,
+        )
+        r = c.requests
+        r.sent, r.rejected, r.lost, r.spooled, r.replayed = 6, 1, 3, 4, 2
+        r.last_success_at = self.now - 1
+        c.refused["buffer_full"] = 7
+        section = otlp_section(
+            c,
+            now=self.now,
+            traces_url="https://xray.us-east-1.amazonaws.com/v1/traces",
+            buffer_used=4096,
+            waiting=2,
+            last_upload_error=(self.now - 0.5, "enable CloudWatch Transaction Search"),
+        )
+        self.assertEqual(
+            section["requests"],
+            {
+                "received": 10,
+                "sent": 6,
+                "rejected": 1,
+                "lost": 3,
+                "spooled": 4,
+                "replayed": 2,
+                "waiting": 2,
+            },
+        )
+        self.assertEqual(
+            section["spans"],
+            {
+                "received": 500,
+                "sent": 300,
+                "rejected": 20,
+                "lost": 80,
+                "spooled": 150,
+                "replayed": 100,
+            },
+        )
+        self.assertEqual(section["lost_requests_spans_unknown"], 1)
+        self.assertEqual(section["refused"]["buffer_full"], 7)
+        self.assertEqual(section["refused"]["origin"], 0)  # every reason, zero or not
+        self.assertEqual(section["buffer"], {"used_bytes": 4096})
+        self.assertEqual(section["last_successful_upload"]["seconds_ago"], 1)
+        self.assertEqual(
+            section["last_upload_error"]["message"], "enable CloudWatch Transaction Search"
+        )
+        self.assertEqual(section["traces_url"], "https://xray.us-east-1.amazonaws.com/v1/traces")
 
     def test_reasons_say_what_is_wrong(self) -> None:
         report = verdict(
@@ -333,6 +416,47 @@ class HealthHTTPTests(TestCase):
         shown = self.serve(Site(HealthResource(self.state, show_identity=True))) + "/health"
         code, body = yield self.status(shown)
         self.assertIn("arn:aws:iam::123456789012:role/xray-writer", body["credentials"]["source"])
+
+    @defer.inlineCallbacks
+    def test_the_otlp_bridge_is_shown_but_does_not_decide(self) -> None:
+        otlp = OtlpCounters(requests_received=3, spans_received=42)
+        errors: list[tuple[float, str] | None] = [None]
+        state = HealthState(
+            clock=self.clock,
+            counters=self.counters,
+            buffer=Buffer(),
+            waiting_docs=self.live.waiting_docs,
+            credentials_status=lambda: self.live.credentials,
+            endpoint_url=ENDPOINT,
+            started_at=START,
+            unhealthy_after=LIMIT,
+            otlp=OtlpHealth(
+                counters=otlp,
+                traces_url=ENDPOINT + "/v1/traces",
+                buffer_used=lambda: 512,
+                waiting=lambda: 3,
+                last_upload_error=lambda: errors[0],
+            ),
+        )
+        url = self.serve(Site(HealthResource(state))) + "/health"
+        code, body = yield self.status(url)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["otlp"]["spans"]["received"], 42)
+        self.assertEqual(body["otlp"]["requests"]["waiting"], 3)
+        self.assertEqual(body["otlp"]["buffer"], {"used_bytes": 512})
+        self.assertIsNone(body["otlp"]["last_upload_error"])
+        # Spans refused for good, stuck for longer than the limit: still 200.
+        errors[0] = (self.clock.seconds(), "X-Ray said: account 123456789012 has it off")
+        otlp.spans_rejected = 42
+        self.clock.advance(LIMIT * 2)
+        code, body = yield self.status(url)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["otlp"]["spans"]["rejected"], 42)
+        error = body["otlp"]["last_upload_error"]
+        self.assertEqual(error["seconds_ago"], LIMIT * 2)
+        self.assertEqual(
+            error["message"], "X-Ray said: account (hidden: Monitoring.ShowIdentity) has it off"
+        )
 
 
 class HideIdentityTests(SynchronousTestCase):

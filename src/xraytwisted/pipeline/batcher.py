@@ -153,6 +153,9 @@ class Batcher(Service):
         self._lost_weighed = [0, 0]
         # What X-Ray said when it last refused the credentials; None since a success.
         self.credentials_refused: str | None = None
+        # (clock time, what it said) of the last failed upload attempt, retried or not;
+        # None since a success.  For /health.
+        self.last_upload_error: tuple[float, str] | None = None
         buffer.attach(self)
 
     # -- BufferListener ---------------------------------------------------
@@ -527,6 +530,7 @@ class Batcher(Service):
         self._failing_since = None
         self._last_error = ""
         self.credentials_refused = None
+        self.last_upload_error = None
         replay = self._replays.pop(batch, None)
         self.limit.succeeded()
         counters.batches_ok += 1
@@ -612,6 +616,7 @@ class Batcher(Service):
     def _failed(self, batch: Batch, error: UploadError) -> None:
         counters = self._counters
         counters.batches_failed += 1
+        self.last_upload_error = (self._clock.seconds(), error.message)
         if error.error_class:
             counters.backend_errors[error.error_class] += 1
         replay = self._replays.pop(batch, None)

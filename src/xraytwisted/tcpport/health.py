@@ -10,6 +10,11 @@ or the credential machinery.  The daemon is unhealthy when
   and no upload has succeeded in that time either.
 
 An idle daemon is healthy: no segments means nothing is known to be wrong.
+With the OTLP bridge on (``--otlp-address``) the body has an ``otlp``
+section (``otlp_section``: requests and spans in and out, buffer use,
+refusals, the span uploads' last error), ``null`` when it is off; it does
+not change the verdict, which is about segments: spans refused because the
+account has Transaction Search off, say, are not cured by a restart.
 A full buffer with uploads succeeding is overload, not ill health (a
 restart would not help), so it shows in the body but not in the status.
 
@@ -34,7 +39,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from xraytwisted import __version__
-from xraytwisted.observe.counters import Counters
+from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.uploader import CredentialSource
 from xraytwisted.tcpport.site import make_site
 
@@ -102,6 +107,8 @@ def assess(
     buffer_capacity: int,
     endpoint: str,
     credentials_refused: str | None = None,
+    last_upload_error: tuple[float, str] | None = None,
+    otlp: dict[str, Any] | None = None,
 ) -> Report:
     """The health verdict and the JSON body, from plain values.
 
@@ -136,28 +143,103 @@ def assess(
                 f"{waiting} segments waiting, the oldest for {oldest_wait:.0f} seconds, and "
                 f"{what} (limit {unhealthy_after:g} seconds)"
             )
-    last_success: dict[str, float] | None = None
-    if last_success_at is not None:
-        last_success = {
-            "epoch": round(last_success_at, 3),
-            "seconds_ago": round(max(0.0, now - last_success_at), 3),
-        }
     body: dict[str, Any] = {
         "status": "unhealthy" if reasons else "ok",
         "reasons": reasons,
         "version": __version__,
         "uptime_seconds": round(max(0.0, now - started_at), 3),
-        "last_successful_upload": last_success,
+        "last_successful_upload": _when(now, last_success_at),
+        "last_upload_error": _error(now, last_upload_error),
         "segments_waiting": waiting,
         "oldest_waiting_seconds": round(oldest_wait, 3) if oldest_wait is not None else None,
         "buffer": {"used_bytes": buffer_used, "capacity_bytes": buffer_capacity},
         "endpoint": endpoint,
         "credentials": {"available": have_credentials, "source": credentials_source},
         "unhealthy_after_seconds": unhealthy_after,
+        "otlp": otlp,
     }
     if credentials_refused is not None:
         body["credentials"]["refused_by_xray"] = credentials_refused
     return Report(healthy=not reasons, body=body)
+
+
+def _when(now: float, at: float | None) -> dict[str, float] | None:
+    if at is None:
+        return None
+    return {"epoch": round(at, 3), "seconds_ago": round(max(0.0, now - at), 3)}
+
+
+def _error(now: float, error: tuple[float, str] | None) -> dict[str, Any] | None:
+    """The last failed upload (None since a success): what it said, and when."""
+    if error is None:
+        return None
+    at, message = error
+    return {"message": message, **(_when(now, at) or {})}
+
+
+def otlp_section(
+    counters: OtlpCounters,
+    *,
+    now: float,
+    traces_url: str,
+    buffer_used: int,
+    waiting: int,
+    last_upload_error: tuple[float, str] | None,
+) -> dict[str, Any]:
+    """The ``otlp`` part of the body: the OTLP bridge's traffic, from plain values.
+
+    ``requests`` count OTLP requests as SDKs posted them, ``spans`` the spans
+    in them; ``lost_requests_spans_unknown`` are lost requests (in
+    ``requests.lost``) whose spans could not be known, so are not in
+    ``spans.lost`` (see docs/otlp.md).
+    """
+    r = counters.requests
+    return {
+        "traces_url": traces_url,
+        "requests": {
+            "received": counters.requests_received,
+            "sent": r.sent,
+            "rejected": r.rejected,
+            "lost": r.lost,
+            "spooled": r.spooled,
+            "replayed": r.replayed,
+            "waiting": waiting,
+        },
+        "spans": {
+            "received": counters.spans_received,
+            "sent": counters.spans_sent,
+            "rejected": counters.spans_rejected,
+            "lost": counters.spans_lost,
+            "spooled": counters.spans_spooled,
+            "replayed": counters.spans_replayed,
+        },
+        "lost_requests_spans_unknown": counters.lost_requests_spans_unknown,
+        "refused": dict(counters.refused),
+        "buffer": {"used_bytes": buffer_used},
+        "last_successful_upload": _when(now, r.last_success_at),
+        "last_upload_error": _error(now, last_upload_error),
+    }
+
+
+@dataclass(frozen=True)
+class OtlpHealth:
+    """Where /health reads the OTLP bridge's numbers (``otlp_bridge.OtlpBridge`` has them)."""
+
+    counters: OtlpCounters
+    traces_url: str
+    buffer_used: Callable[[], int]
+    waiting: Callable[[], int]
+    last_upload_error: Callable[[], tuple[float, str] | None]
+
+    def section(self, now: float) -> dict[str, Any]:
+        return otlp_section(
+            self.counters,
+            now=now,
+            traces_url=self.traces_url,
+            buffer_used=self.buffer_used(),
+            waiting=self.waiting(),
+            last_upload_error=self.last_upload_error(),
+        )
 
 
 def credentials_status(source: CredentialSource) -> CredentialsStatus:
@@ -183,10 +265,13 @@ class HealthState:
     unhealthy_after: float
     oldest_waiting_since: Callable[[], float | None] | None = field(default=None)
     credentials_refused: Callable[[], str | None] | None = field(default=None)
+    last_upload_error: Callable[[], tuple[float, str] | None] | None = field(default=None)
+    otlp: OtlpHealth | None = field(default=None)  # None: the OTLP bridge is off
 
     def report(self) -> Report:
+        now = self.clock.seconds()
         return assess(
-            now=self.clock.seconds(),
+            now=now,
             started_at=self.started_at,
             last_success_at=self.counters.last_success_at,
             waiting=self.waiting_docs(),
@@ -201,6 +286,10 @@ class HealthState:
             credentials_refused=(
                 self.credentials_refused() if self.credentials_refused is not None else None
             ),
+            last_upload_error=(
+                self.last_upload_error() if self.last_upload_error is not None else None
+            ),
+            otlp=self.otlp.section(now) if self.otlp is not None else None,
         )
 
 
