@@ -645,6 +645,7 @@ def build(
     telemetry = TelemetryService(
         send=uploader.call,
         counters=counters,
+        span_uploads=bridge.counters.requests if bridge is not None else None,
         clock=reactor,
         interval=0 if local else settings.telemetry_interval,
         hostname=identity.hostname,

@@ -116,6 +116,29 @@ class RecordTests(SynchronousTestCase):
             },
         )
 
+    def test_span_uploads_add_only_their_link_errors(self) -> None:
+        before, after = Counters(received=1), Counters(received=1, sent=1)
+        after.backend_errors["TimeoutCount"] = 1
+        spans_before = dict.fromkeys(ERROR_CLASSES, 0)
+        spans_after = {
+            **spans_before,
+            "TimeoutCount": 2,
+            "ConnectionRefusedCount": 3,
+            "UnknownHostCount": 4,
+            "HTTPCode4XXCount": 50,  # e.g. Transaction Search off: about spans, not the link
+            "HTTPCode5XXCount": 60,
+            "OtherCount": 70,
+        }
+        record = telemetry_record(
+            before, after, 1.0, spans_before=spans_before, spans_after=spans_after
+        )
+        self.assertEqual(
+            record["BackendConnectionErrors"],
+            {**ZERO_ERRORS, "TimeoutCount": 3, "ConnectionRefusedCount": 3, "UnknownHostCount": 4},
+        )
+        # Spans are not segments: the Segments* counts are the segment pipeline's alone.
+        self.assertEqual((record["SegmentsReceivedCount"], record["SegmentsSentCount"]), (0, 1))
+
     def test_body_is_byte_identical_to_the_go_daemon_capture(self) -> None:
         # xray-daemon-behaviour.md section 7, observed from daemon 3.6.x.
         go = (
@@ -231,6 +254,34 @@ class ScheduleTests(ServiceFixture):
         )
         self.assertEqual(third["SegmentsReceivedCount"], 0)
         self.assertEqual(third["BackendConnectionErrors"], ZERO_ERRORS)
+
+    def test_span_upload_link_errors_join_the_next_record(self) -> None:
+        spans = Counters()
+        spans.backend_errors["ConnectionRefusedCount"] = 5  # before start: not reported
+        service = TelemetryService(
+            send=self.send,
+            counters=self.counters,
+            clock=self.clock,
+            interval=self.interval,
+            span_uploads=spans,
+        )
+        self.service.stopService()  # only the one under test sends
+        service.startService()
+        self.counters.received = 1
+        spans.backend_errors["ConnectionRefusedCount"] += 2
+        spans.backend_errors["HTTPCode4XXCount"] += 9
+        spans.received = 40  # span traffic never shows as segments
+        self.cycle()
+        self.cycle()
+        first, second = self.send.all_records()[-2:]
+        self.assertEqual(
+            first["BackendConnectionErrors"], {**ZERO_ERRORS, "ConnectionRefusedCount": 2}
+        )
+        self.assertEqual(first["SegmentsReceivedCount"], 1)
+        self.assertEqual(second["BackendConnectionErrors"], ZERO_ERRORS)
+        self.send.answer = OK
+        service.stopService()
+        self.clock.advance(10)
 
     def test_success_is_logged_at_debug(self) -> None:
         self.counters.received = 1

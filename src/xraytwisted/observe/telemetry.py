@@ -10,6 +10,15 @@ Unlike the Go daemon 3.6, whose ``BackendConnectionErrors`` are always zero
 (it looks for the wrong SDK error type), the error classes here are the ones
 the uploader assigns to every failed PutTraceSegments attempt.
 
+Spans of the OTLP bridge are not segments and are not in the Segments*
+counts (the record has no field for them; /metrics and /health have
+them).  Only the span uploads' failures to reach X-Ray at all
+(``LINK_ERRORS``: timeouts, refused connections, unknown host) are added to
+``BackendConnectionErrors``: both pipelines talk to the same X-Ray host, so
+an operator reading that field sees the link trouble whichever API met it.
+HTTP error answers of the OTLP endpoint (Transaction Search off, spans
+refused) are about spans, not the connection, and stay out.
+
 The record and request body are built by pure functions; the service only
 does the scheduling and sending.
 """
@@ -43,13 +52,23 @@ MAX_RESOURCE_ARN = 500
 Record = dict[str, Any]
 SendResult = Outcome | tuple[float, bytes]
 Send = Callable[[str, bytes], "Deferred[SendResult]"]
+# Error classes of failures to reach X-Ray at all (no HTTP answer): the span
+# uploads' ones join BackendConnectionErrors.
+LINK_ERRORS = ("TimeoutCount", "ConnectionRefusedCount", "UnknownHostCount")
 
 
 # ---------------------------------------------------------------------------
 # Pure parts
 
 
-def telemetry_record(before: Counters, after: Counters, timestamp: float) -> Record:
+def telemetry_record(
+    before: Counters,
+    after: Counters,
+    timestamp: float,
+    *,
+    spans_before: Mapping[str, int] | None = None,
+    spans_after: Mapping[str, int] | None = None,
+) -> Record:
     """One TelemetryRecord: what happened between two counter snapshots.
 
     ``SegmentsSpilloverCount`` includes documents given up on (``lost``:
@@ -57,11 +76,18 @@ def telemetry_record(before: Counters, after: Counters, timestamp: float) -> Rec
     buffer, as the Go daemon counts the batches it drops when its queue is
     full: either way accepted-size data was dropped for lack of room or
     time.  With that, received = sent + rejected + spillover + still waiting.
+
+    ``spans_before``/``spans_after`` are the OTLP span uploads'
+    ``backend_errors`` at the same two moments: their ``LINK_ERRORS`` are
+    added to ``BackendConnectionErrors``.
     """
     errors = {
         name: after.backend_errors.get(name, 0) - before.backend_errors.get(name, 0)
         for name in ERROR_CLASSES
     }
+    if spans_before is not None and spans_after is not None:
+        for name in LINK_ERRORS:
+            errors[name] += spans_after.get(name, 0) - spans_before.get(name, 0)
     spilled = (after.spillover - before.spillover) + (after.lost - before.lost)
     return {
         "BackendConnectionErrors": errors,
@@ -113,9 +139,13 @@ class TelemetryService(Service):
         instance_id: str = "",
         resource_arn: str = "",
         final_timeout: float = FINAL_SEND_TIMEOUT,
+        span_uploads: Counters | None = None,
     ) -> None:
         self._send = send
         self._counters = counters
+        # The OTLP bridge's pipeline counters (None: it is off): its link errors count too.
+        self._span_uploads = span_uploads
+        self._last_span_errors: dict[str, int] = {}
         self._clock = clock
         self.interval = interval
         self.hostname = hostname
@@ -157,6 +187,7 @@ class TelemetryService(Service):
                 )
         self._gave_up = False
         self._last = self._counters.snapshot()
+        self._last_span_errors = self._span_errors()
         self.log.debug("Telemetry initiated (every {interval:g} seconds)", interval=self.interval)
         self._schedule()
 
@@ -224,9 +255,23 @@ class TelemetryService(Service):
         if last is None or self._counters.received == 0:
             return
         now = self._counters.snapshot()
-        self.queue.append(telemetry_record(last, now, self._clock.seconds()))
+        span_errors = self._span_errors()
+        self.queue.append(
+            telemetry_record(
+                last,
+                now,
+                self._clock.seconds(),
+                spans_before=self._last_span_errors,
+                spans_after=span_errors,
+            )
+        )
         self._last = now
+        self._last_span_errors = span_errors
         self._truncate()
+
+    def _span_errors(self) -> dict[str, int]:
+        spans = self._span_uploads
+        return dict(spans.backend_errors) if spans is not None else {}
 
     def _truncate(self) -> None:
         excess = len(self.queue) - MAX_QUEUED
