@@ -21,6 +21,7 @@ from typing import Any
 
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSpanSink
@@ -29,7 +30,6 @@ from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
 from xraytwisted.pipeline.uploader import CredentialSource
 from xraytwisted.settings.table import Settings
-from xraytwisted.tcpport.held import HeldBytes
 
 SPOOL_SUBDIR = "otlp"
 

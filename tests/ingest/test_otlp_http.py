@@ -29,11 +29,11 @@ from tests.support.logs import capture_logs
 from xraytwisted.ingest import otlp_http
 from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpSite, OtlpTracesResource, inflate
 from xraytwisted.listen.bind import bind_tcp
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
 from xraytwisted.settings.addresses import Address
-from xraytwisted.tcpport.held import HeldBytes
 
 reactor: Any = _reactor
 PROTOBUF = {"Content-Type": "application/x-protobuf"}

@@ -47,11 +47,11 @@ from twisted.web.server import Request, Site
 
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
-from xraytwisted.tcpport.held import HeldBytes
 
 PATH = b"/v1/traces"
 PROTOBUF = b"application/x-protobuf"

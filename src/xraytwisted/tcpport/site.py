@@ -29,9 +29,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle
-from xraytwisted.tcpport.held import HeldBytes
 
 DEFAULT_MAX_BODY = 1024 * 1024  # SamplingProxy.MaxBodyKB default
 DEFAULT_REQUEST_DEADLINE = 10.0  # SamplingProxy.RequestDeadlineSeconds
