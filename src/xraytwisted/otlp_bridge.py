@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xraytwisted.aws.endpoints import Endpoint
-from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
+from xraytwisted.ingest.otlp_http import OtlpTracesResource, otlp_site
+from xraytwisted.listen.bounded_site import BoundedSite
 from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
@@ -40,7 +41,7 @@ class OtlpBridge:
     buffer: SpanBuffer
     batcher: SpanBatcher
     uploader: OtlpUploader | None  # None with a local sink
-    site: OtlpSite
+    site: BoundedSite
     spool: Spool | None
     traces_url: str  # where spans go: X-Ray's OTLP URL, or the local sink's path
 
@@ -99,7 +100,7 @@ def build_bridge(
         spool_after=settings.spool_after,
         destination=destination,
     )
-    site = OtlpSite(
+    site = otlp_site(
         OtlpTracesResource(buffer, counters, reactor),
         clock=reactor,
         idle_timeout=settings.proxy_client_timeout,
