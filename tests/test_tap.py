@@ -23,6 +23,7 @@ from tests.support.daemon import DaemonProcess, clean_env, run_twistd
 from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted import __version__, tap
 from xraytwisted.daemon import NO_REGION, XRayDaemon
+from xraytwisted.listen.bounded_site import BoundedSite
 
 GO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d) \[(\w+)\] (.*)$")
 
@@ -170,9 +171,10 @@ class MakeServiceTests(SynchronousTestCase):
         assert factory.hold is not None
         self.assertEqual(factory.hold.capacity, 4096 * 1024)
         site = factory.site
-        self.assertIs(site.hold, factory.hold)  # type: ignore[attr-defined]
-        self.assertEqual(site.request_deadline, 3.0)  # type: ignore[attr-defined]
-        proxy = site.overloaded.__self__  # type: ignore[attr-defined]
+        assert isinstance(site, BoundedSite)
+        self.assertIs(site.limits.hold, factory.hold)
+        self.assertEqual(site.limits.deadline, 3.0)
+        proxy = site.limits.overloaded.__self__  # type: ignore[union-attr]
         self.assertEqual(
             proxy.allow, {b"/GetSamplingRules", b"/SamplingTargets", b"/TraceSummaries"}
         )

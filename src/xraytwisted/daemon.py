@@ -34,6 +34,7 @@ from xraytwisted.ingest.otlp_http import OtlpHTTPService
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.ingest.udp_drops import UdpDropMonitor, socket_inode
 from xraytwisted.listen import bind
+from xraytwisted.listen.held import HeldBytes, default_hold
 from xraytwisted.observe.accept_errors import AcceptErrorFilter
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.telemetry import TelemetryService
@@ -57,7 +58,6 @@ from xraytwisted.tcpport.health import (
     credentials_status,
     monitoring_site,
 )
-from xraytwisted.tcpport.held import HeldBytes, default_hold
 from xraytwisted.tcpport.local_sampling import (
     LocalRules,
     LocalSamplingResource,

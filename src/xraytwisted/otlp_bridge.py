@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from xraytwisted.aws.endpoints import Endpoint
-from xraytwisted.ingest.otlp_http import OtlpSite, OtlpTracesResource
+from xraytwisted.ingest.otlp_http import OtlpTracesResource, otlp_site
+from xraytwisted.listen.bounded_site import BoundedSite
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSpanSink
@@ -29,7 +31,6 @@ from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
 from xraytwisted.pipeline.uploader import CredentialSource
 from xraytwisted.settings.table import Settings
-from xraytwisted.tcpport.held import HeldBytes
 
 SPOOL_SUBDIR = "otlp"
 
@@ -40,7 +41,7 @@ class OtlpBridge:
     buffer: SpanBuffer
     batcher: SpanBatcher
     uploader: OtlpUploader | None  # None with a local sink
-    site: OtlpSite
+    site: BoundedSite
     spool: Spool | None
     traces_url: str  # where spans go: X-Ray's OTLP URL, or the local sink's path
 
@@ -103,7 +104,7 @@ def build_bridge(
         destination=destination,
         tally=tally,
     )
-    site = OtlpSite(
+    site = otlp_site(
         OtlpTracesResource(buffer, counters, reactor),
         clock=reactor,
         idle_timeout=settings.proxy_client_timeout,

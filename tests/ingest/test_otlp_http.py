@@ -16,24 +16,26 @@ import treq
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.pipeline.test_otlp_upload import otlp_request
 from tests.support.logs import capture_logs
 from xraytwisted.ingest import otlp_http
-from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpSite, OtlpTracesResource, inflate
+from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpTracesResource, inflate, otlp_site
 from xraytwisted.listen.bind import bind_tcp
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
 from xraytwisted.settings.addresses import Address
-from xraytwisted.tcpport.held import HeldBytes
 
 reactor: Any = _reactor
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -65,7 +67,7 @@ class ReceiverTests(TestCase):
     def start(self, max_body: int, max_connections: int = 4, hold: int | None = None) -> None:
         resource = OtlpTracesResource(self.buffer, self.counters, self.clock, max_body=max_body)
         extra = {} if hold is None else {"hold": HeldBytes(hold, self.clock)}
-        self.site = OtlpSite(
+        self.site = otlp_site(
             resource,
             clock=self.clock,
             idle_timeout=30,
@@ -298,7 +300,8 @@ class ReceiverTests(TestCase):
     def test_bodies_still_arriving_are_bounded_by_the_hold(self) -> Any:
         yield self.service.stopService()
         self.start(max_body=1_000_000, hold=2500)
-        hold = self.site.hold
+        hold = self.site.limits.hold
+        assert hold is not None
         head = b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
         # A sender announces a body that fits, sends most of it and goes quiet.
         first = yield self.raw(head + b"Content-Length: 1800\r\n\r\n" + b"\x0a" * 1500)
@@ -337,7 +340,7 @@ class ReceiverTests(TestCase):
         client.transport.write(
             b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
         )
-        yield self.until(lambda: any(c._deadline_call for c in self.site.channels))
+        yield self.until(lambda: any(c._deadline for c in self.site.channels))
         self.clock.advance(5)
         yield client.closed
         self.assertTrue(client.data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), client.data)
@@ -371,3 +374,46 @@ class ReceiverTests(TestCase):
             raise AssertionError("condition never became true")
 
         return poll()
+
+
+class ReceiverSiteTests(SynchronousTestCase):
+    """The receiver's Site over ``StringTransport``: what the shared bounded Site brought."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counters = OtlpCounters()
+        segments = SegmentBuffer(1_000_000, self.clock, Counters())
+        buffer = SpanBuffer(segments, self.clock, self.counters.requests)
+        resource = OtlpTracesResource(buffer, self.counters, self.clock, max_body=1000)
+        self.site = otlp_site(resource, clock=self.clock, idle_timeout=30, max_wire_body=1100)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_a_refused_body_is_read_to_its_end_so_the_sdk_sees_the_answer(self) -> None:
+        # Closing with the body still arriving resets the connection: the SDK
+        # saw a broken pipe (and retried) instead of the 413.
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b"\x0a" * 1000
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 Request Entity Too Large"))
+        self.assertEqual(self.counters.refused["too_large"], 1)
+        channel.dataReceived(b"\x0a" * 3999)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"\x0a")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.limits.hold.used, 0)  # type: ignore[union-attr]
+
+    def test_idle_connections_are_closed_at_debug(self) -> None:
+        # (twisted.web logs each at info: a line per SDK connection.)
+        _, transport = self.connect()
+        with capturedLogs() as events:
+            self.clock.advance(30)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.debug])

@@ -26,10 +26,11 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support.daemon import clean_env
 from tests.support.tempdirs import temp_path
+from xraytwisted.listen.bounded_site import LINGER_SECONDS
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters
 from xraytwisted.settings.loader import SEARCH_PATHS
-from xraytwisted.tcpport.held import HeldBytes
-from xraytwisted.tcpport.site import LINGER_SECONDS, LazyResource, http_root, make_site
+from xraytwisted.tcpport.site import LazyResource, http_root, make_site
 
 
 class _Page(Resource):

@@ -38,13 +38,13 @@ from xraytwisted.aws.sigv4 import Credentials
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.udp import UDPIngestService
 from xraytwisted.listen.bind import bind_tcp, bind_udp
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters
 from xraytwisted.outbound.http_client import make_client, make_pool
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD, SegmentBuffer
 from xraytwisted.pipeline.uploader import Uploader
 from xraytwisted.settings.addresses import Address
-from xraytwisted.tcpport.held import HeldBytes
 from xraytwisted.tcpport.site import http_root, make_site
 from xraytwisted.tcpport.sniffing import (
     AUTO_MAX_CONNECTIONS,

@@ -19,12 +19,15 @@ segment does; the answer is the OTLP one:
 * error bodies are a ``google.rpc.Status`` for protobuf requests and
   ``{"code": ..., "message": ...}`` otherwise.
 
-Limits like the TCP port's: the body limit is enforced as the body arrives
-(Content-Length, then bytes received); headers and body must arrive within
-``deadline`` seconds of a request's first byte (408, connection closed); an
-idle connection is closed after ``idle_timeout``; at most
-``max_connections`` connections are open at once (more are closed as soon
-as they are accepted).  Every refusal is counted by reason
+The Site is the TCP port's kind (``listen.bounded_site``), with the
+receiver's limits (``otlp_site``): the body limit is enforced as the body
+arrives (Content-Length, then bytes received) and bodies still arriving are
+bounded by ``OTLP.HoldMB``; after an early 413 or 503 the rest of the body
+is read and dropped so the SDK sees the answer; headers and body must
+arrive within ``deadline`` seconds of a request's first byte (408,
+connection closed); an idle connection is closed after ``idle_timeout``; at
+most ``max_connections`` connections are open at once (more are closed as
+soon as they are accepted).  Every refusal is counted by reason
 (``OtlpCounters.refused``) and logged at most once per reason every 10 s.
 """
 
@@ -33,25 +36,23 @@ from __future__ import annotations
 import json
 import socket
 import zlib
-from io import BytesIO
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.bounded_site import BoundedSite, Limit, Limits, raw_response
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
-from xraytwisted.tcpport.held import HeldBytes
 
 PATH = b"/v1/traces"
 PROTOBUF = b"application/x-protobuf"
@@ -181,6 +182,40 @@ class _Refusals:
             peer=peer,
             note=note,
         )
+
+    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
+        """A refusal by the receiver's Site (see ``Refusals``)."""
+        limits = site.limits
+        extra: tuple[bytes, ...] = ()
+        if limit is Limit.DEADLINE:
+            self.refused(
+                "deadline",
+                peer,
+                f"headers and body did not arrive within {limits.deadline or 0:g} seconds",
+            )
+            status, message = 408, "request deadline passed"
+        elif limit is Limit.TOO_LARGE:
+            status = 413
+            message = f"request body larger than {limits.max_body} bytes (X-Ray takes 5 MB)"
+            self.refused("too_large", peer, message)
+        elif limit is Limit.HOLD_FULL or limit is Limit.OVERLOADED:
+            hold = limits.hold
+            used, capacity = (hold.used, hold.capacity) if hold is not None else (0, 0)
+            status, extra = 503, (b"Retry-After: %d" % RETRY_AFTER,)
+            message = (
+                f"the daemon already holds {used} bytes of OTLP request bodies still "
+                f"arriving, the most OTLP.HoldMB ({capacity // (1024 * 1024)} MB) allows; "
+                "retry later"
+            )
+            self.refused("hold_full", peer, message)
+        else:  # the connection cap (the receiver has no per-address one): closed unanswered
+            message = f"{limits.max_connections} connections are open already"
+            self.refused("too_many_connections", peer, message + " (OTLP.MaxConnections)")
+            return b""
+        if request is None:
+            return b""  # a deadline before the request line was in: just close
+        ctype, body = error_answer(_wants_protobuf(request), status, message)
+        return raw_response(status, ctype, body, *extra)
 
     def refused(self, reason: str, peer: str, message: str) -> None:
         self.counters.refused[reason] += 1
@@ -346,237 +381,39 @@ class OtlpTracesResource(Resource):
         return b"" if request.method == b"HEAD" else body
 
 
-def _raw_answer(request: Any, status: int, reason: bytes, message: str, extra: bytes = b"") -> None:
-    """Answer on the wire and close: for refusals before twisted.web made a Request of it."""
-    ctype, body = error_answer(_wants_protobuf(request), status, message)
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close"
-        b"\r\n\r\n" % (status, reason, ctype, len(body), extra)
-    )
-    channel = request.channel
-    if channel is not None and channel.transport is not None:
-        channel.transport.write(head + body)
-        channel.loseConnection()
+def otlp_site(
+    resource: OtlpTracesResource,
+    *,
+    clock: IReactorTime,
+    idle_timeout: float,
+    deadline: float = DEFAULT_DEADLINE,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_wire_body: int = MAX_WIRE_BODY,
+    hold: HeldBytes | None = None,
+) -> BoundedSite:
+    """The receiver's Site: bounded connections, request deadlines, bodies as they arrive.
 
-
-class _OtlpRequest(Request):
-    """A Request whose body is bounded as it arrives.
-
-    Over the site's ``max_wire_body``: 413 at once.  The bytes of a body
-    still arriving are charged to the site's ``hold`` (``OTLP.HoldMB``, all
-    connections together) until the request is answered or its connection
-    is gone; a body that does not fit, by its Content-Length or as it
-    arrives, is answered 503 with Retry-After (the SDK retries), so senders
-    that go quiet halfway cannot make the daemon hold more than that.
+    Over ``max_wire_body``: 413 at once.  The bytes of a body still
+    arriving are charged to ``hold`` (``OTLP.HoldMB``, all connections
+    together) until the request is answered or its connection is gone; a
+    body that does not fit, by its Content-Length or as it arrives, is
+    answered 503 with Retry-After (the SDK retries), so senders that go
+    quiet halfway cannot make the daemon hold more than that.
     """
-
-    _refused = False
-    _body_bytes = 0
-    _held = 0
-
-    def _site(self) -> Any:
-        return getattr(self.channel, "site", None)
-
-    def _limit(self) -> int:
-        return int(getattr(self._site(), "max_wire_body", MAX_WIRE_BODY))
-
-    def _hold(self) -> HeldBytes | None:
-        hold = getattr(self._site(), "hold", None)
-        return hold if isinstance(hold, HeldBytes) else None
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()  # in memory: a read-only file system has no temp dir
-        if length is not None and length > self._limit():
-            self._refuse_too_large()
-            return
-        hold = self._hold()
-        if length and hold is not None and not hold.fits(length):
-            self._refuse_busy(hold)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > self._limit():
-            self._refuse_too_large()
-            return
-        hold = self._hold()
-        if hold is not None:
-            if not hold.fits(len(data)):
-                self._refuse_busy(hold)
-                return
-            hold.charge(len(data))
-            self._held += len(data)
-        content = self.content
-        assert content is not None  # set by gotLength
-        content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return  # answered already; the connection is closing
-        super().requestReceived(command, path, version)
-
-    def finish(self) -> None:
-        self._release()  # answered: the body is in the span buffer's budget, or refused
-        super().finish()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._release()
-        super().connectionLost(reason)
-
-    def _release(self) -> None:
-        held, self._held = self._held, 0
-        hold = self._hold()
-        if held and hold is not None:
-            hold.release(held)
-
-    def _refuse_too_large(self) -> None:
-        message = f"request body larger than {self._limit()} bytes (X-Ray takes 5 MB)"
-        self._refuse("too_large", message, 413, b"Request Entity Too Large")
-
-    def _refuse_busy(self, hold: HeldBytes) -> None:
-        message = (
-            f"the daemon already holds {hold.used} bytes of OTLP request bodies still "
-            f"arriving, the most OTLP.HoldMB ({hold.capacity // (1024 * 1024)} MB) allows; "
-            "retry later"
-        )
-        self._refuse(
-            "hold_full", message, 503, b"Service Unavailable", b"Retry-After: %d\r\n" % RETRY_AFTER
-        )
-
-    def _refuse(
-        self, reason: str, message: str, status: int, phrase: bytes, extra: bytes = b""
-    ) -> None:
-        self._refused = True
-        self._release()
-        self.content = BytesIO()  # what arrived is dropped
-        refusals = getattr(self._site(), "refusals", None)
-        if isinstance(refusals, _Refusals):
-            refusals.refused(reason, _peer(self), message)
-        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
-        _raw_answer(self, status, phrase, message, extra)
-
-
-class _OtlpChannel(http.HTTPChannel):
-    """An HTTPChannel with a deadline for each request's headers and body."""
-
-    _deadline_call: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        site = _site_of(self)
-        if isinstance(site, OtlpSite):
-            site.channel_opened(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        site = _site_of(self)
-        if self._deadline_call is None and isinstance(site, OtlpSite) and site.deadline > 0:
-            # The first byte of a request: all of it must be in by the deadline.
-            self._deadline_call = site.clock.callLater(site.deadline, self._past_deadline)
-        super().dataReceived(data)
-
-    def allContentReceived(self) -> None:
-        self._cancel_deadline()
-        super().allContentReceived()
-
-    def _cancel_deadline(self) -> None:
-        call, self._deadline_call = self._deadline_call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _past_deadline(self) -> None:
-        self._deadline_call = None
-        site = _site_of(self)
-        if isinstance(site, OtlpSite):
-            peer: Any = self.transport.getPeer() if self.transport is not None else None
-            where = f"{peer.host}:{peer.port}" if hasattr(peer, "host") else "?"
-            site.refusals.refused(
-                "deadline",
-                where,
-                f"headers and body did not arrive within {site.deadline:g} seconds",
-            )
-        requests = self.requests
-        if requests:
-            _raw_answer(requests[-1], 408, b"Request Timeout", "request deadline passed")
-        elif self.transport is not None:
-            self.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_deadline()
-        super().connectionLost(reason)
-        site = _site_of(self)
-        if isinstance(site, OtlpSite):
-            site.channel_closed(self)
-
-
-def _site_of(channel: http.HTTPChannel) -> Any:
-    return getattr(channel, "site", None)  # set by Site.buildProtocol
-
-
-class OtlpSite(Site):
-    """The receiver's Site: quiet, bounded connections, request deadlines."""
-
-    noisy = False
-    displayTracebacks = False
-    protocol = _OtlpChannel  # type: ignore[assignment]
-    requestFactory = _OtlpRequest
-
-    def __init__(
-        self,
-        resource: OtlpTracesResource,
-        *,
-        clock: IReactorTime,
-        idle_timeout: float,
-        deadline: float = DEFAULT_DEADLINE,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_wire_body: int = MAX_WIRE_BODY,
-        hold: HeldBytes | None = None,
-    ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=clock)
-        # Bytes of bodies still arriving, all connections together (OTLP.HoldMB).
-        self.hold = hold if hold is not None else HeldBytes(DEFAULT_HOLD, clock)
-        self.clock = clock
-        self.deadline = deadline
-        self.max_connections = max_connections
-        self.max_wire_body = max_wire_body
-        self.refusals = resource.refusals
-        self.channels: dict[_OtlpChannel, Deferred[None]] = {}
-
-    def buildProtocol(self, addr: Any) -> Any:
-        if len(self.channels) >= self.max_connections:
-            where = f"{addr.host}:{addr.port}" if hasattr(addr, "host") else "?"
-            self.refusals.refused(
-                "too_many_connections",
-                where,
-                f"{self.max_connections} connections are open already (OTLP.MaxConnections)",
-            )
-            return None  # the reactor closes the new connection
-        return super().buildProtocol(addr)
-
-    def channel_opened(self, channel: _OtlpChannel) -> None:
-        self.channels[channel] = Deferred()
-
-    def channel_closed(self, channel: _OtlpChannel) -> None:
-        closed = self.channels.pop(channel, None)
-        if closed is not None:
-            closed.callback(None)
-
-    def close_connections(self) -> Deferred[Any]:
-        """Close every connection; fires once all are gone."""
-        waits = list(self.channels.values())
-        for channel in list(self.channels):
-            if channel.transport is not None:
-                channel.transport.loseConnection()
-        return DeferredList(waits, consumeErrors=True)
-
-    def log(self, request: http.Request) -> None:
-        pass  # no access log: one line per request would flood it
+    limits = Limits(
+        idle_timeout=idle_timeout,
+        deadline=deadline,
+        max_body=max_wire_body,
+        max_connections=max_connections,
+        hold=hold if hold is not None else HeldBytes(DEFAULT_HOLD, clock),
+    )
+    return BoundedSite(resource, limits, resource.refusals, reactor=clock)
 
 
 class OtlpHTTPService(AdoptedPortService):
     """Serves the receiver on a socket bound while the daemon was built."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, site: OtlpSite) -> None:
+    def __init__(self, reactor: Any, sock: socket.socket, site: BoundedSite) -> None:
         super().__init__(reactor, sock)
         self.site = site
 

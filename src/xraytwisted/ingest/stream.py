@@ -22,8 +22,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from xraytwisted.ingest.core import Ingest, is_header
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.pipeline.buffer import DOC_OVERHEAD
-from xraytwisted.tcpport.held import HeldBytes
 
 # Bytes of whole lines handed to LineReceiver at a time (see _feed).
 PIECE = 4096

@@ -1,15 +1,14 @@
-"""The HTTP side of the TCP port: routing, request limits, and a quiet Site.
+"""The HTTP side of the TCP port: routing, error answers, and its bounded Site.
 
 ``http_root`` answers the daemon's own pages (``/health``, ``/metrics``) and
 hands every other request to the proxy (the SigV4 sampling proxy, or the
 local sampling resource in local-sink mode), which answers a JSON 404 for
 anything that is not an X-Ray API path.  ``make_site`` builds the Site the
-TCP port's sniffer hands HTTP connections to: no access log, an idle
-timeout, a deadline for each whole request (so trickling bytes does not
-keep a connection), and request-body limits that are enforced while the
-body arrives (a 10 GB upload is refused after its headers, not buffered;
-a refused client can finish sending and read its answer).  Only public
-twisted.web hooks are used.
+TCP port's sniffer hands HTTP connections to: a ``BoundedSite`` (no access
+log, an idle timeout, a deadline for each whole request, request-body
+limits enforced while the body arrives, a lingering close after an early
+refusal) whose refusals are AWS JSON errors counted in ``proxy_requests``
+(``ProxyRefusals``).
 """
 
 from __future__ import annotations
@@ -17,28 +16,21 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable, Mapping
-from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.bounded_site import BoundedSite, Limit, Limits, raw_response
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle
-from xraytwisted.tcpport.held import HeldBytes
 
 DEFAULT_MAX_BODY = 1024 * 1024  # SamplingProxy.MaxBodyKB default
 DEFAULT_REQUEST_DEADLINE = 10.0  # SamplingProxy.RequestDeadlineSeconds
-# After an early refusal, bytes of the refused request read and dropped (and
-# seconds waited for them) so the client can finish sending and read the answer.
-LINGER_BYTES = 4 * 1024 * 1024
-LINGER_SECONDS = 5.0
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -134,340 +126,81 @@ def http_root(
     return _Root(proxy, local, counters)
 
 
-def format_address(address: object) -> str:
-    """``host:port`` of a peer address (its repr if it has neither)."""
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    return f"{host}:{port}" if host is not None and port is not None else str(address)
-
-
-def raw_answer(status: int, reason: bytes, code: str, message: str, *extra: bytes) -> bytes:
-    """A complete HTTP/1.1 JSON error answer that closes the connection.
-
-    For answers given before twisted.web has set a request up (it does so
-    only once the body is in), when ``Request.write`` cannot be used yet.
-    """
+def raw_answer(status: int, code: str, message: str, *extra: bytes) -> bytes:
+    """A complete JSON error answer (as ``json_error``'s) that closes the connection."""
     body = error_body(code, message)
-    head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    head += b"Content-Type: application/json\r\nX-Amzn-ErrorType: %s\r\n" % code.encode("ascii")
-    head += b"".join(line + b"\r\n" for line in extra)
-    head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-    return head + body
+    error_type = b"X-Amzn-ErrorType: " + code.encode("ascii")
+    return raw_response(status, b"application/json", body, error_type, *extra)
 
 
-class BoundedChannel(http.HTTPChannel):
-    """An HTTPChannel with a deadline per request and a lingering close.
+class ProxyRefusals:
+    """How the TCP port's web side refuses: AWS JSON errors, ``proxy_requests`` outcomes.
 
-    * From the first byte of a request, the client has the site's
-      ``request_deadline`` seconds to send all of it, headers and body
-      (the idle timeout alone restarts on every byte, so a client
-      trickling a header line at a time would never be cut); then it gets
-      408 and the connection is closed.  The clock does not run while a
-      request is being answered, nor between requests (the idle timeout
-      covers that).
-    * After an early refusal (413, 503) the rest of the request is read
-      and dropped, up to ``LINGER_BYTES`` and ``LINGER_SECONDS``, before
-      the connection is closed: closing on unread data makes the kernel
-      reset the connection, and the client would see a broken pipe instead
-      of the answer.
-    * Idle timeouts are routine (SDKs keep connections open between
-      polls): logged at debug, not at info as twisted.web does.
+    413 and 503 are counted (``too_large``, ``overloaded``), 408 too
+    (``slow_client``); slow clients and a full hold are also logged, at most
+    once per kind every 10 seconds.
     """
 
     log = Logger()
-    _deadline: IDelayedCall | None = None
-    _abort: IDelayedCall | None = None
-    _answering = False  # between a request's last byte and its answer's end
-    _lingering = False
-    _gone = False
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not (self._answering or self._lingering) and data:
-            seconds = getattr(getattr(self, "site", None), "request_deadline", None)
-            if seconds:
-                self._deadline = self.callLater(seconds, self._deadline_passed)
-        super().dataReceived(data)
+    def __init__(self, counters: Counters | None, clock: IReactorTime) -> None:
+        self.counters = counters
+        self._throttle = Throttle(clock, 10.0)
 
-    def allContentReceived(self) -> None:
-        if not self._lingering:
-            self._cancel(self._deadline)
-            self._deadline = None
-        self._answering = True
-        super().allContentReceived()
-
-    def requestDone(self, request: http.Request) -> None:
-        # Pipelined bytes read meanwhile are handed back to dataReceived from
-        # here, which starts the next request's deadline.
-        self._answering = False
-        super().requestDone(request)
-
-    def _deadline_passed(self) -> None:
-        self._deadline = None
-        if self._lingering or self.transport is None:
-            return
-        site = getattr(self, "site", None)
-        counters = getattr(site, "counters", None)
-        if isinstance(counters, Counters):
-            counters.proxy_requests["slow_client"] += 1
-        seconds = getattr(site, "request_deadline", 0)
-        if isinstance(site, QuietSite):
-            site.warn(
+    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
+        limits = site.limits
+        if limit is Limit.DEADLINE:
+            seconds = limits.deadline or 0
+            self._count("slow_client")
+            self._warn(
                 "slow client",
                 "Closing HTTP connection from {peer}: its request was not complete within "
                 "{seconds:g} seconds (SamplingProxy.RequestDeadlineSeconds); answered 408",
-                peer=format_address(self.transport.getPeer()),
+                peer=peer,
                 seconds=seconds,
             )
-        self.transport.write(
-            raw_answer(
+            return raw_answer(
                 408,
-                b"Request Timeout",
                 "RequestTimeoutException",
                 f"the request was not complete within {seconds:g} seconds "
                 "(SamplingProxy.RequestDeadlineSeconds)",
             )
-        )
-        self._close_soon()
-
-    def linger(self, limit: int) -> None:
-        """An answer ending the request was written: drop up to ``limit`` more bytes, then close."""
-        if self._lingering:
-            return
-        self._lingering = True
-        self._cancel(self._deadline)
-        self._deadline = None
-        self.setTimeout(None)
-        if limit <= 0 or self.transport is None:
-            self.end_linger()
-            return
-        # The answer is complete: let the client see its end now.
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is not None:
-            half_close()
-        self._deadline = self.callLater(LINGER_SECONDS, self.end_linger)
-
-    def end_linger(self) -> None:
-        self._cancel(self._deadline)
-        self._deadline = None
-        self._close_soon()
-
-    def _close_soon(self) -> None:
-        self.loseConnection()
-        # (A half-closed connection may be gone already.)
-        if self._abort is None and not self._gone:
-            # A client that reads nothing cannot keep the descriptor.
-            self._abort = self.callLater(self.abortTimeout or 15, self._abort_now)
-
-    def _abort_now(self) -> None:
-        self._abort = None
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-
-    def timeoutConnection(self) -> None:
-        # What HTTPChannel.timeoutConnection does, logged at debug.
-        peer = str(self.transport.getPeer()) if self.transport is not None else "?"
-        self.log.debug("Timing out client: {peer}", peer=peer)
-        self._close_soon()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._gone = True
-        for call in (self._deadline, self._abort):
-            self._cancel(call)
-        self._deadline = self._abort = None
-        super().connectionLost(reason)
-
-    @staticmethod
-    def _cancel(call: IDelayedCall | None) -> None:
-        if call is not None and call.active():
-            call.cancel()
-
-
-class BoundedRequest(Request):
-    """A Request whose body may not exceed its site's ``max_body``, nor its ``hold``.
-
-    As soon as the headers are in: a Content-Length over the limit is
-    answered 413, and a request with a body while the sampling proxy has
-    no room for another (the site's ``overloaded``) 503, before the body
-    is read.  Chunked bodies are counted as they arrive.  The body's bytes
-    are charged to the site's ``hold`` (shared with the segment streams)
-    until the request is answered; one that does not fit is answered 503.
-    After any such answer the rest of the body is read and dropped (see
-    ``BoundedChannel.linger``).  Bodies stay in memory (no temporary files:
-    a read-only container file system has nowhere to put them).
-    """
-
-    _refused = False
-    _body_bytes = 0
-    _held = 0
-    _declared: int | None = None
-
-    def _site(self) -> Any:
-        return getattr(getattr(self, "channel", None), "site", None)
-
-    def gotLength(self, length: int | None) -> None:
-        site = self._site()
-        limit = getattr(site, "max_body", None)
-        if not isinstance(limit, int):
-            super().gotLength(length)
-            return
-        self.content = BytesIO()
-        self._declared = length
-        if length is not None and length > limit:
-            self._refuse_too_large(limit)
-            return
-        if length == 0:
-            return
-        overloaded = getattr(site, "overloaded", None)
-        if overloaded is not None and overloaded():
-            self._refuse_busy(
+        if limit is Limit.TOO_LARGE:
+            self._count("too_large")
+            return raw_answer(
+                413,
+                "InvalidRequestException",
+                f"request body larger than {limits.max_body} bytes (SamplingProxy.MaxBodyKB)",
+            )
+        if limit is Limit.HOLD_FULL:
+            self._warn(
+                "hold full",
+                "TCP port: {held} bytes of unfinished requests and stream lines are "
+                "held, the most Socket.TCPHoldKB (--tcp-hold) allows; answered 503",
+                held=limits.hold.used if limits.hold is not None else 0,
+            )
+            message = (
+                "the daemon holds as many request bytes as Socket.TCPHoldKB allows; try again later"
+            )
+        else:  # OVERLOADED (the port's sniffer caps connections, not the Site)
+            message = (
                 "the daemon already has as many X-Ray requests in flight as "
                 "SamplingProxy.MaxConcurrentRequests allows; try again later"
             )
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._body_bytes += len(data)
-        if self._refused:
-            if self._body_bytes > LINGER_BYTES:
-                self._end_linger()
-            return
-        site = self._site()
-        limit = getattr(site, "max_body", None)
-        if isinstance(limit, int) and self._body_bytes > limit:
-            self._refuse_too_large(limit)
-            return
-        hold = getattr(site, "hold", None)
-        if isinstance(hold, HeldBytes):
-            if not hold.fits(len(data)):
-                if isinstance(site, QuietSite):
-                    site.warn(
-                        "hold full",
-                        "TCP port: {held} bytes of unfinished requests and stream lines are "
-                        "held, the most Socket.TCPHoldKB (--tcp-hold) allows; answered 503",
-                        held=hold.used,
-                    )
-                self._refuse_busy(
-                    "the daemon holds as many request bytes as Socket.TCPHoldKB allows; "
-                    "try again later"
-                )
-                return
-            hold.charge(len(data))
-            self._held += len(data)
-        content = self.content
-        assert content is not None  # set by gotLength
-        content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            self._end_linger()  # the whole body has been read: close now
-            return
-        super().requestReceived(command, path, version)
-
-    def finish(self) -> None:
-        self._release()  # (finishing forgets the channel, and with it the site)
-        super().finish()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._release()
-        super().connectionLost(reason)
-
-    def _release(self) -> None:
-        held, self._held = self._held, 0
-        hold = getattr(self._site(), "hold", None)
-        if held and isinstance(hold, HeldBytes):
-            hold.release(held)
+        self._count("overloaded")
+        return raw_answer(503, "ServiceUnavailableException", message, b"Retry-After: 1")
 
     def _count(self, outcome: str) -> None:
-        counters = getattr(self._site(), "counters", None)
-        if isinstance(counters, Counters):
-            counters.proxy_requests[outcome] += 1
+        if self.counters is not None:
+            self.counters.proxy_requests[outcome] += 1
 
-    def _refuse_too_large(self, limit: int) -> None:
-        self._count("too_large")
-        self._refuse(
-            raw_answer(
-                413,
-                b"Request Entity Too Large",
-                "InvalidRequestException",
-                f"request body larger than {limit} bytes (SamplingProxy.MaxBodyKB)",
-            )
-        )
-
-    def _refuse_busy(self, message: str) -> None:
-        self._count("overloaded")
-        self._refuse(
-            raw_answer(503, b"Service Unavailable", "ServiceUnavailableException", message,
-                       b"Retry-After: 1")
-        )  # fmt: skip
-
-    def _refuse(self, answer: bytes) -> None:
-        self._refused = True
-        self._release()
-        # The channel would otherwise invite the body with "100 Continue"
-        # right after this answer.
-        self.requestHeaders.removeHeader(b"expect")
-        channel = self.channel
-        if channel.transport is not None:
-            channel.transport.write(answer)
-        # Read what the client is still sending (if it is not too much), so
-        # that it gets to see the answer.
-        left = LINGER_BYTES - self._body_bytes
-        if self._declared is not None:
-            left = self._declared - self._body_bytes
-            if left > LINGER_BYTES:
-                left = 0
-        if isinstance(channel, BoundedChannel):
-            channel.linger(left)
-        else:
-            channel.loseConnection()
-
-    def _end_linger(self) -> None:
-        channel = self.channel
-        if isinstance(channel, BoundedChannel):
-            channel.end_linger()
-        elif channel is not None:
-            channel.loseConnection()
-
-
-class QuietSite(Site):
-    """A Site without access log lines or "Starting factory" noise."""
-
-    logger = Logger()
-    noisy = False
-    displayTracebacks = False
-    protocol = BoundedChannel  # type: ignore[assignment]
-    requestFactory = BoundedRequest
-
-    def __init__(
-        self,
-        resource: IResource,
-        *,
-        timeout: float,
-        max_body: int | None,
-        counters: Counters | None,
-        reactor: IReactorTime | None,
-        request_deadline: float | None = None,
-        hold: HeldBytes | None = None,
-        overloaded: Callable[[], bool] | None = None,
-    ) -> None:
-        super().__init__(resource, timeout=timeout, reactor=reactor)
-        self.max_body = max_body
-        self.counters = counters
-        self.request_deadline = request_deadline
-        self.hold = hold
-        self.overloaded = overloaded
-        self._throttle = Throttle(self.reactor, 10.0)
-
-    def warn(self, kind: str, message: str, **fields: object) -> None:
-        """A warning about a client, at most one per ``kind`` every 10 seconds."""
+    def _warn(self, kind: str, message: str, **fields: object) -> None:
         suppressed = self._throttle.check(kind)
         if suppressed is None:
             return
         if suppressed:
             message += " ({suppressed} more like this suppressed)"
-        self.logger.warn(message, suppressed=suppressed, **fields)
-
-    def log(self, request: http.Request) -> None:
-        pass
+        self.log.warn(message, suppressed=suppressed, **fields)
 
 
 def make_site(
@@ -480,7 +213,7 @@ def make_site(
     request_deadline: float | None = DEFAULT_REQUEST_DEADLINE,
     hold: HeldBytes | None = None,
     overloaded: Callable[[], bool] | None = None,
-) -> Site:
+) -> BoundedSite:
     """The Site for the TCP port's HTTP side.
 
     ``timeout``: seconds a client connection may stay idle (slow or silent
@@ -495,16 +228,18 @@ def make_site(
     follows; True answers 503 before the body is read.
     ``reactor`` runs the timeouts (the global reactor by default).
     """
-    return QuietSite(
-        root,
-        timeout=timeout,
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IReactorTime, global_reactor)
+    limits = Limits(
+        idle_timeout=timeout,
+        deadline=request_deadline,
         max_body=max_body,
-        counters=counters,
-        reactor=reactor,
-        request_deadline=request_deadline,
         hold=hold,
         overloaded=overloaded,
     )
+    return BoundedSite(root, limits, ProxyRefusals(counters, reactor), reactor=reactor)
 
 
 class SiteService(AdoptedPortService):

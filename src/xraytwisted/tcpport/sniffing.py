@@ -41,9 +41,9 @@ from twisted.web.server import Site
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.logs import Throttle
 from xraytwisted.settings.addresses import Address
-from xraytwisted.tcpport.held import HeldBytes
 
 # Longest HTTP method token we wait for before deciding (RFC 9110's
 # methods have at most 7 letters, WebDAV's at most 11).

@@ -1,10 +1,11 @@
-"""Bytes the TCP port holds for its clients, bounded in total.
+"""Bytes a listener holds for its clients, bounded in total.
 
 A segment stream's unfinished line (and, while the segment buffer is full,
 the lines and the document waiting for room) and an HTTP request's body are
 in memory before anything is accepted, outside the segment buffer's budget.
-``HeldBytes`` is their own budget (``Socket.TCPHoldKB``), shared by every
-connection of the port: a stream that holds bytes when it is spent stops
+``HeldBytes`` is their own budget (the TCP port's ``Socket.TCPHoldKB``, the
+OTLP receiver's ``OTLP.HoldMB``), shared by every connection of its
+listener: a stream that holds bytes when it is spent stops
 being read until others give bytes back, and a body that does not fit is
 answered 503.  See docs/stream-format.md.
 """
