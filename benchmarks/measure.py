@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import procstat
-from benchmarks.processes import DEFAULT_COMMAND, Daemon, Sender, Sink
+from benchmarks.processes import DEFAULT_COMMAND, Daemon, Sender, Sink, SpanSender
 from benchmarks.stats import percentile
 
 WARMUP_FIRST_SEQ = 0xF0_0000_0000_0000  # ids the measurement never uses
@@ -168,12 +168,25 @@ def background_busy(settings: Settings) -> float:
             return busy
 
 
-def drain(sink: Sink, expected: int, settings: Settings, sample: Callable[[], None]) -> float:
-    """Wait until ``expected`` documents arrived or arrivals stopped; seconds waited."""
+def warm_up_spans(sink: Sink, daemon: Daemon, timeout: float = 10.0) -> None:
+    """Send a few spans over OTLP/HTTP and wait until they arrive (one request of 200)."""
+    with SpanSender(daemon.otlp_port, 1000, WARMUP_COUNT / 1000, WARMUP_FIRST_SEQ) as sender:
+        sender.result()
+    deadline = time.monotonic() + timeout
+    while sink.stats()["spans"] < WARMUP_COUNT and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    sink.take()
+
+
+def drain(
+    sink: Sink, expected: int, settings: Settings, sample: Callable[[], None], key: str = "docs"
+) -> float:
+    """Seconds waited until ``expected`` documents (``key``) arrived or arrivals stopped."""
     start = last_change = time.monotonic()
     last = -1
     while True:
-        docs = sink.stats()["docs"]
+        docs = sink.stats()[key]
         now = time.monotonic()
         if docs >= expected or now - start > settings.drain_max:
             return now - start
@@ -312,15 +325,24 @@ class IdleResult:
     cpu_ms_per_minute: float
     wakeups: int  # context switches of all threads
     wakeups_per_second: float
+    rss_start_mb: float  # as soon as it listens, before the warm-up
     rss_mb: float  # at the end
     exit_status: int | None
     log_problems: int
 
 
 def measure_idle(
-    sink: Sink, settings: Settings, seconds: float, workdir: Path, name: str = "daemon-idle"
+    sink: Sink,
+    settings: Settings,
+    seconds: float,
+    workdir: Path,
+    name: str = "daemon-idle",
+    warm_spans: bool = False,
 ) -> IdleResult:
-    """CPU and wakeups of a fresh, warmed-up daemon that receives nothing for ``seconds``."""
+    """CPU and wakeups of a fresh, warmed-up daemon that receives nothing for ``seconds``.
+
+    ``warm_spans``: the warm-up also sends spans to its OTLP receiver.
+    """
     sink.take()
     with Daemon(
         settings.command, sink.endpoint, workdir, name=name,
@@ -328,7 +350,10 @@ def measure_idle(
     ) as daemon:  # fmt: skip
         daemon.wait_ready()
         pid = daemon.pid
+        rss_start = procstat.rss_kb(pid)
         warm_up(sink, daemon)
+        if warm_spans:
+            warm_up_spans(sink, daemon)
         run0, wakeups0, t0 = procstat.run_seconds(pid), procstat.wakeups(pid), time.monotonic()
         time.sleep(seconds)
         cpu, woke = procstat.run_seconds(pid) - run0, procstat.wakeups(pid) - wakeups0
@@ -342,6 +367,7 @@ def measure_idle(
         cpu_ms_per_minute=60_000 * cpu / elapsed,
         wakeups=woke,
         wakeups_per_second=woke / elapsed,
+        rss_start_mb=rss_start / MB,
         rss_mb=rss,
         exit_status=exit_status,
         log_problems=problems,

@@ -19,6 +19,7 @@ from typing import Any
 
 from benchmarks import procstat
 from benchmarks.sender import SendResult
+from benchmarks.span_sender import SpanSendResult
 
 # The daemon under test; placeholders are filled in by Daemon (see PLACEHOLDERS).
 # twistd: -n stays in the foreground; --pidfile= writes no twistd.pid (so runs
@@ -34,6 +35,8 @@ PLACEHOLDERS = {
     "udp_address": "127.0.0.1:{udp_port}",
     "tcp_port": "a free TCP port (for daemons that also listen on TCP)",
     "tcp_address": "127.0.0.1:{tcp_port}",
+    "otlp_port": "a free TCP port for the OTLP/HTTP receiver (--spans, --otlp-idle)",
+    "otlp_address": "127.0.0.1:{otlp_port}",
     "config": "the --config-template file, rendered with these placeholders",
     "workdir": "the run's output directory",
 }
@@ -174,6 +177,9 @@ class Daemon(_Managed):
     ) -> None:
         self.udp_port = free_port(socket.SOCK_DGRAM)
         tcp_port = free_port(socket.SOCK_STREAM)
+        self.otlp_port = free_port(socket.SOCK_STREAM)
+        # Only a command that names {otlp_address} or {otlp_port} receives spans.
+        self.receives_spans = "{otlp_" in command
         values = {
             "python": sys.executable,
             "twistd": str(Path(sys.executable).parent / "twistd"),
@@ -182,6 +188,8 @@ class Daemon(_Managed):
             "udp_address": f"127.0.0.1:{self.udp_port}",
             "tcp_port": str(tcp_port),
             "tcp_address": f"127.0.0.1:{tcp_port}",
+            "otlp_port": str(self.otlp_port),
+            "otlp_address": f"127.0.0.1:{self.otlp_port}",
             "workdir": str(workdir),
             "config": "",
         }
@@ -205,9 +213,11 @@ class Daemon(_Managed):
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the daemon listens on its UDP port; raises if it exits or times out."""
+        """Until the daemon listens on UDP (and its OTLP port); raises if it exits or times out."""
         deadline = time.monotonic() + timeout
-        while not procstat.udp_port_bound(self.udp_port):
+        while not procstat.udp_port_bound(self.udp_port) or (
+            self.receives_spans and not procstat.tcp_port_listening(self.otlp_port)
+        ):
             if not self.alive():
                 raise RuntimeError(f"daemon exited ({self.proc.returncode}); see {self.log_path}")
             if time.monotonic() > deadline:
@@ -255,3 +265,36 @@ class Sender(_Managed):
         data = json.loads(out)
         data.pop("rate", None)
         return SendResult(**data)
+
+
+class SpanSender(_Managed):
+    """``benchmarks.span_sender`` in its own process."""
+
+    def __init__(
+        self,
+        port: int,
+        rate: float,
+        duration: float,
+        first_seq: int,
+        size: int = 1024,
+        batch: int = 512,
+        delay: float = 5.0,
+    ) -> None:
+        args = [
+            sys.executable, "-m", "benchmarks.span_sender", "--port", str(port),
+            "--rate", str(rate), "--duration", str(duration), "--first-seq", str(first_seq),
+            "--size", str(size), "--batch", str(batch), "--delay", str(delay),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def __enter__(self) -> SpanSender:
+        return self
+
+    def result(self) -> SpanSendResult:
+        """Wait for the sender to finish and return what it reports."""
+        out, _ = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"span sender failed with status {self.proc.returncode}")
+        data = json.loads(out)
+        data.pop("rate", None)
+        return SpanSendResult(**data)

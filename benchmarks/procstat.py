@@ -205,6 +205,21 @@ def udp_port_bound(port: int) -> bool:
     return False
 
 
+def tcp_port_listening(port: int) -> bool:
+    """Whether some socket listens on TCP ``port`` (IPv4 or IPv6; state 0A is LISTEN)."""
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = _read(table).splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[1].endswith(suffix) and fields[3] == "0A":
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class MachineCpu:
     """Whole-machine CPU time (all cores) from /proc/stat, in seconds."""

@@ -13,6 +13,7 @@ CPU_RATIO_TARGET = {10: 0.5, 100: 0.5, 1000: 0.7, 4000: 0.7, 20000: 0.8}
 LOSS_TARGET_PERCENT = {10000: 0.0, 20000: 0.0}
 P99_TARGET_MS = {4000: 50.0}
 RSS_IDLE_TARGET_MB = 55.0
+OTLP_IDLE_RSS_TARGET_MB = 5.0  # receiver on minus off (issue 13)
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -133,6 +134,78 @@ def idle_table(summary: dict[str, Any]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def span_table(results: Sequence[dict[str, Any]]) -> str:
+    """The OTLP bridge, one row per span rate (no reference: the Go daemon takes no OTLP)."""
+    header = (
+        "| rate (spans/s) | spans sent | achieved/s | requests | refused | CPU µs/span "
+        "| daemon CPU % | wakeups/s | lost (%) | p50 / p99 ms | answer p50 / p99 ms "
+        "| RSS idle MB | RSS peak MB | uploads (gzip) | upload MB |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {r['rate']:,.0f} | {r['sent']:,} | {_fmt(r['send_rate'], 0)} | {r['requests']:,} "
+        f"| {r['refused']:,} | {_fmt(r['cpu_us_per_span'])} | {_fmt(r['cpu_percent_sending'])} "
+        f"| {_fmt(r['wakeups_per_second'], 0)} | {_lost(r)} "
+        f"| {_fmt(r['latency_ms_p50'], 0)} / {_fmt(r['latency_ms_p99'], 0)} "
+        f"| {_fmt(r['answer_ms_p50'])} / {_fmt(r['answer_ms_p99'])} "
+        f"| {_fmt(r['rss_idle_mb'])} | {_fmt(r['rss_peak_mb'])} "
+        f"| {r['uploads']:,} ({r['uploads_gzipped']:,}) | {_fmt(r['upload_bytes'] / 2**20, 2)} |"
+        for r in results
+    ]
+    return header + "\n".join(rows) + "\n"
+
+
+def span_diagnostics_table(results: Sequence[dict[str, Any]]) -> str:
+    """How much the machine, the sink and the sender took; drain, exit, log problems."""
+    header = (
+        "| rate (spans/s) | background % | machine busy % | steal % | sink CPU % "
+        "| sender CPU % | latency p90 / max ms | late | duplicates | drain s | exit "
+        "| log problems |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {r['rate']:,.0f} | {_fmt(r['background_busy_percent'])} "
+        f"| {_fmt(r['machine_busy_percent'])} | {_fmt(r['steal_percent'])} "
+        f"| {_fmt(r['sink_cpu_percent'])} | {_fmt(r['sender_cpu_percent'])} "
+        f"| {_fmt(r['latency_ms_p90'], 0)} / {_fmt(r['latency_ms_max'], 0)} | {r['late']:,} "
+        f"| {r['duplicates']:,} | {_fmt(r['drain_seconds'])} | {r['exit_status']} "
+        f"| {r['log_problems']} |"
+        for r in results
+    ]
+    return header + "\n".join(rows) + "\n"
+
+
+def otlp_idle_table(summary: dict[str, Any]) -> str:
+    """xraytwisted idle with the OTLP receiver off and on: what the receiver costs at rest."""
+    idle = summary.get("otlp_idle") or {}
+    if not idle:
+        return ""
+    header = (
+        "| xraytwisted idle | seconds | RSS at start MB | RSS after warm-up MB "
+        "| CPU ms per minute | wakeups/s |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {label} | {r['seconds']:.0f} | {_fmt(r['rss_start_mb'])} | {_fmt(r['rss_mb'])} "
+        f"| {_fmt(r['cpu_ms_per_minute'])} | {_fmt(r['wakeups_per_second'], 2)} |"
+        for label, r in idle.items()
+    ]
+    off, on = idle.get("receiver off"), idle.get("receiver on")
+    if off and on:
+        rows.append(
+            f"| **on minus off** | | **{_fmt(on['rss_start_mb'] - off['rss_start_mb'], 2)}** "
+            f"| **{_fmt(on['rss_mb'] - off['rss_mb'], 2)}** "
+            f"| {_fmt(on['cpu_ms_per_minute'] - off['cpu_ms_per_minute'])} "
+            f"| {_fmt(on['wakeups_per_second'] - off['wakeups_per_second'], 2)} |"
+        )
+    note = (
+        f"\nTarget: the receiver on costs at most +{OTLP_IDLE_RSS_TARGET_MB:g} MB at idle. "
+        "Both warm up with 200 segments; the receiver-on daemon also with one request of "
+        "200 spans.\n"
+    )
+    return header + "\n".join(rows) + "\n" + note
+
+
 def full_report(summary: dict[str, Any]) -> str:
     """results.md: what was run, the side-by-side tables, then each daemon's own."""
     m = summary["machine"]
@@ -154,6 +227,23 @@ def full_report(summary: dict[str, Any]) -> str:
         parts += ["## Idle", "", idle]
     for label, results in summary["results"].items():
         parts += [f"## {label}", "", markdown_table(results), diagnostics_table(results)]
+    spans = summary.get("spans") or []
+    if spans:
+        shape = summary.get("span_shape", {})
+        parts += [
+            "## Spans (OTLP bridge)",
+            "",
+            f"xraytwisted alone: the Go daemon has no OTLP receiver, so there is no ratio. "
+            f"~{shape.get('size', '?')}-byte spans in OTLP/HTTP protobuf requests of up to "
+            f"{shape.get('batch', '?')} spans, at most {shape.get('delay', '?')} s apart "
+            "(the SDK's BatchSpanProcessor); latency from the request's POST to the sink.",
+            "",
+            span_table(spans),
+            span_diagnostics_table(spans),
+        ]
+    otlp_idle = otlp_idle_table(summary)
+    if otlp_idle:
+        parts += ["## Idle, OTLP receiver off and on", "", otlp_idle]
     for label, soak in (summary.get("soak") or {}).items():
         parts += [f"## Soak: {label}", "", soak_table(soak)]
     for label, lone in (summary.get("lone") or {}).items():

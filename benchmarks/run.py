@@ -10,7 +10,10 @@ seconds.  It writes ``results.json`` (every number of every run),
 ``results.md`` (the side-by-side table with ours/Go ratios, then each
 daemon's own tables) and ``results.png`` into ``--out``.  ``--soak 300``
 adds a memory-flatness run and ``--lone`` the lone-segment check, for
-both daemons.
+both daemons.  ``--spans 100,1000,5000`` measures xraytwisted's OTLP
+bridge at those spans/s (the Go daemon has no OTLP receiver: no ratios),
+and ``--otlp-idle 60`` compares xraytwisted idle with the receiver off and
+on.
 
 The Go binary is ``--go-bin``, else ``$XRAY_GO_BIN``, else
 ``shared/reference-bin/xray-go-3.6.6`` beside the checkout (or beside the
@@ -38,19 +41,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import lone, report
 from benchmarks.measure import Settings, measure, measure_idle
 from benchmarks.processes import DEFAULT_COMMAND, PLACEHOLDERS, REPO, Sink, set_priority
 from benchmarks.soak import soak
+from benchmarks.span_measure import SpanShape, measure_spans
 
+T = TypeVar("T")
 GO_BINARY = "xray-go-3.6.6"
 GO_LABEL = "Go 3.6.6"
 # The Go daemon has no endpoint flag: the sink's URL goes in its cfg.yaml.
 GO_COMMAND = "{binary} -o -n us-east-2 -c {config} -b {udp_address} -t {tcp_address}"
 GO_TEMPLATE = REPO / "benchmarks" / "go-cfg.yaml.template"
 DEFAULT_RATES = "10,100,1000,4000,10000,20000,40000"
+# xraytwisted with its OTLP receiver on a free port (--spans, --otlp-idle).
+SPAN_COMMAND = DEFAULT_COMMAND + " --otlp-address {otlp_address}"
 
 
 def find_go(explicit: str | None, env: dict[str, str] | None = None) -> Path | None:
@@ -86,7 +93,7 @@ def duration_for(rate: float, duration: float, low_duration: float) -> float:
     return max(duration, low_duration) if rate <= 100 else duration
 
 
-def order(contenders: list[Contender], turn: int) -> list[Contender]:
+def order(contenders: list[T], turn: int) -> list[T]:
     """Alternate who goes first, so that neither always runs right after the other."""
     return contenders if turn % 2 == 0 else contenders[::-1]
 
@@ -204,7 +211,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="nice value of all benchmark processes (-10: before others)",
     )
-    parser.add_argument("--skip-sweep", action="store_true", help="only --idle / --soak / --lone")
+    parser.add_argument(
+        "--skip-sweep", action="store_true",
+        help="no segment rates: only --spans / --idle / --otlp-idle / --soak / --lone",
+    )  # fmt: skip
+    parser.add_argument("--spans", default="", help="spans/s to measure the OTLP bridge at")
+    parser.add_argument(
+        "--otlp-idle", type=float, default=0.0,
+        help="idle s per run of xraytwisted with the OTLP receiver off, then on (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--span-daemon-cmd", default=SPAN_COMMAND,
+        help="the daemon under test for --spans / --otlp-idle (must name {otlp_address})",
+    )  # fmt: skip
+    parser.add_argument("--span-size", type=int, default=1024, help="bytes per span")
+    parser.add_argument(
+        "--span-batch", type=int, default=512, help="spans per request, at most (SDK: 512)"
+    )
+    parser.add_argument(
+        "--span-delay", type=float, default=5.0, help="s between exports, at most (SDK: 5)"
+    )
     return parser.parse_args(argv)
 
 
@@ -238,6 +264,47 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
 
 
+def span_shape(args: argparse.Namespace) -> SpanShape:
+    return SpanShape(size=args.span_size, batch=args.span_batch, delay=args.span_delay)
+
+
+def span_sweep(
+    sink: Sink, args: argparse.Namespace, ours: Contender, seqs: Any, out: Path
+) -> list[dict[str, Any]]:
+    """Every --spans rate, --repeat times, each against a fresh daemon: medians per rate."""
+    settings = dataclasses.replace(ours.settings, command=args.span_daemon_cmd)
+    rates = [float(r) for r in args.spans.split(",")]
+    runs: list[list[dict[str, Any]]] = [[] for _ in rates]
+    for n in range(args.repeat):
+        for index, rate in enumerate(rates):
+            seconds = duration_for(rate, args.duration, args.low_duration)
+            print(f"{ours.label} spans: {rate:,.0f}/s for {seconds:g} s ...", file=sys.stderr)
+            name = f"{_slug(ours.label)}-spans-{rate:.0f}-{n + 1}"
+            result = measure_spans(
+                sink, settings, rate, seconds, next(seqs) << 40, out, span_shape(args), name
+            )
+            runs[index].append(dataclasses.asdict(result))
+            print(report.span_table(runs[index][-1:]).splitlines()[-1], file=sys.stderr)
+    return [combine(r) for r in runs]
+
+
+def otlp_idle(sink: Sink, args: argparse.Namespace, ours: Contender, out: Path) -> dict[str, Any]:
+    """xraytwisted idle with the OTLP receiver off and on, back to back, alternating."""
+    variants = {
+        "receiver off": (ours.settings, False),
+        "receiver on": (dataclasses.replace(ours.settings, command=args.span_daemon_cmd), True),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+    for n in range(args.repeat):
+        for label in order(list(variants), n):
+            settings, spans = variants[label]
+            print(f"{ours.label}, {label}: idle for {args.otlp_idle:g} s ...", file=sys.stderr)
+            name = f"{_slug(ours.label)}-otlp-idle-{_slug(label)}-{n + 1}"
+            idle = measure_idle(sink, settings, args.otlp_idle, out, name=name, warm_spans=spans)
+            runs[label].append(dataclasses.asdict(idle))
+    return {label: combine(r) for label, r in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_priority(args.nice)
@@ -256,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "results": {},
         "idle": {},
+        "spans": [],
+        "otlp_idle": {},
     }
     seqs = iter(range(1, 1 << 20))
     with Sink() as sink:
@@ -287,6 +356,12 @@ def main(argv: list[str] | None = None) -> None:
                     idle = measure_idle(sink, c.settings, args.idle, out, name=name)
                     idle_runs[c.label].append(dataclasses.asdict(idle))
             summary["idle"] = {label: combine(r) for label, r in idle_runs.items()}
+        if args.spans:
+            summary["span_command"] = args.span_daemon_cmd
+            summary["span_shape"] = dataclasses.asdict(span_shape(args))
+            summary["spans"] = span_sweep(sink, args, daemons[0], seqs, out)
+        if args.otlp_idle:
+            summary["otlp_idle"] = otlp_idle(sink, args, daemons[0], out)
         if args.soak:
             summary["soak"] = {}
             for c in daemons:

@@ -1,4 +1,4 @@
-"""A fast counting HTTP sink that stands in for X-Ray's PutTraceSegments.
+"""A fast counting HTTP sink that stands in for X-Ray's PutTraceSegments and /v1/traces.
 
 One asyncio process, HTTP/1.1 with keep-alive (plus chunked request bodies
 and ``Expect: 100-continue``, for daemons that use them), reading into one
@@ -8,9 +8,17 @@ notes the arrival time and runs one regex over the raw body
 JSON is parsed, and it answers ``{"UnprocessedTraceSegments":[]}`` at once.
 It does not check signatures.
 
+OTLP uploads (``POST .../v1/traces``, the daemon's span bridge) are gunzipped
+when their Content-Encoding says gzip, and one regex over the protobuf body
+(``benchmarks.spans.SPAN_RE``) finds each span's id and send time; no
+protobuf is decoded, and the answer is an empty ``ExportTraceServiceResponse``
+(200, no bytes).  Their spans are recorded with the segments (the runner
+gives them their own id range) and counted apart in the stats.
+
 Control requests (from the runner, never during a measurement):
 
-* ``GET /_bench/stats``  -> ``{"requests": n, "docs": n, "bytes": n, "other": n}``
+* ``GET /_bench/stats``  -> ``{"requests": n, "docs": n, "bytes": n, "other": n,
+  "otlp_requests": n, "spans": n, "otlp_bytes": n, "otlp_gzipped": n, ...}``
 * ``POST /_bench/take``  -> every record so far, one ``arrival id sent`` line
   each, and forgets them (counters are reset too)
 
@@ -26,21 +34,27 @@ import json
 import signal
 import sys
 import time
+import zlib
 
 from benchmarks.segments import DOC_RE
+from benchmarks.spans import SPAN_RE
 
 OK_BODY = b'{"UnprocessedTraceSegments":[]}'
 MAX_HEADER = 64 * 1024
 
 
-def response(body: bytes, status: str = "200 OK", close: bool = False) -> bytes:
-    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+def response(
+    body: bytes, status: str = "200 OK", close: bool = False, kind: str = "application/json"
+) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
     if close:
         head += "Connection: close\r\n"
     return head.encode() + b"\r\n" + body
 
 
 OK_RESPONSE = response(OK_BODY)
+PROTOBUF = "application/x-protobuf"
+OTLP_OK_RESPONSE = response(b"", kind=PROTOBUF)  # an empty ExportTraceServiceResponse
 
 
 class Records:
@@ -57,6 +71,11 @@ class Records:
         self.bytes = 0
         self.other = 0  # requests to paths other than /TraceSegments
         self.mismatches = 0  # --verify: regex and JSON disagree on a body
+        self.otlp_requests = 0
+        self.spans = 0
+        self.otlp_bytes = 0  # as received (compressed)
+        self.otlp_gzipped = 0  # requests with Content-Encoding: gzip
+        self.otlp_bad = 0  # bodies that did not gunzip
 
     def add(self, body: bytes | memoryview) -> None:
         found = DOC_RE.findall(body)
@@ -67,6 +86,22 @@ class Records:
         if self.verify and len(json.loads(bytes(body))["TraceSegmentDocuments"]) != len(found):
             self.mismatches += 1
 
+    def add_spans(self, body: bytes | memoryview, encoding: bytes) -> bool:
+        """Record an OTLP upload's spans; False if its body does not decompress."""
+        self.otlp_requests += 1
+        self.otlp_bytes += len(body)
+        if encoding == b"gzip":
+            self.otlp_gzipped += 1
+            try:
+                body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
+            except zlib.error:
+                self.otlp_bad += 1
+                return False
+        found = SPAN_RE.findall(body)
+        self.uploads.append((time.time(), found))
+        self.spans += len(found)
+        return True
+
     def stats(self) -> bytes:
         return json.dumps(
             {
@@ -75,6 +110,11 @@ class Records:
                 "bytes": self.bytes,
                 "other": self.other,
                 "mismatches": self.mismatches,
+                "otlp_requests": self.otlp_requests,
+                "spans": self.spans,
+                "otlp_bytes": self.otlp_bytes,
+                "otlp_gzipped": self.otlp_gzipped,
+                "otlp_bad": self.otlp_bad,
             }
         ).encode()
 
@@ -102,8 +142,9 @@ class SinkProtocol(asyncio.BufferedProtocol):
         self.start = 0  # first unparsed byte
         self.end = 0  # first free byte
         self.transport: asyncio.Transport | None = None
-        # The request being read: (method, path, close?, body length or -1 for chunked).
-        self.request: tuple[bytes, bytes, bool, int] | None = None
+        # The request being read: (method, path, close?, body length or -1 for
+        # chunked, Content-Encoding).
+        self.request: tuple[bytes, bytes, bool, int, bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -137,7 +178,7 @@ class SinkProtocol(asyncio.BufferedProtocol):
             if self.request is None and not self._read_head():
                 return
             assert self.request is not None
-            method, path, close, length = self.request
+            method, path, close, length, encoding = self.request
             if length < 0:
                 body: bytes | memoryview | None = self._read_chunked()
             elif self.end - self.start >= length:
@@ -148,7 +189,7 @@ class SinkProtocol(asyncio.BufferedProtocol):
             if body is None:
                 return
             self.request = None
-            self._handle(method, path, body, close)
+            self._handle(method, path, body, close, encoding)
 
     def _read_head(self) -> bool:
         end = self.buf.find(b"\r\n\r\n", self.start, self.end)
@@ -169,7 +210,8 @@ class SinkProtocol(asyncio.BufferedProtocol):
         length = -1 if chunked else int(headers.get(b"content-length", b"0"))
         if headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.request = (method, path, close, length)
+        encoding = headers.get(b"content-encoding", b"").lower()
+        self.request = (method, path, close, length, encoding)
         return True
 
     def _read_chunked(self) -> bytes | None:
@@ -195,11 +237,19 @@ class SinkProtocol(asyncio.BufferedProtocol):
             chunks.append(bytes(buf[eol + 2 : eol + 2 + size]))
             pos = eol + 2 + size + 2
 
-    def _handle(self, method: bytes, path: bytes, body: bytes | memoryview, close: bool) -> None:
+    def _handle(
+        self, method: bytes, path: bytes, body: bytes | memoryview, close: bool, encoding: bytes
+    ) -> None:
         records = self.records
         if path.endswith(b"/TraceSegments"):
             records.add(body)
             self._reply(OK_RESPONSE if not close else response(OK_BODY, close=True), close)
+        elif path.endswith(b"/v1/traces") and method == b"POST":
+            if records.add_spans(body, encoding):
+                ok = OTLP_OK_RESPONSE if not close else response(b"", close=True, kind=PROTOBUF)
+                self._reply(ok, close)
+            else:
+                self._reply(response(b"", "400 Bad Request", close, PROTOBUF), close)
         elif path == b"/_bench/stats":
             self._reply(response(records.stats()), close)
         elif path == b"/_bench/take" and method == b"POST":
