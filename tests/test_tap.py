@@ -19,6 +19,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_twistd
 from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted import __version__, tap
@@ -303,6 +304,32 @@ class TwistdProcessTests(SynchronousTestCase):
         self.assertIn("1 segments were not sent and are lost", out)
         for line in out.splitlines():
             self.assertRegex(line, GO_LINE)
+
+    def test_sigterm_as_the_reactor_starts_drains_and_exits_0(self) -> None:
+        # The reactor puts twistd's SIGTERM handler in place as it starts
+        # ("during startup"), before our "after startup" triggers run; a
+        # SIGTERM right then was twistd's: no drain message, exit by the
+        # signal.  This twistd sends itself SIGTERM at exactly that point (a
+        # trigger registered before the plugin's own, after the reactor's).
+        twistd = [
+            sys.executable,
+            "-c",
+            "import os, signal; from twisted.internet import reactor; "
+            "reactor.addSystemEventTrigger('during', 'startup', os.kill, os.getpid(), "
+            "signal.SIGTERM); from twisted.scripts.twistd import run; run()",
+        ]
+        self.patch(support, "TWISTD", twistd)
+        daemon = DaemonProcess(
+            ["-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--local-sink", "-", "--shutdown-timeout", "1"],
+            self.env,
+            str(self.workdir),
+        ).start()  # fmt: skip
+        self.addCleanup(daemon.kill)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        self.assertIn("[Info] Got shutdown signal: terminated", out)
+        self.assertNotIn("Received SIGTERM", out)  # twistd's handler
 
     def test_daemonized_with_pidfile(self) -> None:
         pidfile = self.workdir / "xray.pid"

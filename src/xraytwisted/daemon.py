@@ -99,6 +99,9 @@ class Parts:
     notes: list[tuple[str, str]] = field(default_factory=list)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class XRayDaemon(MultiService):
     """The root service.  Stops in data-path order: ingest, then the batcher drain."""
 
@@ -151,17 +154,33 @@ class XRayDaemon(MultiService):
             # and again once the reactor has installed its own handlers.
             self._signals_taken = True
             self._install_signal_handlers()
+            if not self._reactor.running:
+                # The reactor installs twistd's SIGTERM handler "during
+                # startup" (it ends the process by the signal, status -15,
+                # without our stop line): hold the signals from "before
+                # startup" until ours are back, "during startup" too (this
+                # trigger comes after the reactor's own), so none lands in
+                # between.  A held signal is delivered on unblocking.
+                self._reactor.addSystemEventTrigger("before", "startup", self._hold_signals)
+                self._reactor.addSystemEventTrigger(
+                    "during", "startup", self._install_signal_handlers, release=True
+                )
             self._reactor.callWhenRunning(self._install_signal_handlers)
             # Everything that exists once the reactor runs (modules, services)
             # lives as long as the process: take it out of the cyclic GC's
             # sight so full collections only walk what comes and goes.
             self._reactor.callWhenRunning(gc.freeze)
 
-    def _install_signal_handlers(self) -> None:
+    def _hold_signals(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+    def _install_signal_handlers(self, release: bool = False) -> None:
         # twistd's handlers make the process end *by* the signal (status
         # -15); the Go daemon drains and exits 0, and supervisors expect that.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
+        if release:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         name = "interrupt" if signum == signal.SIGINT else "terminated"
