@@ -508,6 +508,42 @@ class StopTests(SynchronousTestCase):
     def test_nothing_open(self) -> None:
         self.successResultOf(Env().factory.stop())
 
+    def test_stop_now_cuts_a_record_in_progress_without_the_grace(self) -> None:
+        env = Env()
+        protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b"{")
+        d = env.factory.stop(grace=1.0)
+        self.assertFalse(transport.disconnecting)
+        env.factory.stop_now()  # a second shutdown signal
+        self.assertTrue(transport.disconnected)  # aborted, no time passed
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.buffer.accepted, [b"one"])
+        self.assertEqual((env.counters.received, env.counters.rejected), (2, 1))
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_stop_now_before_the_stop_cuts_at_once_when_it_comes(self) -> None:
+        env = Env()
+        env.factory.stop_now()  # the signal came before ingest began to stop
+        protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b"{")
+        self.assertFalse(transport.disconnecting)
+        d = env.factory.stop(grace=1.0)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_stop_now_aborts_http_connections_still_closing(self) -> None:
+        env = Env()
+        http, transport = env.stream(b"GE")
+        d = env.factory.stop(grace=1.0)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        env.factory.stop_now()
+        self.assertTrue(transport.disconnected)
+        http.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
 
 class IdleTimeoutTests(SynchronousTestCase):
     def test_a_silent_stream_is_closed_after_the_idle_timeout(self) -> None:

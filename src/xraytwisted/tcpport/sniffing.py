@@ -205,6 +205,16 @@ class SniffingProtocol(Protocol):
                 self._timer = self.factory.clock.callLater(grace, self._abort)
         return lost
 
+    def stop_now(self) -> None:
+        """Cut this connection without the stop grace."""
+        if self._gone:
+            return
+        if isinstance(self.inner, SegmentStream):
+            self.inner.stop_now()
+        else:
+            self._cancel_timer()
+            self._abort()
+
     def _abort(self) -> None:
         self._timer = None
         if not self._gone and self.transport is not None:
@@ -262,6 +272,7 @@ class SniffingFactory(Factory):
         self.connections: set[SniffingProtocol] = set()
         self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
         self._throttle = Throttle(clock, warn_interval)
+        self._stopping_now = False
 
     def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol | None:
         host = str(getattr(addr, "host", addr))
@@ -317,7 +328,19 @@ class SniffingFactory(Factory):
         """Close every open connection; fires once all are gone (within ~``grace`` s)."""
         waits = [connection.stop(grace) for connection in list(self.connections)]
         d: Deferred[Any] = DeferredList(waits, consumeErrors=True)
+        if self._stopping_now:
+            self.stop_now()
         return d.addCallback(lambda _: None)
+
+    def stop_now(self) -> None:
+        """Cut every connection at once, now or as soon as ``stop`` is called.
+
+        A second shutdown signal: the streams' grace would only delay the
+        batcher's (also cut) drain.
+        """
+        self._stopping_now = True
+        for connection in list(self.connections):
+            connection.stop_now()
 
 
 class TCPPortService(AdoptedPortService):
@@ -348,3 +371,7 @@ class TCPPortService(AdoptedPortService):
     def closed(self) -> Deferred[Any] | None:
         # Open streams may finish the record they are sending.
         return self.factory.stop(self.stop_grace)
+
+    def stop_now(self) -> None:
+        """End the stop grace: cut the open connections (now, or when the stop starts)."""
+        self.factory.stop_now()
