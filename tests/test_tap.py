@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -330,6 +331,40 @@ class TwistdProcessTests(SynchronousTestCase):
         out = daemon.output()
         self.assertIn("[Info] Got shutdown signal: terminated", out)
         self.assertNotIn("Received SIGTERM", out)  # twistd's handler
+
+    def test_monitoring_listener_refuses_connections_past_its_cap(self) -> None:
+        # Real sockets against a real twistd: the monitoring listener takes
+        # the TCP port's per-address limit (lowered to 2 here; its own cap is
+        # at most 16), and closes the next connection as soon as it is
+        # accepted instead of letting idle clients hold it.
+        daemon = DaemonProcess(
+            ["-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--local-sink", str(self.workdir / "sink.jsonl"),
+             "--monitoring-address", "127.0.0.1:0", "--tcp-max-connections-per-peer", "2"],
+            self.env,
+            str(self.workdir),
+        ).start()  # fmt: skip
+        self.addCleanup(daemon.kill)
+        port = int(daemon.wait_for_log(r"Serving /health and /metrics on 127\.0\.0\.1:(\d+)")[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for s in held:
+            self.addCleanup(s.close)
+        refused = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(refused.close)
+        # Accepted in order (the listen queue is FIFO): the third is closed.
+        with contextlib.suppress(ConnectionResetError):  # (closed with a reset)
+            self.assertEqual(refused.recv(1), b"")
+        held[0].sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := held[0].recv(65536):
+            answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
+        daemon.wait_for_log(
+            r"\[Warn\] Refusing monitoring connection from 127\.0\.0\.1:\d+: that address "
+            r"already has 2 connections open on --monitoring-address"
+        )
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
 
     def test_daemonized_with_pidfile(self) -> None:
         pidfile = self.workdir / "xray.pid"

@@ -21,7 +21,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -510,7 +510,7 @@ def make_site(
 class SiteService(AdoptedPortService):
     """Serves an already-bound, listening TCP socket with a Site (e.g. Monitoring.Address)."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, site: Site, what: str) -> None:
+    def __init__(self, reactor: Any, sock: socket.socket, site: Factory[Any], what: str) -> None:
         super().__init__(reactor, sock)
         self.site = site
         self.what = what  # for the log line, e.g. "/health and /metrics"
