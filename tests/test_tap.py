@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import resource
@@ -13,15 +14,18 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_twistd
+from tests.support.logs import capture_logs
 from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted import __version__, tap
 from xraytwisted.daemon import NO_REGION, XRayDaemon
@@ -96,6 +100,15 @@ class MakeServiceTests(SynchronousTestCase):
         for name in ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_XRAY"):
             if name in os.environ:
                 self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != name})
+        botocore_log = logging.getLogger("botocore")  # makeService routes it
+        saved = (list(botocore_log.handlers), botocore_log.level, botocore_log.propagate)
+        self.addCleanup(self._restore_botocore_log, botocore_log, saved)
+
+    @staticmethod
+    def _restore_botocore_log(logger: logging.Logger, saved: tuple[Any, int, bool]) -> None:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
     def make(self, *argv: str) -> XRayDaemon:
         options = tap.Options()
@@ -126,6 +139,19 @@ class MakeServiceTests(SynchronousTestCase):
         # The sockets are bound already; close them.
         daemon.parts.udp.stopService()
         daemon.parts.tcp.stopService()
+
+    def test_botocore_logging_is_routed_into_the_log_at_startup(self) -> None:
+        daemon = self.make("-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+                           "--local-sink", str(self.cwd / "sink.jsonl"), "-l", "debug")  # fmt: skip
+        self.addCleanup(daemon.parts.tcp.stopService)  # type: ignore[union-attr]
+        self.addCleanup(daemon.parts.udp.stopService)  # type: ignore[union-attr]
+        events = capture_logs(self)
+        logging.getLogger("botocore.credentials").debug("Looking for credentials via: env")
+        self.assertEqual(
+            [(e["log_level"], e["text"]) for e in events],
+            [(LogLevel.debug, "botocore.credentials: Looking for credentials via: env")],
+        )
+        self.assertEqual(self.stderr.getvalue(), "")
 
     def test_startup_line_shows_every_setting_and_masks_the_proxy_password(self) -> None:
         from xraytwisted.daemon import summarize
