@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -204,6 +206,11 @@ class SignalsHeldTests(SynchronousTestCase):
         self.assertEqual(signal.getsignal(signal.SIGINT), self.record)
 
 
+def _segments_waiting(tcp_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{tcp_port}/health", timeout=10) as response:
+        return int(json.load(response)["segments_waiting"])
+
+
 class RunningTests(SynchronousTestCase):
     """The command in the foreground: Go-format logs, SIGTERM/SIGINT drain and exit 0."""
 
@@ -264,6 +271,43 @@ class RunningTests(SynchronousTestCase):
         )
         # Not the deadline's way out (the shutdown timeout is 600 s here).
         self.assertNotIn("Shutdown deadline", out)
+
+    def test_second_interrupt_cuts_the_streams_stop_grace(self) -> None:
+        # A segment stream in the middle of a record gets a grace to finish
+        # it when ingest stops; the second Ctrl-C ends that grace too.  The
+        # rest of the record is sent only once the daemon said it got the
+        # second signal: it must find the connection cut (the record is not
+        # taken in), where the grace would have let it complete.
+        env = clean_env({"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET"})
+        daemon = self.start(
+            ["-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "-e", f"http://127.0.0.1:{closed_port()}", "--shutdown-timeout", "600"],
+            env,
+        )  # fmt: skip
+        tcp_port = int(daemon.wait_for_log(r"Starting proxy http server on 127\.0\.0\.1:(\d+)")[1])
+        daemon.send(b'{"id":"1"}')
+        daemon.wait_for_log("Sending segment batch failed")
+        stream = socket.create_connection(("127.0.0.1", tcp_port), timeout=10)
+        self.addCleanup(stream.close)
+        stream.sendall(support.HEADER + b'{"id":"2"}\n' + support.HEADER + b'{"id":')
+        deadline = time.monotonic() + 20
+        while _segments_waiting(tcp_port) < 2:  # "2" is in: the stream was read
+            self.assertLess(time.monotonic(), deadline, daemon.output())
+            time.sleep(0.02)
+        daemon.signal(signal.SIGINT)
+        daemon.wait_for_log(r"Got shutdown signal: interrupt")
+        daemon.signal(signal.SIGINT)
+        daemon.wait_for_log(r"Got a second shutdown signal: interrupt")
+        with contextlib.suppress(OSError):  # (already reset)
+            stream.sendall(b'"3"}\n')
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        # The UDP segment and the stream's complete record; not "3".
+        self.assertIn(
+            "[Error] Stopped early by the second shutdown signal: 2 segments were not sent and "
+            "are lost",
+            out,
+        )
 
     def test_only_go_format_lines(self) -> None:
         # A CA bundle with a zero serial number made cryptography print a

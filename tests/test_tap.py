@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import re
 import resource
@@ -12,14 +14,18 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support import daemon as support
 from tests.support.daemon import DaemonProcess, clean_env, run_twistd
+from tests.support.logs import capture_logs
 from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted import __version__, tap
 from xraytwisted.daemon import NO_REGION, XRayDaemon
@@ -95,6 +101,15 @@ class MakeServiceTests(SynchronousTestCase):
         for name in ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_XRAY"):
             if name in os.environ:
                 self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != name})
+        botocore_log = logging.getLogger("botocore")  # makeService routes it
+        saved = (list(botocore_log.handlers), botocore_log.level, botocore_log.propagate)
+        self.addCleanup(self._restore_botocore_log, botocore_log, saved)
+
+    @staticmethod
+    def _restore_botocore_log(logger: logging.Logger, saved: tuple[Any, int, bool]) -> None:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
     def make(self, *argv: str) -> XRayDaemon:
         options = tap.Options()
@@ -125,6 +140,19 @@ class MakeServiceTests(SynchronousTestCase):
         # The sockets are bound already; close them.
         daemon.parts.udp.stopService()
         daemon.parts.tcp.stopService()
+
+    def test_botocore_logging_is_routed_into_the_log_at_startup(self) -> None:
+        daemon = self.make("-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+                           "--local-sink", str(self.cwd / "sink.jsonl"), "-l", "debug")  # fmt: skip
+        self.addCleanup(daemon.parts.tcp.stopService)  # type: ignore[union-attr]
+        self.addCleanup(daemon.parts.udp.stopService)  # type: ignore[union-attr]
+        events = capture_logs(self)
+        logging.getLogger("botocore.credentials").debug("Looking for credentials via: env")
+        self.assertEqual(
+            [(e["log_level"], e["text"]) for e in events],
+            [(LogLevel.debug, "botocore.credentials: Looking for credentials via: env")],
+        )
+        self.assertEqual(self.stderr.getvalue(), "")
 
     def test_startup_line_shows_every_setting_and_masks_the_proxy_password(self) -> None:
         from xraytwisted.daemon import summarize
@@ -305,6 +333,66 @@ class TwistdProcessTests(SynchronousTestCase):
         self.assertIn("1 segments were not sent and are lost", out)
         for line in out.splitlines():
             self.assertRegex(line, GO_LINE)
+
+    def test_sigterm_as_the_reactor_starts_drains_and_exits_0(self) -> None:
+        # The reactor puts twistd's SIGTERM handler in place as it starts
+        # ("during startup"), before our "after startup" triggers run; a
+        # SIGTERM right then was twistd's: no drain message, exit by the
+        # signal.  This twistd sends itself SIGTERM at exactly that point (a
+        # trigger registered before the plugin's own, after the reactor's).
+        twistd = [
+            sys.executable,
+            "-c",
+            "import os, signal; from twisted.internet import reactor; "
+            "reactor.addSystemEventTrigger('during', 'startup', os.kill, os.getpid(), "
+            "signal.SIGTERM); from twisted.scripts.twistd import run; run()",
+        ]
+        self.patch(support, "TWISTD", twistd)
+        daemon = DaemonProcess(
+            ["-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--local-sink", "-", "--shutdown-timeout", "1"],
+            self.env,
+            str(self.workdir),
+        ).start()  # fmt: skip
+        self.addCleanup(daemon.kill)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
+        out = daemon.output()
+        self.assertIn("[Info] Got shutdown signal: terminated", out)
+        self.assertNotIn("Received SIGTERM", out)  # twistd's handler
+
+    def test_monitoring_listener_refuses_connections_past_its_cap(self) -> None:
+        # Real sockets against a real twistd: the monitoring listener takes
+        # the TCP port's per-address limit (lowered to 2 here; its own cap is
+        # at most 16), and closes the next connection as soon as it is
+        # accepted instead of letting idle clients hold it.
+        daemon = DaemonProcess(
+            ["-o", "-n", "us-east-2", "-b", "127.0.0.1:0", "-t", "127.0.0.1:0",
+             "--local-sink", str(self.workdir / "sink.jsonl"),
+             "--monitoring-address", "127.0.0.1:0", "--tcp-max-connections-per-peer", "2"],
+            self.env,
+            str(self.workdir),
+        ).start()  # fmt: skip
+        self.addCleanup(daemon.kill)
+        port = int(daemon.wait_for_log(r"Serving /health and /metrics on 127\.0\.0\.1:(\d+)")[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for s in held:
+            self.addCleanup(s.close)
+        refused = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(refused.close)
+        # Accepted in order (the listen queue is FIFO): the third is closed.
+        with contextlib.suppress(ConnectionResetError):  # (closed with a reset)
+            self.assertEqual(refused.recv(1), b"")
+        held[0].sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := held[0].recv(65536):
+            answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
+        daemon.wait_for_log(
+            r"\[Warn\] Refusing monitoring connection from 127\.0\.0\.1:\d+: that address "
+            r"already has 2 connections open on --monitoring-address"
+        )
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.output())
 
     def test_daemonized_with_pidfile(self) -> None:
         pidfile = self.workdir / "xray.pid"

@@ -52,6 +52,8 @@ from xraytwisted.settings import addresses
 from xraytwisted.settings.budget import Budget, buffer_budget
 from xraytwisted.settings.table import KEYS, Settings
 from xraytwisted.tcpport.health import (
+    MONITORING_MAX_CONNECTIONS,
+    MONITORING_MAX_PER_PEER,
     HealthResource,
     HealthState,
     OtlpHealth,
@@ -68,7 +70,13 @@ from xraytwisted.tcpport.local_sampling import (
 from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
-from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService, connection_limits
+from xraytwisted.tcpport.sniffing import (
+    CappedFactory,
+    ConnectionCap,
+    SniffingFactory,
+    TCPPortService,
+    connection_limits,
+)
 
 __all__ = ["NO_REGION", "Parts", "StartupError", "XRayDaemon", "build"]
 
@@ -98,6 +106,9 @@ class Parts:
     otlp: OtlpBridge | None = None  # the span pipeline, with --otlp-address
     # (level, text) lines for the startup banner, e.g. the outbound proxy in use.
     notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class XRayDaemon(MultiService):
@@ -152,17 +163,33 @@ class XRayDaemon(MultiService):
             # and again once the reactor has installed its own handlers.
             self._signals_taken = True
             self._install_signal_handlers()
+            if not self._reactor.running:
+                # The reactor installs twistd's SIGTERM handler "during
+                # startup" (it ends the process by the signal, status -15,
+                # without our stop line): hold the signals from "before
+                # startup" until ours are back, "during startup" too (this
+                # trigger comes after the reactor's own), so none lands in
+                # between.  A held signal is delivered on unblocking.
+                self._reactor.addSystemEventTrigger("before", "startup", self._hold_signals)
+                self._reactor.addSystemEventTrigger(
+                    "during", "startup", self._install_signal_handlers, release=True
+                )
             self._reactor.callWhenRunning(self._install_signal_handlers)
             # Everything that exists once the reactor runs (modules, services)
             # lives as long as the process: take it out of the cyclic GC's
             # sight so full collections only walk what comes and goes.
             self._reactor.callWhenRunning(gc.freeze)
 
-    def _install_signal_handlers(self) -> None:
+    def _hold_signals(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+    def _install_signal_handlers(self, release: bool = False) -> None:
         # twistd's handlers make the process end *by* the signal (status
         # -15); the Go daemon drains and exits 0, and supervisors expect that.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
+        if release:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         name = "interrupt" if signum == signal.SIGINT else "terminated"
@@ -178,6 +205,9 @@ class XRayDaemon(MultiService):
 
     def _stop_now(self, name: str) -> None:
         self.log.info("Got a second shutdown signal: {name}; stopping without waiting", name=name)
+        for ingest in self.ingest_services:
+            if isinstance(ingest, TCPPortService):
+                ingest.stop_now()  # no stop grace for the streams either
         for service in self.drain_services:
             if isinstance(service, Batcher):
                 service.stop_now("Stopped early by the second shutdown signal")
@@ -692,7 +722,25 @@ def build(
         monitor_site = monitoring_site(
             health, metrics, timeout=settings.proxy_client_timeout, reactor=reactor
         )
-        monitor = SiteService(reactor, opened[2], monitor_site, "/health and /metrics")
+        # Bounded like the TCP port (idle and request timeouts come with the
+        # Site), with its own small cap: probes and scrapers are few, and
+        # the descriptors left for clients are the TCP port's.
+        monitor_cap = CappedFactory(
+            monitor_site,
+            ConnectionCap(
+                counters,
+                reactor,
+                total="Refusing monitoring connection from {peer}: {limit} connections are "
+                "open on --monitoring-address (Monitoring.Address), the most allowed. Find the "
+                "client that holds them open",
+                peer="Refusing monitoring connection from {peer}: that address already has "
+                "{limit} connections open on --monitoring-address (Monitoring.Address), the "
+                "most one address may hold. Find the client that holds them open",
+            ),
+            max_connections=min(max_connections, MONITORING_MAX_CONNECTIONS),
+            max_per_peer=min(max_per_peer, MONITORING_MAX_PER_PEER),
+        )
+        monitor = SiteService(reactor, opened[2], monitor_cap, "/health and /metrics")
         monitor.setServiceParent(daemon)
         listeners.append(monitor)
     daemon.ingest_services += [udp, tcp]

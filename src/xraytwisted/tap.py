@@ -22,6 +22,7 @@ from xraytwisted.observe.logs import (
     LogSetupError,
     go_timestamp,
     open_destination,
+    route_library_logs,
     warnings_as_lines,
 )
 from xraytwisted.settings import go_flags, loader, table
@@ -113,6 +114,8 @@ def makeService(options: Options, reactor: Any = None) -> XRayDaemon:
     except LogSetupError as e:
         raise fail(str(e)) from None
     observer = GoFormatObserver(destination.write, settings.log_level, destination.flush)
+    # botocore logs through the standard library: into this log, not raw on stderr.
+    route_library_logs(settings.log_level, reactor.callFromThread)
     try:
         with warnings_as_lines() as warned:
             daemon = build(

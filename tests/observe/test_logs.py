@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
 import os
 import re
 import stat
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -29,6 +31,7 @@ from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.logs import capture_logs
 from tests.support.tempdirs import temp_path
 from xraytwisted.observe import logs
 from xraytwisted.observe.logs import (
@@ -38,11 +41,14 @@ from xraytwisted.observe.logs import (
     GoFormatObserver,
     LogSetupError,
     StartupWarning,
+    StdlibHandler,
     Throttle,
     format_line,
     go_timestamp,
     open_destination,
     printable,
+    route_library_logs,
+    stdlib_level,
     suppressed_note,
     warnings_as_lines,
 )
@@ -748,3 +754,90 @@ class WarningsAsLinesTests(SynchronousTestCase):
                 "the bundle holds odd certificates: fix it",
             ],
         )
+
+
+class LibraryLogTests(SynchronousTestCase):
+    """botocore's standard-library logging, routed into our log."""
+
+    def setUp(self) -> None:
+        for name in ("botocore", ""):
+            logger = logging.getLogger(name)
+            saved = (list(logger.handlers), logger.level, logger.propagate)
+            self.addCleanup(self._restore, logger, saved)
+        # Whatever reaches the root logger (its last resort prints raw on stderr).
+        self.at_root: list[logging.LogRecord] = []
+        root_handler = logging.Handler()
+        root_handler.emit = self.at_root.append  # type: ignore[method-assign]
+        logging.getLogger().addHandler(root_handler)
+        self.handed_over: list[tuple[Any, ...]] = []
+        self.events = capture_logs(self)
+
+    @staticmethod
+    def _restore(logger: logging.Logger, saved: tuple[list[logging.Handler], int, bool]) -> None:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+    def call_from_thread(self, f: Any, *args: Any) -> None:
+        self.handed_over.append((f, *args))
+
+    def lines(self) -> list[str]:
+        out = []
+        for e in self.events:
+            line = format_line(e)
+            assert line is not None
+            out.append(line.split(" ", 1)[1])  # without the timestamp
+        return out
+
+    def test_levels(self) -> None:
+        table = [
+            (logging.DEBUG, LogLevel.debug),
+            (5, LogLevel.debug),
+            (logging.INFO, LogLevel.info),
+            (logging.WARNING, LogLevel.warn),
+            (35, LogLevel.warn),
+            (logging.ERROR, LogLevel.error),
+            (logging.CRITICAL, LogLevel.critical),
+            (99, LogLevel.critical),
+        ]
+        for levelno, expected in table:
+            self.assertIs(stdlib_level(levelno), expected, levelno)
+
+    def test_warnings_and_up_come_out_in_our_format_and_not_raw(self) -> None:
+        route_library_logs("prod", self.call_from_thread)
+        chain = logging.getLogger("botocore.credentials")
+        chain.debug("Looking for credentials via: %s", "env")
+        chain.warning("Refreshing temporary credentials failed during %s", "advisory refresh")
+        logging.getLogger("botocore.utils").error("Caught retryable error")
+        self.assertEqual(
+            self.lines(),
+            [
+                "[Warn] botocore.credentials: Refreshing temporary credentials failed during "
+                "advisory refresh\n",
+                "[Error] botocore.utils: Caught retryable error\n",
+            ],
+        )
+        self.assertEqual(self.events[0]["log_namespace"], "botocore.credentials")
+        self.assertEqual((self.at_root, self.handed_over), ([], []))
+
+    def test_debug_lines_with_log_level_debug_and_routing_twice_adds_nothing(self) -> None:
+        route_library_logs("prod", self.call_from_thread)
+        route_library_logs("debug", self.call_from_thread)
+        ours = [h for h in logging.getLogger("botocore").handlers if isinstance(h, StdlibHandler)]
+        self.assertEqual(len(ours), 1)  # (botocore adds a NullHandler of its own on import)
+        logging.getLogger("botocore.credentials").debug("Looking for credentials via: %s", "env")
+        self.assertEqual(
+            self.lines(), ["[Debug] botocore.credentials: Looking for credentials via: env\n"]
+        )
+
+    def test_records_from_other_threads_are_handed_to_the_reactor_thread(self) -> None:
+        route_library_logs("prod", self.call_from_thread)
+        worker = threading.Thread(
+            target=logging.getLogger("botocore.credentials").warning, args=("from a thread",)
+        )
+        worker.start()
+        worker.join()
+        self.assertEqual(self.events, [])  # not written from the lookup's thread
+        (call,) = self.handed_over
+        call[0](*call[1:])
+        self.assertEqual(self.lines(), ["[Warn] botocore.credentials: from a thread\n"])

@@ -54,7 +54,6 @@ INVALID = UploadError(
     "HTTPCode4XXCount", False, False, "HTTP 400 InvalidRequestException", 400,
     "InvalidRequestException",
 )  # fmt: skip
-NOT_FOUND = UploadError("HTTPCode4XXCount", False, False, "HTTP 404 UnknownOperation", 404)
 # What a web server in front of X-Ray says to a plain-HTTP request on its TLS port.
 HTML_400 = classify_response(400, {}, b"<html><h1>400 Bad Request</h1></html>")
 FORBIDDEN = classify_response(
@@ -361,7 +360,7 @@ class RetryTests(Fixture):
         self.assertIn(
             "Sending segment batch failed with: HTTP 400: <html><h1>400 Bad Request</h1></html>; "
             "this is not X-Ray's verdict on the segments (no AWS error code: something in front "
-            "of it answered), so they are kept; check --endpoint and the proxy; will retry 50 "
+            "of it answered), so they are kept; check -e / --endpoint and the proxy; will retry 50 "
             "segments (attempt 1",
             lines[0],
         )
@@ -410,17 +409,28 @@ class RetryTests(Fixture):
         self.assertEqual(len(lines), 64 + (1000 - 64) // 2)
         self.assertRegex(lines[-1], r"\(1 more like this not logged\)$")
 
-    def test_a_wrong_endpoint_refusal_is_not_split(self) -> None:
+    def test_a_wrong_endpoint_answer_is_retried_whole_and_nothing_is_lost(self) -> None:
+        # A 404 says the endpoint or the proxy is wrong, not the documents:
+        # kept, retried with backoff (not split), said at most every 10 s.
+        not_found = classify_response(404, {}, b"<html>Not Found</html>")
         self.offer(docs(50))
-        with capturedLogs() as events:
-            self.uploads.finish(0, Outcome(0.0, error=NOT_FOUND))
-        self.clock.advance(60)
-        self.assertEqual(len(self.uploads.calls), 1)
-        self.assertEqual(self.counters.rejected, 50)
-        self.assertEqual(self.buffer.used, 0)
-        refused = [formatEvent(e) for e in events if "Refused segment" in formatEvent(e)]
-        self.assertEqual(len(refused), 10)  # ids of the first ten, then the batch line says 50
-        self.assertIn(f"Refused segment {0:016x} of trace 1-00000000-{0:024x}: 404", refused[0])
+        events = capture_logs(self)
+        for attempt in range(3):
+            self.uploads.finish(attempt, Outcome(0.0, error=not_found))
+            self.clock.advance(6)
+        self.assertEqual([len(c[0]) for c in self.uploads.calls], [50] * 4)
+        self.assertEqual((self.counters.rejected, self.counters.lost), (0, 0))
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 2, lines)  # 0 s and 12 s: not at 6 s
+        self.assertIn(
+            "Sending segment batch failed with: HTTP 404: <html>Not Found</html>; X-Ray does not "
+            "answer 404 to PutTraceSegments: the endpoint or a proxy in front of it is "
+            "misconfigured, not the segments, so they are kept; check -e / --endpoint and the "
+            "proxy; will retry 50 segments (attempt 1",
+            lines[0],
+        )
+        self.uploads.finish(3)  # the configuration was fixed
+        self.assertEqual(self.counters.sent, 50)
 
     def test_unprocessed_retryable_documents_are_sent_again(self) -> None:
         batch = docs(3)

@@ -410,7 +410,14 @@ class PureTests(SynchronousTestCase):
             403: ("HTTPCode4XXCount", True, False),
             # No AWS error code: not X-Ray's verdict (a proxy's HTML page, say).
             400: ("HTTPCode4XXCount", True, False),
-            404: ("HTTPCode4XXCount", False, False),
+            # X-Ray never answers these: a wrong endpoint or a proxy's doing.
+            404: ("HTTPCode4XXCount", True, False),
+            405: ("HTTPCode4XXCount", True, False),
+            411: ("HTTPCode4XXCount", True, False),
+            414: ("HTTPCode4XXCount", True, False),
+            415: ("HTTPCode4XXCount", True, False),
+            422: ("HTTPCode4XXCount", True, False),
+            # X-Ray's verdict on the batch's size or content: final.
             413: ("HTTPCode4XXCount", False, False),
             302: ("OtherCount", True, False),
         }
@@ -431,6 +438,32 @@ class PureTests(SynchronousTestCase):
         aborted = classify_response(400, {}, b'{"__type":"RequestAbortedException"}')
         self.assertTrue(aborted.retryable)
         self.assertIn("(the code RequestAbortedException)", aborted.advice)
+
+    def test_answers_of_a_misconfigured_endpoint_are_kept_with_advice(self) -> None:
+        # (status, headers, body) -> (retryable, advice names the status)
+        table = [
+            (404, {}, b"<html>Not Found</html>", (True, True)),
+            (405, {}, b"", (True, True)),
+            (411, {}, b"", (True, True)),
+            (414, {}, b"", (True, True)),
+            (415, {"x-amzn-errortype": "UnsupportedMediaType"}, b"", (True, True)),
+            (422, {}, b'{"message":"unprocessable"}', (True, True)),
+            (413, {}, b"", (False, False)),  # the batch is too large: halved, then dropped
+            (400, {"x-amzn-errortype": "InvalidRequestException"}, b"", (False, False)),
+        ]
+        for status, headers, body, (retryable, advised) in table:
+            err = classify_response(status, headers, body)
+            self.assertEqual(
+                (err.retryable, f"does not answer {status}" in err.advice), (retryable, advised),
+                status,
+            )  # fmt: skip
+            if advised:
+                self.assertTrue(
+                    err.advice.endswith("so they are kept; check -e / --endpoint and the proxy"),
+                    err.advice,
+                )
+        # A proxy that answers 404 with a credential or throttling code says so.
+        self.assertTrue(classify_response(404, {}, b'{"__type":"ThrottlingException"}').throttled)
 
     def test_refused_credentials_are_marked(self) -> None:
         cases = [

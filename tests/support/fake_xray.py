@@ -238,7 +238,9 @@ class FakeXRayServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        host = self.port.getHost()
+        literal = f"[{host.host}]" if ":" in host.host else host.host
+        return f"http://{literal}:{host.port}"
 
     def close(self) -> Deferred[None]:
         """Stop listening, drop every connection, fire once all are gone."""
@@ -253,11 +255,12 @@ class FakeXRayServer:
 
 
 def start_fake_xray(
-    reactor: Any, *, access_key: str, secret_key: str, region: str
+    reactor: Any, *, access_key: str, secret_key: str, region: str, interface: str = "127.0.0.1"
 ) -> FakeXRayServer:
+    """A fake X-Ray on loopback (``interface="::1"``: the IPv6 one)."""
     fake = FakeXRay(access_key=access_key, secret_key=secret_key, region=region)
     site = _TrackingSite(fake, reactor)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port = reactor.listenTCP(0, site, interface=interface)
     return FakeXRayServer(fake, site, port)
 
 

@@ -24,9 +24,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.static import Data
 
+from tests.listen.test_bind import ipv6_loopback_available
 from tests.support.daemon import clean_env
 from tests.support.fake_xray import (
     RULES,
@@ -334,6 +335,24 @@ class ProxyTests(TestCase):
         (seen,) = self.fake.requests
         self.assertEqual(seen.uri, "/GetSamplingRules?b=2&a=x%20y&c=&d=%7B%7D")
         self.assertEqual(seen.signature_error, "")
+
+    async def test_an_ipv6_literal_endpoint_is_reached(self) -> None:
+        # -e http://[::1]:port: treq's own URL conversion IDNA-encodes the
+        # host and fails on a literal; the uploader already sends it as given.
+        if not ipv6_loopback_available():
+            raise SkipTest("no IPv6 loopback (::1) here")
+        upstream = start_fake_xray(
+            reactor, access_key=KEY, secret_key=SECRET, region=REGION, interface="::1"
+        )
+        self.addCleanup(upstream.close)
+        self.assertTrue(upstream.url.startswith("http://[::1]:"), upstream.url)
+        self.serve(endpoint_url=upstream.url)
+        response = await self.call(post("/GetSamplingRules?a=1", b"{}"))
+        self.assertEqual(response.status, 200, response.raw)
+        (seen,) = upstream.fake.requests
+        self.assertEqual((seen.uri, seen.signature_error), ("/GetSamplingRules?a=1", ""))
+        self.assertEqual(seen.headers["host"], upstream.url.removeprefix("http://"))
+        self.assertEqual(self.outcomes(), {"forwarded": 1})
 
     async def test_status_and_body_pass_through_unchanged(self) -> None:
         self.serve()

@@ -48,6 +48,8 @@ from xraytwisted.settings.addresses import Address
 from xraytwisted.tcpport.site import http_root, make_site
 from xraytwisted.tcpport.sniffing import (
     AUTO_MAX_CONNECTIONS,
+    CappedFactory,
+    ConnectionCap,
     Kind,
     SniffingFactory,
     SniffingProtocol,
@@ -508,6 +510,42 @@ class StopTests(SynchronousTestCase):
     def test_nothing_open(self) -> None:
         self.successResultOf(Env().factory.stop())
 
+    def test_stop_now_cuts_a_record_in_progress_without_the_grace(self) -> None:
+        env = Env()
+        protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b"{")
+        d = env.factory.stop(grace=1.0)
+        self.assertFalse(transport.disconnecting)
+        env.factory.stop_now()  # a second shutdown signal
+        self.assertTrue(transport.disconnected)  # aborted, no time passed
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.buffer.accepted, [b"one"])
+        self.assertEqual((env.counters.received, env.counters.rejected), (2, 1))
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_stop_now_before_the_stop_cuts_at_once_when_it_comes(self) -> None:
+        env = Env()
+        env.factory.stop_now()  # the signal came before ingest began to stop
+        protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b"{")
+        self.assertFalse(transport.disconnecting)
+        d = env.factory.stop(grace=1.0)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_stop_now_aborts_http_connections_still_closing(self) -> None:
+        env = Env()
+        http, transport = env.stream(b"GE")
+        d = env.factory.stop(grace=1.0)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        env.factory.stop_now()
+        self.assertTrue(transport.disconnected)
+        http.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
 
 class IdleTimeoutTests(SynchronousTestCase):
     def test_a_silent_stream_is_closed_after_the_idle_timeout(self) -> None:
@@ -667,6 +705,29 @@ class ConnectionLimitTests(SynchronousTestCase):
         env.connect(IPv4Address("TCP", "10.0.0.1", 4))
         self.assertEqual(env.counters.tcp_refused, 1)
         self.assertEqual(env.factory.per_peer, {"10.0.0.1": 2, "10.0.0.2": 1})
+
+    def test_a_capped_site_counts_open_connections_and_refuses_past_the_total(self) -> None:
+        # The monitoring listener's wrapper: the same refusals around a Site.
+        clock, counters = Clock(), Counters()
+        cap = ConnectionCap(counters, clock, total="total {peer} {limit}", peer="peer {peer}")
+        factory = CappedFactory(
+            make_site(Resource(), timeout=30, reactor=clock), cap, max_connections=2,
+            max_per_peer=None,
+        )  # fmt: skip
+        opened = []
+        for port in (1, 2):
+            addr = IPv4Address("TCP", "10.0.0.1", port)
+            protocol = factory.buildProtocol(addr)
+            assert protocol is not None
+            protocol.makeConnection(StringTransport(peerAddress=addr))
+            opened.append(protocol)
+        with capturedLogs() as events:
+            self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
+        self.assertEqual([formatEvent(e) for e in events], ["total 10.0.0.2:1 2"])
+        self.assertEqual((counters.tcp_refused, factory.per_peer), (1, {"10.0.0.1": 2}))
+        opened[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.per_peer, {"10.0.0.1": 1})
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 2)))
 
     def test_defaults_follow_the_descriptor_limit(self) -> None:
         cases = [

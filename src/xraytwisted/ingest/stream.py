@@ -290,6 +290,14 @@ class SegmentStream(LineReceiver, TimeoutMixin):
             self._give_up = self._clock.callLater(grace, self._close, True)
         return lost
 
+    def stop_now(self) -> None:
+        """Cut the connection at once (a second shutdown signal ends the grace).
+
+        What was read and is complete is still taken in (``connectionLost``).
+        """
+        self._stopping = True
+        self._close(abort=True)
+
     def when_lost(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         if self._final:

@@ -83,7 +83,7 @@ class Counters:
     spooled: int = 0  # documents written to the disk spool
     replayed: int = 0  # documents read back from the spool and delivered
     stream_connections: int = 0  # TCP segment-stream connections accepted
-    tcp_refused: int = 0  # TCP connections closed at once: connection limits reached
+    tcp_refused: int = 0  # TCP (and monitoring) connections closed at once: limits reached
     first_received_at: float | None = None  # clock time of the first record
     last_success_at: float | None = None  # clock time of the last successful upload
     backend_errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_CLASSES, 0))

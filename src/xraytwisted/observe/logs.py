@@ -10,9 +10,11 @@ redirected stdout/stderr) goes through one :class:`GoFormatObserver`.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +23,7 @@ from types import MappingProxyType
 from typing import Protocol, TextIO
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
@@ -41,12 +43,15 @@ __all__ = [
     "LogDestination",
     "LogSetupError",
     "StartupWarning",
+    "StdlibHandler",
     "Throttle",
     "event_level",
     "format_line",
     "go_timestamp",
     "open_destination",
     "printable",
+    "route_library_logs",
+    "stdlib_level",
     "suppressed_note",
     "threshold",
     "warnings_as_lines",
@@ -441,3 +446,78 @@ def warnings_as_lines() -> Iterator[list[str]]:
         line = _warning_line(warning)
         if line not in lines:
             lines.append(line)
+
+
+# Libraries that log through the standard library's ``logging``: botocore
+# (the credential chain, STS) is the one the daemon runs.
+LIBRARY_LOGGERS = ("botocore",)
+
+
+# (lowest logging level number, Twisted level), highest first.
+_STDLIB_LEVELS: tuple[tuple[int, LogLevel], ...] = (
+    (logging.CRITICAL, LogLevel.critical),
+    (logging.ERROR, LogLevel.error),
+    (logging.WARNING, LogLevel.warn),
+    (logging.INFO, LogLevel.info),
+)
+
+
+def stdlib_level(levelno: int) -> LogLevel:
+    """The Twisted level for a ``logging`` record's level number."""
+    for lowest, level in _STDLIB_LEVELS:
+        if levelno >= lowest:
+            return level
+    debug: LogLevel = LogLevel.debug
+    return debug
+
+
+class StdlibHandler(logging.Handler):
+    """Hands ``logging`` records to Twisted's log, so they come out as Go-format lines.
+
+    Records from threads other than the main (reactor) one are handed over
+    with ``call_from_thread``: botocore's lookups run in threads, and the
+    log destination is written from the reactor thread only.
+    """
+
+    def __init__(self, call_from_thread: Callable[..., object]) -> None:
+        super().__init__()
+        self._call_from_thread = call_from_thread
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+        except Exception:
+            self.handleError(record)
+            return
+        level = stdlib_level(record.levelno)
+        if threading.current_thread() is threading.main_thread():
+            _publish(record.name, level, text, record.created)
+        else:
+            self._call_from_thread(_publish, record.name, level, text, record.created)
+
+
+def _publish(namespace: str, level: LogLevel, text: str, when: float) -> None:
+    Logger(namespace=namespace).emit(level, "{text}", text=text, log_time=when)
+
+
+def route_library_logs(
+    level: str,
+    call_from_thread: Callable[..., object],
+    names: tuple[str, ...] = LIBRARY_LOGGERS,
+) -> None:
+    """Send these libraries' ``logging`` records into our log, from now on.
+
+    Warn and up (Debug too when ``level`` shows debug lines); not also to
+    the root logger, whose last-resort handler would print them raw on
+    stderr.  Calling it again replaces the earlier routing.
+    """
+    shown = logging.DEBUG if threshold(level) <= DEBUG else logging.WARNING
+    for name in names:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, StdlibHandler)]:
+            logger.removeHandler(old)
+        logger.addHandler(StdlibHandler(call_from_thread))
+        logger.setLevel(shown)
+        logger.propagate = False

@@ -70,9 +70,13 @@ CREDENTIAL_CODES = frozenset(
         "NotAuthorized",
     }
 )
-# Answers that mean the request went to the wrong place or in the wrong
-# shape (a wrong --endpoint): whatever answers there will say it again.
-WRONG_ENDPOINT_STATUSES = frozenset({404, 405, 411, 414, 415, 422})
+# Answers X-Ray never gives to a well-formed PutTraceSegments: the request
+# went to the wrong place, or a proxy in front of X-Ray mangled or refused
+# it (a wrong -e/--endpoint, a proxy's rules).  They say nothing about the
+# segments, and the fix is in the configuration: retried like an outage
+# (kept, spooled), with a line saying what to check.  (422 too: X-Ray's
+# verdicts on content are 400 with an error code, or 413.)
+MISCONFIGURED_STATUSES = frozenset({404, 405, 411, 414, 415, 422})
 
 # UnprocessedTraceSegments codes worth sending again (the rest describe the
 # document itself, and X-Ray will refuse it again).
@@ -211,11 +215,11 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
     throttled = status == 429 or code in THROTTLING_CODES
     credentials = not throttled and (status in (401, 403) or code in CREDENTIAL_CODES)
     # Only X-Ray's verdict on the documents (413, or a 400 with one of its
-    # content codes) or a wrong endpoint is final.  Everything else -
-    # throttling, 5xx, auth errors that fixed credentials cure, a 400 from
-    # something in front of X-Ray - is worth retrying.
+    # content codes) is final.  Everything else - throttling, 5xx, auth
+    # errors that fixed credentials cure, a wrong endpoint or a proxy's
+    # answer (the configuration gets fixed) - is worth retrying.
     content = status == 413 or (status == 400 and code in CONTENT_CODES)
-    permanent = not throttled and not credentials and (content or status in WRONG_ENDPOINT_STATUSES)
+    permanent = not throttled and not credentials and content
     advice = ""
     if status == 400 and not (permanent or throttled or credentials):
         what = (
@@ -223,7 +227,13 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
         )
         advice = (
             f"this is not X-Ray's verdict on the segments ({what}), so they are kept; check "
-            "--endpoint and the proxy"
+            "-e / --endpoint and the proxy"
+        )
+    elif status in MISCONFIGURED_STATUSES and not (throttled or credentials):
+        advice = (
+            f"X-Ray does not answer {status} to PutTraceSegments: the endpoint or a proxy in "
+            "front of it is misconfigured, not the segments, so they are kept; check "
+            "-e / --endpoint and the proxy"
         )
     if status >= 500:
         error_class = "HTTPCode5XXCount"

@@ -355,6 +355,13 @@ class _MonitoringRoot(Resource):
         return target.render(request)
 
 
+# Connections the monitoring listener (Monitoring.Address) takes at once, in
+# all and from one address; more are closed as soon as they are accepted
+# (counted as tcp_refused).  Probes and scrapers are a handful of clients.
+MONITORING_MAX_CONNECTIONS = 64
+MONITORING_MAX_PER_PEER = 16
+
+
 def monitoring_site(
     health: IResource,
     metrics: IResource,

@@ -74,7 +74,8 @@ _SIMPLE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("sent_bytes", "sent_bytes", "Bytes of segment documents in successful uploads."),
     ("stream_connections", "stream_connections", "TCP segment-stream connections accepted."),
     ("tcp_connections_refused", "tcp_refused",
-     "TCP connections closed at once because the connection limits were reached."),
+     "TCP connections (the TCP port and the monitoring listener) closed at once because "
+     "the connection limits were reached."),
 )  # fmt: skip
 
 

@@ -52,6 +52,7 @@ from xraytwisted.aws import sigv4
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle, printable
+from xraytwisted.outbound.treq_private import FixedURL
 from xraytwisted.pipeline.uploader import SERVICE, CredentialSource, HTTPClient, classify_exception
 from xraytwisted.tcpport.operations import OPERATIONS, SDK_PATHS, Operation
 from xraytwisted.tcpport.site import DEFAULT_MAX_BODY, body_too_large, json_error, read_body
@@ -387,7 +388,10 @@ class SamplingProxy(Resource):
             name.encode("latin-1"): [value.encode("latin-1")] for name, value in to_sign + added
         }
         headers.update(passed)
-        url = endpoint.url_for(path) + (f"?{query}" if query else "")
+        # Sent as given (already ASCII, the query percent-encoded by _query):
+        # treq's own conversion IDNA-encodes the host, which fails on an
+        # IPv6 literal endpoint (-e http://[::1]:2000).
+        url = FixedURL.of(endpoint.url_for(path) + (f"?{query}" if query else ""))
         d: Deferred[Any] = self.client.request(
             "POST",
             url,

@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from xraytwisted.listen.adopted_port import AdoptedPortService
 from xraytwisted.listen.bounded_site import BoundedSite, Limit, Limits, raw_response
@@ -245,7 +246,7 @@ def make_site(
 class SiteService(AdoptedPortService):
     """Serves an already-bound, listening TCP socket with a Site (e.g. Monitoring.Address)."""
 
-    def __init__(self, reactor: Any, sock: socket.socket, site: Site, what: str) -> None:
+    def __init__(self, reactor: Any, sock: socket.socket, site: Factory[Any], what: str) -> None:
         super().__init__(reactor, sock)
         self.site = site
         self.what = what  # for the log line, e.g. "/health and /metrics"

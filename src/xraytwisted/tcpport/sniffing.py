@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -42,6 +43,7 @@ from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
 from xraytwisted.listen.adopted_port import AdoptedPortService
 from xraytwisted.listen.held import HeldBytes
+from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle
 from xraytwisted.settings.addresses import Address
 
@@ -205,6 +207,16 @@ class SniffingProtocol(Protocol):
                 self._timer = self.factory.clock.callLater(grace, self._abort)
         return lost
 
+    def stop_now(self) -> None:
+        """Cut this connection without the stop grace."""
+        if self._gone:
+            return
+        if isinstance(self.inner, SegmentStream):
+            self.inner.stop_now()
+        else:
+            self._cancel_timer()
+            self._abort()
+
     def _abort(self) -> None:
         self._timer = None
         if not self._gone and self.transport is not None:
@@ -227,6 +239,92 @@ class SniffingProtocol(Protocol):
         waiters, self._lost = self._lost, []
         for d in waiters:
             d.callback(None)
+
+
+class ConnectionCap:
+    """The refusal side of a listener's connection limits (total, per address).
+
+    Shared by the TCP port and the monitoring listener: a refused connection
+    is counted as ``tcp_refused`` and warned about at most once per kind
+    (total, peer) every ``warn_interval`` seconds, with the given message.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, counters: Counters, clock: IReactorTime, *, total: str, peer: str,
+        warn_interval: float = 10.0,
+    ) -> None:  # fmt: skip
+        self.counters = counters
+        self._messages = {"total": total, "peer": peer}
+        self._throttle = Throttle(clock, warn_interval)
+
+    def refuses(
+        self, addr: IAddress | None, open_total: int, open_from_peer: int,
+        max_total: int | None, max_per_peer: int | None,
+    ) -> bool:  # fmt: skip
+        """True (counted, maybe warned): over a limit (None: no limit)."""
+        if max_total is not None and open_total >= max_total:
+            self._refuse("total", addr, max_total)
+            return True
+        if max_per_peer is not None and open_from_peer >= max_per_peer:
+            self._refuse("peer", addr, max_per_peer)
+            return True
+        return False
+
+    def _refuse(self, kind: str, addr: IAddress | None, limit: int) -> None:
+        self.counters.tcp_refused += 1
+        suppressed = self._throttle.check(kind)
+        if suppressed is not None:
+            message = self._messages[kind]
+            if suppressed:
+                message += " ({suppressed} more refused connections not logged)"
+            self.log.warn(message, peer=format_peer(addr), limit=limit, suppressed=suppressed)
+
+
+class CappedFactory(WrappingFactory):
+    """Any factory (a monitoring Site) behind connection limits like the TCP port's."""
+
+    noisy = False
+
+    def __init__(
+        self, wrapped: Factory[Any], cap: ConnectionCap, max_connections: int | None,
+        max_per_peer: int | None,
+    ) -> None:  # fmt: skip
+        super().__init__(wrapped)
+        self.cap = cap
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
+        self._hosts: dict[ProtocolWrapper, str] = {}
+
+    # None refuses (the port closes the socket), as Factory allows.
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
+        host = str(getattr(addr, "host", addr))
+        if self.cap.refuses(
+            addr, len(self.protocols), self.per_peer.get(host, 0),
+            self.max_connections, self.max_per_peer,
+        ):  # fmt: skip
+            return None
+        return super().buildProtocol(addr)
+
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        super().registerProtocol(p)
+        transport = p.transport
+        host = str(getattr(transport.getPeer(), "host", "")) if transport is not None else ""
+        self._hosts[p] = host
+        self.per_peer[host] = self.per_peer.get(host, 0) + 1
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        host = self._hosts.pop(p, None)
+        if host is None:
+            return
+        left = self.per_peer.get(host, 1) - 1
+        if left > 0:
+            self.per_peer[host] = left
+        else:
+            self.per_peer.pop(host, None)
 
 
 class SniffingFactory(Factory):
@@ -261,43 +359,27 @@ class SniffingFactory(Factory):
         self.hold = hold
         self.connections: set[SniffingProtocol] = set()
         self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
-        self._throttle = Throttle(clock, warn_interval)
+        self._cap = ConnectionCap(
+            ingest.counters,
+            clock,
+            total="Refusing TCP connection from {peer}: {limit} connections are open, the "
+            "most allowed (--tcp-max-connections or Socket.TCPMaxConnections; the default "
+            "follows ulimit -n). Raise the limit, or find the client that holds them",
+            peer="Refusing TCP connection from {peer}: that address already has {limit} "
+            "connections open, the most one address may hold "
+            "(--tcp-max-connections-per-peer or Socket.TCPMaxConnectionsPerPeer)",
+            warn_interval=warn_interval,
+        )
+        self._stopping_now = False
 
     def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol | None:
         host = str(getattr(addr, "host", addr))
-        limit = self.max_connections
-        if limit is not None and len(self.connections) >= limit:
-            self._refuse(
-                "total",
-                "Refusing TCP connection from {peer}: {limit} connections are open, the "
-                "most allowed (--tcp-max-connections or Socket.TCPMaxConnections; the default "
-                "follows ulimit -n). Raise the limit, or find the client that holds them",
-                addr,
-                limit,
-            )
-            return None
-        limit = self.max_per_peer
-        if limit is not None and self.per_peer.get(host, 0) >= limit:
-            self._refuse(
-                "peer",
-                "Refusing TCP connection from {peer}: that address already has {limit} "
-                "connections open, the most one address may hold "
-                "(--tcp-max-connections-per-peer or Socket.TCPMaxConnectionsPerPeer)",
-                addr,
-                limit,
-            )
-            return None
+        if self._cap.refuses(
+            addr, len(self.connections), self.per_peer.get(host, 0),
+            self.max_connections, self.max_per_peer,
+        ):  # fmt: skip
+            return None  # the port closes the socket at once
         return SniffingProtocol(self, format_peer(addr), host)
-
-    def _refuse(self, kind: str, message: str, addr: IAddress | None, limit: int) -> None:
-        # buildProtocol then returns None: the port closes the socket at once.
-        self.ingest.counters.tcp_refused += 1
-        suppressed = self._throttle.check(kind)
-        if suppressed is not None:
-            if suppressed:
-                message += " ({suppressed} more refused connections not logged)"
-            self.log.warn(message, peer=format_peer(addr), limit=limit, suppressed=suppressed)
-        return None
 
     def opened(self, connection: SniffingProtocol) -> None:
         self.connections.add(connection)
@@ -317,7 +399,19 @@ class SniffingFactory(Factory):
         """Close every open connection; fires once all are gone (within ~``grace`` s)."""
         waits = [connection.stop(grace) for connection in list(self.connections)]
         d: Deferred[Any] = DeferredList(waits, consumeErrors=True)
+        if self._stopping_now:
+            self.stop_now()
         return d.addCallback(lambda _: None)
+
+    def stop_now(self) -> None:
+        """Cut every connection at once, now or as soon as ``stop`` is called.
+
+        A second shutdown signal: the streams' grace would only delay the
+        batcher's (also cut) drain.
+        """
+        self._stopping_now = True
+        for connection in list(self.connections):
+            connection.stop_now()
 
 
 class TCPPortService(AdoptedPortService):
@@ -348,3 +442,7 @@ class TCPPortService(AdoptedPortService):
     def closed(self) -> Deferred[Any] | None:
         # Open streams may finish the record they are sending.
         return self.factory.stop(self.stop_grace)
+
+    def stop_now(self) -> None:
+        """End the stop grace: cut the open connections (now, or when the stop starts)."""
+        self.factory.stop_now()
