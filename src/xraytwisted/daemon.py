@@ -546,6 +546,8 @@ def build(
             )
         except SpoolError as e:
             raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None
+        if bridge.uploader is not None:
+            daemon.cleanups.append(bridge.uploader.close)  # as for segments: after the drain
         if bridge.spool is not None:
             daemon.cleanups.append(bridge.spool.close)
         if local:

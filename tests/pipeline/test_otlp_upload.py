@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from tests.support.logs import capture_logs
 from tests.support.sigcheck import verify
@@ -71,9 +71,10 @@ class FakeOtlpEndpoint(Resource):
         self.status = 200
         self.answer = b""
         self.answer_type = b"application/x-protobuf"
+        self.hang = False  # read the request, never answer
         self.requests: list[dict[str, Any]] = []
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> Any:
         assert request.content is not None
         body = request.content.read()
         headers = {
@@ -89,6 +90,8 @@ class FakeOtlpEndpoint(Resource):
             region=REGION,
         )
         self.requests.append({"path": request.path, "headers": headers, "body": body, "auth": auth})
+        if self.hang:
+            return NOT_DONE_YET
         request.setResponseCode(self.status)
         request.setHeader(b"content-type", self.answer_type)
         return self.answer
@@ -196,6 +199,34 @@ class OtlpUploaderTests(SynchronousTestCase):
         assert outcome.error is not None
         self.assertTrue(outcome.error.retryable)
         self.assertEqual((self.counters.spans_sent, self.counters.spans_rejected), (0, 0))
+
+    def test_a_request_left_unanswered_times_out_and_close_forgets_the_timer(self) -> None:
+        self.endpoint.hang = True
+        d = self.uploader.send([protobuf_doc("a")])
+        self.stub.flush()
+        self.assertEqual(len(self.endpoint.requests), 1)
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        error = self.successResultOf(d).error
+        assert error is not None
+        self.assertEqual((error.error_class, error.retryable), ("TimeoutCount", True))
+        self.assertEqual((self.counters.spans_sent, self.counters.spans_rejected), (0, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing waiting: no timer
+        # At shutdown close() forgets the timer of what is still waiting.
+        self.uploader.send([protobuf_doc("b")])
+        self.stub.flush()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.uploader.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_credentials_sends_nothing(self) -> None:
+        self.uploader.requests.credentials = StaticCredentials(None)
+        error = self.send([protobuf_doc("a")]).error
+        assert error is not None
+        self.assertTrue(error.retryable)
+        self.assertIn("no AWS credentials", error.message)
+        self.assertEqual(self.endpoint.requests, [])
 
     def test_transaction_search_off_is_said_plainly_and_not_split(self) -> None:
         self.endpoint.status = 400

@@ -215,7 +215,7 @@ class UploaderTests(SynchronousTestCase):
                 held.append((stub.request(method, url, **kwargs), answer))
                 return answer
 
-        self.uploader.client = Answered()
+        self.uploader.requests.client = Answered()
         for _ in range(5):
             d = self.uploader.put_trace_segments([b"{}"])
             self.clock.advance(0.1)
@@ -225,7 +225,7 @@ class UploaderTests(SynchronousTestCase):
             self.stub.flush()
             self.assertIsNone(self.successResultOf(d).error)
         self.assertEqual(scheduled, [2.0])
-        self.uploader.client = stub
+        self.uploader.requests.client = stub
         # It still times out what hangs, each request 2 s after it started.
         self.resource.hang = True
         self.clock.advance(2.0)  # the first timer runs out: nothing waiting
@@ -260,7 +260,7 @@ class UploaderTests(SynchronousTestCase):
 
     def test_waits_for_the_first_credential_lookup(self) -> None:
         source = _LoadingCredentials()
-        self.uploader.credentials = source
+        self.uploader.requests.credentials = source
         d = self.uploader.put_trace_segments([b"{}"])
         self.stub.flush()
         self.assertNoResult(d)
@@ -272,7 +272,7 @@ class UploaderTests(SynchronousTestCase):
 
     def test_lookup_that_finds_nothing_fails_the_upload(self) -> None:
         source = _LoadingCredentials()
-        self.uploader.credentials = source
+        self.uploader.requests.credentials = source
         d = self.uploader.put_trace_segments([b"{}"])
         source.load(None)
         outcome = self.successResultOf(d)

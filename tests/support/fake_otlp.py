@@ -26,16 +26,11 @@ endpoint only), so a test can show that segments keep flowing beside it.
 from __future__ import annotations
 
 import json
-import os
-import select
-import signal
-import subprocess
 import sys
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tests.support.fake_endpoint import Control, FakeEndpoint, serve_control
 
 MODES = ("ok", "503", "429", "search_off", "partial")
 # What X-Ray answers when the account's trace destination is not CloudWatch
@@ -47,8 +42,13 @@ SEARCH_OFF_MESSAGE = (
 )
 
 
-class FakeOtlpXRay:
+class FakeOtlpXRay(FakeEndpoint):
     """Starts, drives and stops the fake in a subprocess."""
+
+    module = __file__
+    modes = MODES
+    title = "fake OTLP X-Ray"
+    log_name = "fake_otlp.log"
 
     def __init__(
         self,
@@ -59,60 +59,14 @@ class FakeOtlpXRay:
         region: str,
         mode: str = "ok",
     ) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.args = [access_key, secret_key, region, mode]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.control_port = 0
-        self.log_path = self.workdir / "fake_otlp.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(workdir, [access_key, secret_key, region, mode])
 
     def start(self, timeout: float = 20) -> FakeOtlpXRay:
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=root)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "serve", *self.args],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                cwd=self.workdir,
-                env=env,
-            )
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else b""
-        if not line:
-            self.stop()
-            raise AssertionError(f"fake OTLP X-Ray did not start:\n{self.log_text()}")
-        ports = json.loads(line)
-        self.port, self.control_port = ports["port"], ports["control"]
+        self._start(timeout)
         return self
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _get(self, path: str, **query: object) -> Any:
-        url = f"http://127.0.0.1:{self.control_port}{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return json.loads(response.read())
-
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-        self._get("/mode", set=mode)
-
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._get("/stats")
-        return result
+        self._set_mode(mode)
 
     def spans(self) -> dict[str, str]:
         """span id (hex) -> span name, of spans in accepted requests."""
@@ -123,37 +77,10 @@ class FakeOtlpXRay:
         return set(self._get("/segments"))
 
     def wait_for_spans(self, count: int, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        stats = self.stats()
-        while stats["unique_spans"] < count and time.monotonic() < deadline:
-            time.sleep(0.1)
-            stats = self.stats()
-        if stats["unique_spans"] < count:
-            raise AssertionError(f"only {stats['unique_spans']} of {count} spans arrived: {stats}")
-        return stats
+        return self._wait_for("unique_spans", count, timeout, "spans")
 
     def wait_for_segments(self, count: int, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        stats = self.stats()
-        while stats["unique_segments"] < count and time.monotonic() < deadline:
-            time.sleep(0.1)
-            stats = self.stats()
-        if stats["unique_segments"] < count:
-            raise AssertionError(f"only {stats['unique_segments']} segments arrived: {stats}")
-        return stats
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        return self._wait_for("unique_segments", count, timeout, "segments")
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +97,6 @@ def serve(access_key: str, secret_key: str, region: str, mode: str) -> None:  # 
         ExportTraceServiceResponse,
     )
     from twisted.internet import reactor as _reactor
-    from twisted.internet.task import LoopingCall
     from twisted.web.resource import Resource
     from twisted.web.server import Request, Site
 
@@ -296,48 +222,25 @@ def serve(access_key: str, secret_key: str, region: str, mode: str) -> None:  # 
                 )
             return answer(request, 200, response.SerializeToString(), b"application/x-protobuf")
 
-    class Control(Resource):
-        isLeaf = True
+    def set_mode(args: dict[str, str]) -> dict[str, Any]:
+        state.mode = args.get("set", state.mode)
+        return {"mode": state.mode}
 
-        def render_GET(self, request: Request) -> bytes:
-            args = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
-            result: Any
-            if request.path == b"/mode":
-                state.mode = args.get("set", state.mode)
-                result = {"mode": state.mode}
-            elif request.path == b"/stats":
-                result = state.stats()
-            elif request.path == b"/spans":
-                result = state.spans
-            elif request.path == b"/segments":
-                result = list(state.segments)
-            elif request.path == b"/reset":
-                state.reset()
-                result = {}
-            else:
-                request.setResponseCode(404)
-                result = {}
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps(result).encode()
+    def reset(args: dict[str, str]) -> dict[str, Any]:
+        state.reset()
+        return {}
 
     site = Site(XRay())
     site.noisy = False
-    control = Site(Control())
-    control.noisy = False
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    control_port = reactor.listenTCP(0, control, interface="127.0.0.1")
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        if os.getppid() != parent:  # the test process died: do not linger
-            reactor.stop()
-
-    LoopingCall(orphaned).start(1.0, now=False)
-    sys.stdout.write(
-        json.dumps({"port": port.getHost().port, "control": control_port.getHost().port}) + "\n"
-    )
-    sys.stdout.flush()
-    reactor.run()
+    control: dict[bytes, Control] = {
+        b"/mode": set_mode,
+        b"/stats": lambda args: state.stats(),
+        b"/spans": lambda args: state.spans,
+        b"/segments": lambda args: list(state.segments),
+        b"/reset": reset,
+    }
+    serve_control(reactor, control, port.getHost().port)
 
 
 if __name__ == "__main__":  # pragma: no cover

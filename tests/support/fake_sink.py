@@ -35,17 +35,12 @@ Control API (HTTP GET on ``control_port``): ``/mode?set=M[&delay=S]``,
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
-import signal
-import subprocess
 import sys
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tests.support.fake_endpoint import Control, FakeEndpoint, serve_control
 
 MODES = ("ok", "refuse", "503", "429", "stall")
 _ID = re.compile(r'"id"\s*:\s*"([^"\\]{1,64})"')
@@ -55,93 +50,35 @@ _ID = re.compile(r'"id"\s*:\s*"([^"\\]{1,64})"')
 # The test side
 
 
-class FakeSink:
+class FakeSink(FakeEndpoint):
     """Starts, drives and stops the endpoint subprocess."""
 
-    def __init__(self, workdir: str | Path, mode: str = "ok") -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.initial_mode = mode
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.control_port = 0
-        self.log_path = self.workdir / "fake_sink.log"
+    module = __file__
+    modes = MODES
+    title = "fake sink"
+    log_name = "fake_sink.log"
 
-    @property
-    def url(self) -> str:
-        """The endpoint to give the daemon (``-e``)."""
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, workdir: str | Path, mode: str = "ok") -> None:
+        super().__init__(workdir, [mode])
+        self.initial_mode = mode
 
     def start(self, timeout: float = 20) -> FakeSink:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "serve", self.initial_mode],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                cwd=self.workdir,
-            )
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else b""
-        if not line:
-            self.stop()
-            raise AssertionError(f"fake sink did not start:\n{self.log_text()}")
-        ports = json.loads(line)
-        self.port, self.control_port = ports["port"], ports["control"]
+        self._start(timeout)
         return self
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _get(self, path: str, **query: object) -> Any:
-        url = f"http://127.0.0.1:{self.control_port}{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return json.loads(response.read())
-
     def set_mode(self, mode: str, delay: float = 0.0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-        self._get("/mode", set=mode, delay=delay)
+        self._set_mode(mode, delay=delay)
 
     def stats(self) -> dict[str, Any]:
         """mode, requests (by answer), documents, unique, duplicates, no_id."""
-        result: dict[str, Any] = self._get("/stats")
-        return result
+        return super().stats()
 
     def ids(self) -> set[str]:
         return set(self._get("/ids")["ids"])
 
-    def reset(self) -> None:
-        self._get("/reset")
-
     def wait_for_unique(self, count: int, timeout: float = 30) -> dict[str, Any]:
         """Poll until at least ``count`` unique ids arrived; returns the stats."""
-        deadline = time.monotonic() + timeout
-        stats = self.stats()
-        while stats["unique"] < count and time.monotonic() < deadline:
-            time.sleep(0.1)
-            stats = self.stats()
-        if stats["unique"] < count:
-            raise AssertionError(f"only {stats['unique']} of {count} ids arrived: {stats}")
-        return stats
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        return self._wait_for("unique", count, timeout, "ids")
 
 
 def fake_credentials(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -158,7 +95,6 @@ def fake_credentials(extra: dict[str, str] | None = None) -> dict[str, str]:
 def serve(mode: str) -> None:  # pragma: no cover - runs in the subprocess
     from twisted.internet import reactor as _reactor
     from twisted.internet.protocol import connectionDone
-    from twisted.internet.task import LoopingCall
     from twisted.python.failure import Failure
     from twisted.web.http import HTTPChannel
     from twisted.web.resource import Resource
@@ -280,55 +216,32 @@ def serve(mode: str) -> None:  # pragma: no cover - runs in the subprocess
                 answer(request, status, reply, **headers)
             return NOT_DONE_YET
 
-    class Control(Resource):
-        isLeaf = True
+    def set_mode(args: dict[str, str]) -> dict[str, Any]:
+        state.mode = args.get("set", state.mode)
+        state.delay = float(args.get("delay", 0) or 0)
+        if state.mode == "refuse":
+            state.refuse()
+        else:
+            state.listen()
+        return {"mode": state.mode}
 
-        def render_GET(self, request: Request) -> bytes:
-            args = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
-            path = request.path
-            result: Any
-            if path == b"/mode":
-                state.mode = args.get("set", state.mode)
-                state.delay = float(args.get("delay", 0) or 0)
-                if state.mode == "refuse":
-                    state.refuse()
-                else:
-                    state.listen()
-                result = {"mode": state.mode}
-            elif path == b"/stats":
-                result = state.stats()
-            elif path == b"/ids":
-                result = {"ids": list(state.ids)}
-            elif path == b"/reset":
-                state.reset()
-                result = {}
-            else:
-                request.setResponseCode(404)
-                result = {}
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps(result).encode()
+    def reset(args: dict[str, str]) -> dict[str, Any]:
+        state.reset()
+        return {}
 
     site = Site(TraceSegments())
     site.protocol = Channel  # type: ignore[assignment,method-assign]
     site.noisy = False
-    control = Site(Control())
-    control.noisy = False
     state.listen()
     if mode == "refuse":
         state.refuse()
-    control_port = reactor.listenTCP(0, control, interface="127.0.0.1")
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        if os.getppid() != parent:  # the test process died: do not linger
-            reactor.stop()
-
-    LoopingCall(orphaned).start(1.0, now=False)
-    sys.stdout.write(
-        json.dumps({"port": state.port_number, "control": control_port.getHost().port}) + "\n"
-    )
-    sys.stdout.flush()
-    reactor.run()
+    control: dict[bytes, Control] = {
+        b"/mode": set_mode,
+        b"/stats": lambda args: state.stats(),
+        b"/ids": lambda args: {"ids": list(state.ids)},
+        b"/reset": reset,
+    }
+    serve_control(reactor, control, state.port_number)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,21 +26,16 @@ import json
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from xraytwisted.aws import sigv4
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
-from xraytwisted.outbound.treq_private import FixedURL
 from xraytwisted.pipeline.batcher import SPLIT_CODES, SPLIT_STATUSES
 from xraytwisted.pipeline.otlp_batches import (
     CONTENT_TYPES,
@@ -50,14 +45,12 @@ from xraytwisted.pipeline.otlp_batches import (
     spans_in,
 )
 from xraytwisted.pipeline.uploader import (
-    SERVICE,
     CredentialSource,
     HTTPClient,
     Outcome,
+    SignedRequests,
     UploadError,
-    classify_exception,
     classify_response,
-    user_agent,
 )
 
 TRACES_PATH = "/v1/traces"
@@ -168,17 +161,30 @@ class OtlpUploader:
         gzip: bool = True,
         agent_name: str | None = None,
     ) -> None:
-        self.client = client
-        self.endpoint = endpoint
-        self.region = region
-        self.credentials = credentials
-        self.clock = clock
-        self.timeout = timeout
+        self.requests = SignedRequests(
+            client=client,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            clock=clock,
+            timeout=timeout,
+            agent_name=agent_name,
+        )
         self.counters = counters
         self.gzip = gzip
-        self.user_agent = agent_name or user_agent()
-        self._url: FixedURL | None = None
         self._throttle = Throttle(clock, 10.0)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.requests.endpoint
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.requests.clock
+
+    def close(self) -> None:
+        """Stop watching requests for their timeout (the timer may outlive them)."""
+        self.requests.close()
 
     # -- the span batcher's send function ------------------------------------
 
@@ -240,77 +246,29 @@ class OtlpUploader:
 
     def put_otlp_traces(self, body: bytes, content_type: str) -> Deferred[Outcome]:
         """POST one ExportTraceServiceRequest; never fails (every result is an Outcome)."""
-        if self.credentials.current() is None:
-            # As for segments: wait for the first credential lookup to finish.
-            waiting: Deferred[None] = self.credentials.when_loaded()
-            return waiting.addCallback(lambda _: self._post(body, content_type))
-        return self._post(body, content_type)
-
-    def _post(self, body: bytes, content_type: str) -> Deferred[Outcome]:
-        start = self.clock.seconds()
-        creds = self.credentials.current()
-        if creds is None:
-            return defer.succeed(
-                Outcome(
-                    0.0,
-                    error=UploadError(
-                        "",
-                        True,
-                        False,
-                        "no AWS credentials available; not sending unsigned requests",
-                    ),
-                )
-            )
-        to_sign = [("Content-Type", content_type), ("Host", self.endpoint.host)]
         if self.gzip:
             body = gzip_body(body)
-            to_sign.append(("Content-Encoding", "gzip"))
-        added = sigv4.sign(
-            method="POST",
-            path=self.endpoint.base_path + TRACES_PATH,
-            query="",
-            headers=to_sign,
-            body=body,
-            credentials=creds,
-            region=self.region,
-            service=SERVICE,
-            when=datetime.fromtimestamp(start, tz=timezone.utc),
-        )
-        headers = {name: [value] for name, value in to_sign + added}
-        headers["User-Agent"] = [self.user_agent]
-        if self._url is None:
-            self._url = FixedURL.of(self.endpoint.url_for(TRACES_PATH))
-        d: Deferred[Any] = self.client.request(
-            "POST", self._url, data=body, headers=headers, allow_redirects=False
-        )
-        d.addCallback(self._read, start, content_type)
-        d.addTimeout(self.timeout, self.clock)
-        d.addErrback(self._failed, start)
-        return d
+            headers: tuple[tuple[str, str], ...] = (
+                ("Content-Type", content_type),
+                ("Content-Encoding", "gzip"),
+            )
+        else:
+            headers = (("Content-Type", content_type),)
+        d = self.requests.post(TRACES_PATH, body, headers, classify=classify_traces_response)
+        return d.addCallback(self._traces_outcome, content_type)
 
-    def _failed(self, failure: Failure, start: float) -> Outcome:
-        return Outcome(self.clock.seconds() - start, error=classify_exception(failure))
-
-    def _read(self, response: Any, start: float, content_type: str) -> Deferred[Outcome]:
-        def got_body(body: bytes) -> Outcome:
-            seconds = self.clock.seconds() - start
-            raw = response.headers.getAllRawHeaders()
-            headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1") for k, v in raw}
-            if response.code != 200:
-                return Outcome(
-                    seconds, error=classify_traces_response(response.code, headers, body)
-                )
-            if content_type == CONTENT_TYPES[KIND_JSON]:
-                rejected, message = json_partial_success(body)
-            else:
-                try:
-                    rejected, message = otlp_wire.partial_success(body)
-                except otlp_wire.WireError:
-                    rejected, message = 0, ""
-            return TracesOutcome(seconds, rejected_spans=rejected, rejected_message=message)
-
-        d: Deferred[bytes] = response.content()
-        return d.addCallback(got_body)
+    def _traces_outcome(self, result: Outcome | tuple[float, bytes], content_type: str) -> Outcome:
+        if isinstance(result, Outcome):
+            return result
+        seconds, body = result
+        if content_type == CONTENT_TYPES[KIND_JSON]:
+            rejected, message = json_partial_success(body)
+        else:
+            try:
+                rejected, message = otlp_wire.partial_success(body)
+            except otlp_wire.WireError:
+                rejected, message = 0, ""
+        return TracesOutcome(seconds, rejected_spans=rejected, rejected_message=message)
 
 
 def gzip_body(body: bytes) -> bytes:

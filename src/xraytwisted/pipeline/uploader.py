@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -383,8 +383,25 @@ class Deadlines:
             self._timer = self._clock.callLater(max(0.0, first - now), self._expire)
 
 
-class Uploader:
-    """Signs and sends X-Ray API requests to one endpoint."""
+NO_CREDENTIALS = UploadError(
+    error_class="",
+    retryable=True,
+    throttled=False,
+    message="no AWS credentials available; not sending unsigned requests",
+)
+
+Classifier = Callable[[int, Mapping[str, str], bytes], UploadError]
+
+
+class SignedRequests:
+    """Signed POSTs to one X-Ray endpoint over treq: what both uploaders share.
+
+    ``post`` builds the headers, signs them for service ``xray``, posts with
+    treq (no redirects followed), watches the request for its timeout with
+    one timer for all (``Deadlines``) and reads the answer.  What the body
+    is and what a 200 answer means is the caller's business (the segment
+    and the OTLP uploaders, telemetry).
+    """
 
     def __init__(
         self,
@@ -411,42 +428,56 @@ class Uploader:
         """Stop watching requests for their timeout (the timer may outlive them)."""
         self._deadlines.stop()
 
-    def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
-        return self.call("/TraceSegments", trace_segments_body(docs)).addCallback(
-            self._trace_segments_outcome
-        )
+    def post(
+        self,
+        path: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+        *,
+        timestamp: bool = False,
+        classify: Classifier = classify_response,
+    ) -> Deferred[Outcome | tuple[float, bytes]]:
+        """POST ``body`` to ``path``, signed; never fails.
 
-    def _trace_segments_outcome(self, result: Outcome | tuple[float, bytes]) -> Outcome:
-        if isinstance(result, Outcome):
-            return result
-        seconds, body = result
-        return Outcome(seconds=seconds, unprocessed=parse_unprocessed(body))
-
-    def call(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
-        """POST a signed JSON request; (seconds, response body) on HTTP 200, else an Outcome."""
-        if self.credentials.current() is None:
-            # At startup the first credential lookup may still be running:
-            # wait for it rather than fail (and back off) the first batches.
-            waiting: Deferred[None] = self.credentials.when_loaded()
-            return waiting.addCallback(lambda _: self._call_now(path, body))
-        return self._call_now(path, body)
-
-    def _call_now(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
-        start = self.clock.seconds()
+        ``headers`` (Content-Type, ...) are sent and signed with Host, and
+        with ``X-Amzn-Xray-Timestamp`` when ``timestamp`` is set (X-Ray's
+        JSON APIs).  The result is (seconds, response body) for an HTTP 200;
+        otherwise an ``Outcome`` whose error is ``classify(status, headers,
+        body)`` of the answer (header names in lower case), or
+        ``classify_exception`` of a request that got none.
+        """
         creds = self.credentials.current()
         if creds is None:
-            return defer.succeed(
-                Outcome(
-                    seconds=0.0,
-                    error=UploadError(
-                        error_class="",
-                        retryable=True,
-                        throttled=False,
-                        message="no AWS credentials available; not sending unsigned requests",
-                    ),
-                )
-            )
-        headers = self.signed_headers("POST", path, body, creds, start)
+            # At startup the first credential lookup may still be running:
+            # wait for it rather than fail (and back off) the first batches.
+            waiting: Deferred[Any] = self.credentials.when_loaded()
+            return waiting.addCallback(self._loaded, path, body, headers, timestamp, classify)
+        return self._send(creds, path, body, headers, timestamp, classify)
+
+    def _loaded(
+        self,
+        _: object,
+        path: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+        timestamp: bool,
+        classify: Classifier,
+    ) -> Deferred[Outcome | tuple[float, bytes]]:
+        creds = self.credentials.current()
+        if creds is None:
+            return defer.succeed(Outcome(0.0, error=NO_CREDENTIALS))
+        return self._send(creds, path, body, headers, timestamp, classify)
+
+    def _send(
+        self,
+        creds: sigv4.Credentials,
+        path: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+        timestamp: bool,
+        classify: Classifier,
+    ) -> Deferred[Outcome | tuple[float, bytes]]:
+        start = self.clock.seconds()
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = FixedURL.of(self.endpoint.url_for(path))
@@ -454,24 +485,31 @@ class Uploader:
             "POST",
             url,
             data=body,
-            headers=headers,
+            headers=self.signed_headers(path, body, headers, creds, start, timestamp),
             allow_redirects=False,
         )
-        d.addCallback(self._read, start)
+        d.addCallback(self._read, start, classify)
         self._deadlines.watch(d)
-        d.addErrback(lambda f: Outcome(self.clock.seconds() - start, error=classify_exception(f)))
+        d.addErrback(self._failed, start)
         return d
 
     def signed_headers(
-        self, method: str, path: str, body: bytes, creds: sigv4.Credentials, now: float
+        self,
+        path: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]],
+        creds: sigv4.Credentials,
+        now: float,
+        timestamp: bool = False,
     ) -> dict[str, list[str]]:
-        to_sign = [
-            ("Content-Type", "application/json"),
-            ("Host", self.endpoint.host),
-            ("X-Amzn-Xray-Timestamp", f"{now:.9f}"),
-        ]
+        """The headers of a POST of ``body`` to ``path`` at ``now``, signed with ``creds``."""
+        host = ("Host", self.endpoint.host)
+        if timestamp:
+            to_sign = [*headers, host, ("X-Amzn-Xray-Timestamp", f"{now:.9f}")]
+        else:
+            to_sign = [*headers, host]
         added = sigv4.sign(
-            method=method,
+            method="POST",
             path=self.endpoint.base_path + path,
             query="",
             headers=to_sign,
@@ -481,18 +519,80 @@ class Uploader:
             service=SERVICE,
             when=datetime.fromtimestamp(now, tz=timezone.utc),
         )
-        headers = {name: [value] for name, value in to_sign + added}
-        headers["User-Agent"] = [self.user_agent]
-        return headers
+        signed = {name: [value] for name, value in to_sign + added}
+        signed["User-Agent"] = [self.user_agent]
+        return signed
 
-    def _read(self, response: Any, start: float) -> Deferred[Outcome | tuple[float, bytes]]:
-        def got_body(body: bytes) -> Outcome | tuple[float, bytes]:
-            seconds = self.clock.seconds() - start
-            if response.code == 200:
-                return seconds, body
-            raw = response.headers.getAllRawHeaders()
-            headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1") for k, v in raw}
-            return Outcome(seconds, error=classify_response(response.code, headers, body))
+    def _failed(self, failure: Failure, start: float) -> Outcome:
+        return Outcome(self.clock.seconds() - start, error=classify_exception(failure))
 
+    def _read(
+        self, response: Any, start: float, classify: Classifier
+    ) -> Deferred[Outcome | tuple[float, bytes]]:
         d: Deferred[bytes] = response.content()
-        return d.addCallback(got_body)
+        return d.addCallback(self._got_body, response, start, classify)
+
+    def _got_body(
+        self, body: bytes, response: Any, start: float, classify: Classifier
+    ) -> Outcome | tuple[float, bytes]:
+        seconds = self.clock.seconds() - start
+        if response.code == 200:
+            return seconds, body
+        raw = response.headers.getAllRawHeaders()
+        headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1") for k, v in raw}
+        return Outcome(seconds, error=classify(response.code, headers, body))
+
+
+JSON_HEADERS = (("Content-Type", "application/json"),)
+
+
+class Uploader:
+    """Signs and sends X-Ray API requests to one endpoint."""
+
+    def __init__(
+        self,
+        *,
+        client: HTTPClient,
+        endpoint: Endpoint,
+        region: str,
+        credentials: CredentialSource,
+        clock: IReactorTime,
+        timeout: float,
+        agent_name: str | None = None,
+    ) -> None:
+        self.requests = SignedRequests(
+            client=client,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            clock=clock,
+            timeout=timeout,
+            agent_name=agent_name,
+        )
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.requests.endpoint
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.requests.clock
+
+    def close(self) -> None:
+        """Stop watching requests for their timeout (the timer may outlive them)."""
+        self.requests.close()
+
+    def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
+        return self.requests.post(
+            "/TraceSegments", trace_segments_body(docs), JSON_HEADERS, timestamp=True
+        ).addCallback(self._trace_segments_outcome)
+
+    def _trace_segments_outcome(self, result: Outcome | tuple[float, bytes]) -> Outcome:
+        if isinstance(result, Outcome):
+            return result
+        seconds, body = result
+        return Outcome(seconds=seconds, unprocessed=parse_unprocessed(body))
+
+    def call(self, path: str, body: bytes) -> Deferred[Outcome | tuple[float, bytes]]:
+        """POST a signed JSON request; (seconds, response body) on HTTP 200, else an Outcome."""
+        return self.requests.post(path, body, JSON_HEADERS, timestamp=True)
