@@ -220,6 +220,7 @@ def measure(
         workdir,
         name=name,
         config_template=settings.config_template,
+        env=sink.daemon_env,
     ) as daemon:
         daemon.wait_ready()
         pid = daemon.pid
@@ -346,7 +347,7 @@ def measure_idle(
     sink.take()
     with Daemon(
         settings.command, sink.endpoint, workdir, name=name,
-        config_template=settings.config_template,
+        config_template=settings.config_template, env=sink.daemon_env,
     ) as daemon:  # fmt: skip
         daemon.wait_ready()
         pid = daemon.pid

@@ -9,6 +9,7 @@ import re
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -46,6 +47,19 @@ DAEMON_ENV = {
     "AWS_SECRET_ACCESS_KEY": "benchmark-secret",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+def daemon_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """This environment without its ``AWS_*`` settings, plus the dummy credentials.
+
+    A machine's own ``AWS_CA_BUNDLE``, ``AWS_PROFILE``, ``AWS_REGION``, ... would
+    change what either daemon loads or where it looks (a CA bundle costs
+    xraytwisted ~0.7 MB and a warning): both daemons run as on a plain host.
+    """
+    kept = {key: value for key, value in environ.items() if not key.startswith("AWS_")}
+    return {**kept, **DAEMON_ENV}
+
+
 # Where ``python -m benchmarks.<module>`` works from, wherever the runner was started.
 REPO = Path(__file__).resolve().parent.parent
 _BANNER = re.compile(r"Effective configuration|Listening on|buffer memory|Using buffer")
@@ -121,21 +135,53 @@ class _Managed:
         self.terminate()
 
 
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
+    import trustme  # benchmark-only (the test extra has it); only --tls needs it
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    issued.private_key_and_cert_chain_pem.write_to_path(str(paths[1]))
+    issued.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
 class Sink(_Managed):
     """``benchmarks.sink`` in its own process."""
 
-    def __init__(self, verify: bool = False) -> None:
+    def __init__(self, verify: bool = False, tls_dir: Path | None = None) -> None:
         args = [sys.executable, "-m", "benchmarks.sink", "--port", "0"]
         if verify:
             args.append("--verify")
+        # What the daemons need in their environment to reach this sink.
+        self.daemon_env: dict[str, str] = {}
+        context = None
+        if tls_dir is not None:
+            ca, cert, key = make_tls_files(tls_dir)
+            args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            # xraytwisted takes its CA bundle from AWS_CA_BUNDLE; the Go daemon
+            # builds its own HTTP client and ignores it, but Go's crypto/x509
+            # reads SSL_CERT_FILE: both verify the sink's certificate.
+            self.daemon_env["AWS_CA_BUNDLE"] = str(ca)
+            self.daemon_env["SSL_CERT_FILE"] = str(ca)
+            context = ssl.create_default_context(cafile=str(ca))
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("listening "):
             raise RuntimeError(f"sink did not start: {line!r}")
         self.port = int(line.split()[1])
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        if context is None:
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        else:
+            self.endpoint = f"https://127.0.0.1:{self.port}"
+            self._conn = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=60, context=context
+            )
 
     def __enter__(self) -> Sink:
         return self
@@ -206,7 +252,7 @@ class Daemon(_Managed):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
-            env={**os.environ, **DAEMON_ENV, **(env or {})},
+            env={**daemon_environment(os.environ), **(env or {})},
         )
 
     def __enter__(self) -> Daemon:

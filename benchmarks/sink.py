@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import ssl
 import sys
 import time
 import zlib
@@ -271,10 +272,16 @@ class SinkProtocol(asyncio.BufferedProtocol):
         self.transport = None
 
 
-async def serve(host: str, port: int, verify: bool) -> None:
+async def serve(host: str, port: int, verify: bool, tls: tuple[str, str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     records = Records(verify)
-    server = await loop.create_server(lambda: SinkProtocol(records), host, port, backlog=128)
+    context = None
+    if tls is not None:  # production uploads are HTTPS: --tls-cert/--tls-key measure that
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+    server = await loop.create_server(
+        lambda: SinkProtocol(records), host, port, backlog=128, ssl=context
+    )
     bound = server.sockets[0].getsockname()[1]
     sys.stdout.write(f"listening {bound}\n")
     sys.stdout.flush()
@@ -297,9 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--verify", action="store_true", help="also json-parse every body and count mismatches"
     )
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, args.verify))
+        asyncio.run(serve(args.host, args.port, args.verify, tls))
 
 
 if __name__ == "__main__":

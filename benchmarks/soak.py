@@ -42,7 +42,7 @@ def soak(
     intervals: list[dict[str, float]] = []
     with Daemon(
         settings.command, sink.endpoint, workdir, name="daemon-soak",
-        config_template=settings.config_template,
+        config_template=settings.config_template, env=sink.daemon_env,
     ) as daemon:  # fmt: skip
         daemon.wait_ready()
         pid = daemon.pid

@@ -110,7 +110,7 @@ def measure_spans(
     name = name or f"spans-{int(rate)}"
     with Daemon(
         settings.command, sink.endpoint, workdir, name=name,
-        config_template=settings.config_template,
+        config_template=settings.config_template, env=sink.daemon_env,
     ) as daemon:  # fmt: skip
         if not daemon.receives_spans:
             raise SystemExit("--span-daemon-cmd must name {otlp_address} or {otlp_port}")

@@ -244,3 +244,16 @@ class ConnectionLimitTests(SynchronousTestCase):
         for channel, _ in opened:
             channel.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
+
+
+class IdleTests(SynchronousTestCase):
+    def test_a_started_site_schedules_nothing(self) -> None:
+        # twisted.web's HTTPFactory refreshes its access-log date every second
+        # once started; an idle daemon must not wake for a log it never writes.
+        env = Env()
+        env.site.doStart()
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+        channel, transport = env.connect()
+        channel.dataReceived(declared(2, b"ab"))
+        self.assertEqual(status_of(transport.value()), 200)
+        env.site.doStop()

@@ -382,5 +382,12 @@ class BoundedSite(Site):
                 channel.transport.loseConnection()
         return DeferredList(waits, consumeErrors=True)
 
+    def startFactory(self) -> None:
+        # HTTPFactory.startFactory starts a 1 s timer that keeps the access
+        # log's date fresh and opens the log file; this Site writes no access
+        # log (see log), so the timer would only wake an idle daemon every
+        # second.
+        pass
+
     def log(self, request: http.Request) -> None:
         pass  # no access log: one line per request would flood it
