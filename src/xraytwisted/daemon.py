@@ -71,8 +71,6 @@ from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
 from xraytwisted.tcpport.site import LazyResource, SiteService, http_root, make_site
 from xraytwisted.tcpport.sniffing import (
-    CappedFactory,
-    ConnectionCap,
     SniffingFactory,
     TCPPortService,
     connection_limits,
@@ -721,28 +719,19 @@ def build(
     for child in (batcher, udp, tcp, drop_monitor, telemetry):
         child.setServiceParent(daemon)
     if monitoring_address is not None:
+        # Bounded like the TCP port, with its own small cap: probes and
+        # scrapers are few, and the descriptors left for clients are the
+        # TCP port's.
         monitor_site = monitoring_site(
-            health, metrics, timeout=settings.proxy_client_timeout, reactor=reactor
-        )
-        # Bounded like the TCP port (idle and request timeouts come with the
-        # Site), with its own small cap: probes and scrapers are few, and
-        # the descriptors left for clients are the TCP port's.
-        monitor_cap = CappedFactory(
-            monitor_site,
-            ConnectionCap(
-                counters,
-                reactor,
-                total="Refusing monitoring connection from {peer}: {limit} connections are "
-                "open on --monitoring-address (Monitoring.Address), the most allowed. Find the "
-                "client that holds them open",
-                peer="Refusing monitoring connection from {peer}: that address already has "
-                "{limit} connections open on --monitoring-address (Monitoring.Address), the "
-                "most one address may hold. Find the client that holds them open",
-            ),
+            health,
+            metrics,
+            timeout=settings.proxy_client_timeout,
+            reactor=reactor,
+            counters=counters,
             max_connections=min(max_connections, MONITORING_MAX_CONNECTIONS),
             max_per_peer=min(max_per_peer, MONITORING_MAX_PER_PEER),
         )
-        monitor = SiteService(reactor, opened[2], monitor_cap, "/health and /metrics")
+        monitor = SiteService(reactor, opened[2], monitor_site, "/health and /metrics")
         monitor.setServiceParent(daemon)
         listeners.append(monitor)
     daemon.ingest_services += [udp, tcp]

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -28,6 +29,7 @@ from xraytwisted.listen.bounded_site import (
     BoundedSite,
     Limit,
     Limits,
+    format_address,
     raw_response,
 )
 from xraytwisted.listen.held import HeldBytes
@@ -42,8 +44,10 @@ class Recorder:
         self.seen: list[tuple[Limit, str, bool]] = []
         self.held_when_refused: list[int] = []
 
-    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
-        self.seen.append((limit, peer, request is not None))
+    def refuse(
+        self, site: BoundedSite, limit: Limit, peer: IAddress | None, request: Request | None
+    ) -> bytes:
+        self.seen.append((limit, format_address(peer), request is not None))
         hold = site.limits.hold
         self.held_when_refused.append(hold.used if hold is not None else 0)
         if limit not in STATUS:
@@ -232,7 +236,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertEqual(env.refusals.seen, [(Limit.PEER_CONNECTIONS, "10.0.0.1:2", False)])
         self.assertEqual(env.site.per_peer, {"10.0.0.1": 1})
         first.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual((env.site.per_peer, env.site.channels), ({}, {}))
+        self.assertEqual((env.site.per_peer, list(env.site.channels)), ({}, []))
         self.assertIsNotNone(env.connect("10.0.0.1", 3)[0])
 
     def test_close_connections_fires_once_all_are_gone(self) -> None:

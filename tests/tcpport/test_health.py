@@ -7,9 +7,14 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from xraytwisted.aws.credentials import StaticCredentials
@@ -375,7 +380,9 @@ class HealthHTTPTests(TestCase):
             )
         )
         self.counters.received = 77
-        site = monitoring_site(self.health, metrics, timeout=5, reactor=reactor)
+        site = monitoring_site(
+            self.health, metrics, timeout=5, reactor=reactor, counters=self.counters
+        )
         base = self.serve(site)
         with capturedLogs() as events:
             code, body = yield self.status(base + "/health?probe=1")
@@ -457,6 +464,54 @@ class HealthHTTPTests(TestCase):
         self.assertEqual(
             error["message"], "X-Ray said: account (hidden: Monitoring.ShowIdentity) has it off"
         )
+
+
+class MonitoringCapTests(SynchronousTestCase):
+    """The monitoring listener refuses connections past its caps as the TCP port does."""
+
+    def setUp(self) -> None:
+        self.clock, self.counters = Clock(), Counters()
+        self.site = monitoring_site(
+            Resource(), Resource(), timeout=30, reactor=self.clock, counters=self.counters,
+            max_connections=3, max_per_peer=2,
+        )  # fmt: skip
+
+    def connect(self, address: IPv4Address | IPv6Address) -> Any:
+        channel = self.site.buildProtocol(address)
+        if channel is not None:
+            channel.makeConnection(StringTransport(peerAddress=address))
+        return channel
+
+    def test_refusals_past_each_cap_are_counted_and_warned_about_throttled(self) -> None:
+        mine = [self.connect(IPv4Address("TCP", "10.0.0.1", port)) for port in (1, 2)]
+        with capturedLogs() as events:
+            self.assertIsNone(self.connect(IPv4Address("TCP", "10.0.0.1", 3)))
+            self.assertIsNone(self.connect(IPv4Address("TCP", "10.0.0.1", 4)))
+            other = self.connect(IPv6Address("TCP", "::1", 1))
+            self.assertIsNotNone(other)
+            self.assertIsNone(self.connect(IPv6Address("TCP", "::1", 2)))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "Refusing monitoring connection from 10.0.0.1:3: that address already has 2 "
+                "connections open on --monitoring-address (Monitoring.Address), the most one "
+                "address may hold. Find the client that holds them open",
+                "Refusing monitoring connection from [::1]:2: 3 connections are open on "
+                "--monitoring-address (Monitoring.Address), the most allowed. Find the client "
+                "that holds them open",
+            ],
+        )
+        self.assertEqual(self.counters.tcp_refused, 3)
+        self.assertEqual(self.site.per_peer, {"10.0.0.1": 2, "::1": 1})
+        mine[0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.site.per_peer, {"10.0.0.1": 1, "::1": 1})
+        self.assertIsNotNone(self.connect(IPv4Address("TCP", "10.0.0.1", 5)))  # room again
+        other.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(10)
+        with capturedLogs() as events:
+            self.assertIsNone(self.connect(IPv4Address("TCP", "10.0.0.1", 6)))  # per peer again
+        self.assertIn("(1 more refused connections not logged)", formatEvent(events[0]))
+        self.assertEqual(self.counters.tcp_refused, 4)
 
 
 class HideIdentityTests(SynchronousTestCase):

@@ -48,8 +48,6 @@ from xraytwisted.settings.addresses import Address
 from xraytwisted.tcpport.site import http_root, make_site
 from xraytwisted.tcpport.sniffing import (
     AUTO_MAX_CONNECTIONS,
-    CappedFactory,
-    ConnectionCap,
     Kind,
     SniffingFactory,
     SniffingProtocol,
@@ -705,29 +703,6 @@ class ConnectionLimitTests(SynchronousTestCase):
         env.connect(IPv4Address("TCP", "10.0.0.1", 4))
         self.assertEqual(env.counters.tcp_refused, 1)
         self.assertEqual(env.factory.per_peer, {"10.0.0.1": 2, "10.0.0.2": 1})
-
-    def test_a_capped_site_counts_open_connections_and_refuses_past_the_total(self) -> None:
-        # The monitoring listener's wrapper: the same refusals around a Site.
-        clock, counters = Clock(), Counters()
-        cap = ConnectionCap(counters, clock, total="total {peer} {limit}", peer="peer {peer}")
-        factory = CappedFactory(
-            make_site(Resource(), timeout=30, reactor=clock), cap, max_connections=2,
-            max_per_peer=None,
-        )  # fmt: skip
-        opened = []
-        for port in (1, 2):
-            addr = IPv4Address("TCP", "10.0.0.1", port)
-            protocol = factory.buildProtocol(addr)
-            assert protocol is not None
-            protocol.makeConnection(StringTransport(peerAddress=addr))
-            opened.append(protocol)
-        with capturedLogs() as events:
-            self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)))
-        self.assertEqual([formatEvent(e) for e in events], ["total 10.0.0.2:1 2"])
-        self.assertEqual((counters.tcp_refused, factory.per_peer), (1, {"10.0.0.1": 2}))
-        opened[0].connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(factory.per_peer, {"10.0.0.1": 1})
-        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 2)))
 
     def test_defaults_follow_the_descriptor_limit(self) -> None:
         cases = [

@@ -39,7 +39,7 @@ import zlib
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -47,7 +47,13 @@ from twisted.web.server import Request
 
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.listen.adopted_port import AdoptedPortService
-from xraytwisted.listen.bounded_site import BoundedSite, Limit, Limits, raw_response
+from xraytwisted.listen.bounded_site import (
+    BoundedSite,
+    Limit,
+    Limits,
+    format_address,
+    raw_response,
+)
 from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
@@ -183,9 +189,11 @@ class _Refusals:
             note=note,
         )
 
-    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
+    def refuse(
+        self, site: BoundedSite, limit: Limit, client: IAddress | None, request: Request | None
+    ) -> bytes:
         """A refusal by the receiver's Site (see ``Refusals``)."""
-        limits = site.limits
+        limits, peer = site.limits, format_address(client)
         extra: tuple[bytes, ...] = ()
         if limit is Limit.DEADLINE:
             self.refused(

@@ -5,8 +5,9 @@ Both HTTP listeners use it: the TCP port's web side (the sampling proxy,
 ``Limits`` says what is bounded:
 
 * connections: at most ``max_connections`` open at once and
-  ``max_per_peer`` from one address; more are closed as soon as they are
-  accepted;
+  ``max_per_peer`` from one address (counted by ``OpenConnections``, as
+  the TCP port's sniffer counts its own); more are closed as soon as they
+  are accepted;
 * time: an idle connection is closed after ``idle_timeout`` (at debug:
   SDKs keep connections open between requests, twisted.web would log each
   at info); from a request's first byte the client has ``deadline``
@@ -45,7 +46,7 @@ from io import BytesIO
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,6 +54,7 @@ from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from xraytwisted.listen.connections import OpenConnections
 from xraytwisted.listen.held import HeldBytes
 
 # After an early refusal, bytes of the refused request read and dropped (and
@@ -90,10 +92,13 @@ class Limits:
 class Refusals(Protocol):
     """How a listener refuses: counts, logs (throttled) and words its answers."""
 
-    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
+    def refuse(
+        self, site: BoundedSite, limit: Limit, peer: IAddress | None, request: Request | None
+    ) -> bytes:
         """Count and log one refusal; returns the whole answer to write (b"": none).
 
-        ``peer`` is "host:port".  ``request`` is the one refused: None for
+        ``peer`` is the client's address (None: not known; ``format_address``
+        words it as most listeners do).  ``request`` is the one refused: None for
         the connection limits (whose answer is not sent: the connection is
         closed at once) and for a deadline that passed before a request
         line was in.  Called before the request's held bytes are released.
@@ -102,7 +107,9 @@ class Refusals(Protocol):
 
 
 def format_address(address: object) -> str:
-    """``host:port`` of a peer address (its repr if it has neither)."""
+    """``host:port`` of a peer address ("?" for None, its repr if it has neither)."""
+    if address is None:
+        return "?"
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     return f"{host}:{port}" if host is not None and port is not None else str(address)
 
@@ -131,13 +138,15 @@ class BoundedChannel(http.HTTPChannel):
     _answering = False  # between a request's last byte and its answer's end
     _lingering = False
     _gone = False
-    _host = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lost: list[Deferred[None]] = []  # when_lost's, fired by connectionLost
 
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer() if self.transport is not None else None
-        self._host = str(getattr(peer, "host", peer))
-        self.site.channel_opened(self, self._host)
+        self.site.channels.opened(self, str(getattr(peer, "host", peer)))
 
     def dataReceived(self, data: bytes) -> None:
         if self._deadline is None and not (self._answering or self._lingering) and data:
@@ -166,9 +175,7 @@ class BoundedChannel(http.HTTPChannel):
         request = self.requests[-1] if self.requests else None
         assert request is None or isinstance(request, Request)
         site = self.site
-        answer = site.refusals.refuse(
-            site, Limit.DEADLINE, format_address(self.transport.getPeer()), request
-        )
+        answer = site.refusals.refuse(site, Limit.DEADLINE, self.transport.getPeer(), request)
         if answer:
             self.transport.write(answer)
         self._close_soon()
@@ -220,7 +227,19 @@ class BoundedChannel(http.HTTPChannel):
             self._cancel(call)
         self._deadline = self._abort = None
         super().connectionLost(reason)
-        self.site.channel_closed(self, self._host)
+        self.site.channels.closed(self)
+        waiters, self._lost = self._lost, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires once this (open) connection is gone."""
+        d: Deferred[None] = Deferred()
+        if self._gone:
+            d.callback(None)
+        else:
+            self._lost.append(d)
+        return d
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:
@@ -300,7 +319,7 @@ class BoundedRequest(Request):
         channel = self.channel
         assert isinstance(channel, BoundedChannel)
         transport = channel.transport
-        peer = format_address(transport.getPeer()) if transport is not None else "?"
+        peer = transport.getPeer() if transport is not None else None
         answer = site.refusals.refuse(site, limit, peer, self)
         self._refused = True
         self._release()
@@ -344,40 +363,25 @@ class BoundedSite(Site):
         super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor)
         self.limits = limits
         self.refusals = refusals
-        self.channels: dict[BoundedChannel, Deferred[None]] = {}  # open ones: fire when lost
-        self.per_peer: dict[str, int] = {}  # host -> open channels (only hosts with some)
+        self.channels = OpenConnections[BoundedChannel](limits.max_connections, limits.max_per_peer)
+
+    @property
+    def per_peer(self) -> dict[str, int]:
+        return self.channels.per_peer
 
     def buildProtocol(self, addr: Any) -> Any:
-        limits, host = self.limits, str(getattr(addr, "host", addr))
-        limit: Limit | None = None
-        if limits.max_connections is not None and len(self.channels) >= limits.max_connections:
-            limit = Limit.CONNECTIONS
-        elif limits.max_per_peer is not None and self.per_peer.get(host, 0) >= limits.max_per_peer:
-            limit = Limit.PEER_CONNECTIONS
-        if limit is not None:
-            self.refusals.refuse(self, limit, format_address(addr), None)
+        over = self.channels.over(str(getattr(addr, "host", addr)))
+        if over is not None:
+            limit = Limit.CONNECTIONS if over[0] == "total" else Limit.PEER_CONNECTIONS
+            self.refusals.refuse(self, limit, addr, None)
             return None  # the reactor closes the new connection
         return super().buildProtocol(addr)
 
-    def channel_opened(self, channel: BoundedChannel, host: str) -> None:
-        self.channels[channel] = Deferred()
-        self.per_peer[host] = self.per_peer.get(host, 0) + 1
-
-    def channel_closed(self, channel: BoundedChannel, host: str) -> None:
-        closed = self.channels.pop(channel, None)
-        if closed is None:
-            return
-        left = self.per_peer.get(host, 1) - 1
-        if left > 0:
-            self.per_peer[host] = left
-        else:
-            self.per_peer.pop(host, None)
-        closed.callback(None)
-
     def close_connections(self) -> Deferred[Any]:
         """Close every connection; fires once all are gone."""
-        waits = list(self.channels.values())
-        for channel in list(self.channels):
+        waits = []
+        for channel in self.channels:
+            waits.append(channel.when_lost())
             if channel.transport is not None:
                 channel.transport.loseConnection()
         return DeferredList(waits, consumeErrors=True)

@@ -31,14 +31,16 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from xraytwisted import __version__
+from xraytwisted.listen.bounded_site import BoundedSite
+from xraytwisted.listen.connections import ConnectionCap
 from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.uploader import CredentialSource
 from xraytwisted.tcpport.site import make_site
@@ -367,13 +369,42 @@ def monitoring_site(
     metrics: IResource,
     timeout: float,
     reactor: IReactorTime | None = None,
-) -> Site:
+    *,
+    counters: Counters,
+    max_connections: int = MONITORING_MAX_CONNECTIONS,
+    max_per_peer: int = MONITORING_MAX_PER_PEER,
+) -> BoundedSite:
     """The Site for Monitoring.Address: /health and /metrics only.
 
     ``timeout`` is the idle-connection timeout in seconds.  The Site is the
     TCP port's quiet one: no access-log line per probe or scrape, idle
     timeouts (Prometheus keeps its connection open between scrapes) at
     debug, and request bodies refused beyond a few KiB (GET needs none).
+    At most ``max_connections`` connections are open at once, and
+    ``max_per_peer`` from one address; more are refused as the TCP port
+    refuses them (``tcp_refused`` in ``counters``, a throttled warning).
     """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IReactorTime, global_reactor)
+    cap = ConnectionCap(
+        counters,
+        reactor,
+        total="Refusing monitoring connection from {peer}: {limit} connections are "
+        "open on --monitoring-address (Monitoring.Address), the most allowed. Find the "
+        "client that holds them open",
+        peer="Refusing monitoring connection from {peer}: that address already has "
+        "{limit} connections open on --monitoring-address (Monitoring.Address), the "
+        "most one address may hold. Find the client that holds them open",
+    )
     root = _MonitoringRoot({b"/health": health, b"/metrics": metrics})
-    return make_site(root, timeout=timeout, max_body=MAX_BODY, reactor=reactor)
+    return make_site(
+        root,
+        timeout=timeout,
+        max_body=MAX_BODY,
+        reactor=reactor,
+        max_connections=max_connections,
+        max_per_peer=max_per_peer,
+        cap=cap,
+    )

@@ -18,14 +18,21 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from xraytwisted.listen.adopted_port import AdoptedPortService
-from xraytwisted.listen.bounded_site import BoundedSite, Limit, Limits, raw_response
+from xraytwisted.listen.bounded_site import (
+    BoundedSite,
+    Limit,
+    Limits,
+    format_address,
+    raw_response,
+)
+from xraytwisted.listen.connections import ConnectionCap
 from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters
 from xraytwisted.observe.logs import Throttle
@@ -139,17 +146,32 @@ class ProxyRefusals:
 
     413 and 503 are counted (``too_large``, ``overloaded``), 408 too
     (``slow_client``); slow clients and a full hold are also logged, at most
-    once per kind every 10 seconds.
+    once per kind every 10 seconds.  Connections over the Site's own caps
+    (the monitoring listener's; the TCP port's sniffer caps its own) are
+    refused by ``cap``, as the TCP port refuses them.
     """
 
     log = Logger()
 
-    def __init__(self, counters: Counters | None, clock: IReactorTime) -> None:
+    def __init__(
+        self, counters: Counters | None, clock: IReactorTime, cap: ConnectionCap | None = None
+    ) -> None:
         self.counters = counters
+        self.cap = cap
         self._throttle = Throttle(clock, 10.0)
 
-    def refuse(self, site: BoundedSite, limit: Limit, peer: str, request: Request | None) -> bytes:
+    def refuse(
+        self, site: BoundedSite, limit: Limit, peer: IAddress | None, request: Request | None
+    ) -> bytes:
         limits = site.limits
+        if limit is Limit.CONNECTIONS or limit is Limit.PEER_CONNECTIONS:
+            # make_site gives a capped Site a cap.
+            assert self.cap is not None
+            if limit is Limit.CONNECTIONS:
+                self.cap.refuse("total", limits.max_connections or 0, peer)
+            else:
+                self.cap.refuse("peer", limits.max_per_peer or 0, peer)
+            return b""  # (not sent: the connection is closed at once)
         if limit is Limit.DEADLINE:
             seconds = limits.deadline or 0
             self._count("slow_client")
@@ -157,7 +179,7 @@ class ProxyRefusals:
                 "slow client",
                 "Closing HTTP connection from {peer}: its request was not complete within "
                 "{seconds:g} seconds (SamplingProxy.RequestDeadlineSeconds); answered 408",
-                peer=peer,
+                peer=format_address(peer),
                 seconds=seconds,
             )
             return raw_answer(
@@ -183,7 +205,7 @@ class ProxyRefusals:
             message = (
                 "the daemon holds as many request bytes as Socket.TCPHoldKB allows; try again later"
             )
-        else:  # OVERLOADED (the port's sniffer caps connections, not the Site)
+        else:  # OVERLOADED
             message = (
                 "the daemon already has as many X-Ray requests in flight as "
                 "SamplingProxy.MaxConcurrentRequests allows; try again later"
@@ -214,6 +236,9 @@ def make_site(
     request_deadline: float | None = DEFAULT_REQUEST_DEADLINE,
     hold: HeldBytes | None = None,
     overloaded: Callable[[], bool] | None = None,
+    max_connections: int | None = None,
+    max_per_peer: int | None = None,
+    cap: ConnectionCap | None = None,
 ) -> BoundedSite:
     """The Site for the TCP port's HTTP side.
 
@@ -227,6 +252,9 @@ def make_site(
     request bodies until they are answered (503 when full).
     ``overloaded``: asked when a request's headers are in and a body
     follows; True answers 503 before the body is read.
+    ``max_connections``, ``max_per_peer``: connections open at once, in all
+    and from one address (None: no limit; the TCP port's sniffer counts its
+    own); ``cap`` refuses (counts and logs) those over them.
     ``reactor`` runs the timeouts (the global reactor by default).
     """
     if reactor is None:
@@ -239,8 +267,12 @@ def make_site(
         max_body=max_body,
         hold=hold,
         overloaded=overloaded,
+        max_connections=max_connections,
+        max_per_peer=max_per_peer,
     )
-    return BoundedSite(root, limits, ProxyRefusals(counters, reactor), reactor=reactor)
+    if cap is None and (max_connections is not None or max_per_peer is not None):
+        raise ValueError("a Site with connection limits needs a cap to refuse with")
+    return BoundedSite(root, limits, ProxyRefusals(counters, reactor, cap), reactor=reactor)
 
 
 class SiteService(AdoptedPortService):

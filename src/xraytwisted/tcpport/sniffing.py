@@ -14,7 +14,9 @@ Each connection's first bytes decide what it is (``classify``):
 
 The port is bounded: at most ``max_connections`` connections at once, and
 ``max_per_peer`` from one address; more are closed as soon as they are
-accepted (counted as ``tcp_refused``, warned about at most every 10 s).
+accepted (counted as ``tcp_refused``, warned about at most every 10 s: the
+shared ``OpenConnections`` and ``ConnectionCap``, which the monitoring
+listener uses too).
 ``connection_limits`` derives safe defaults from the descriptor limit
 (``ulimit -n``), leaving room for uploads and the spool.  Stream lines and
 request bodies not yet accepted share one byte budget (``HeldBytes``).
@@ -35,17 +37,14 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
 from xraytwisted.listen.adopted_port import AdoptedPortService
+from xraytwisted.listen.connections import ConnectionCap, OpenConnections, format_peer
 from xraytwisted.listen.held import HeldBytes
-from xraytwisted.observe.counters import Counters
-from xraytwisted.observe.logs import Throttle
-from xraytwisted.settings.addresses import Address
 
 # Longest HTTP method token we wait for before deciding (RFC 9110's
 # methods have at most 7 letters, WebDAV's at most 11).
@@ -104,14 +103,6 @@ def classify(head: bytes) -> Kind | None:
     if space > 0:
         return Kind.HTTP
     return None if len(token) <= MAX_METHOD else Kind.JUNK
-
-
-def format_peer(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return str(address)
-    return str(Address(str(host), int(port)))
 
 
 class SniffingProtocol(Protocol):
@@ -241,92 +232,6 @@ class SniffingProtocol(Protocol):
             d.callback(None)
 
 
-class ConnectionCap:
-    """The refusal side of a listener's connection limits (total, per address).
-
-    Shared by the TCP port and the monitoring listener: a refused connection
-    is counted as ``tcp_refused`` and warned about at most once per kind
-    (total, peer) every ``warn_interval`` seconds, with the given message.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self, counters: Counters, clock: IReactorTime, *, total: str, peer: str,
-        warn_interval: float = 10.0,
-    ) -> None:  # fmt: skip
-        self.counters = counters
-        self._messages = {"total": total, "peer": peer}
-        self._throttle = Throttle(clock, warn_interval)
-
-    def refuses(
-        self, addr: IAddress | None, open_total: int, open_from_peer: int,
-        max_total: int | None, max_per_peer: int | None,
-    ) -> bool:  # fmt: skip
-        """True (counted, maybe warned): over a limit (None: no limit)."""
-        if max_total is not None and open_total >= max_total:
-            self._refuse("total", addr, max_total)
-            return True
-        if max_per_peer is not None and open_from_peer >= max_per_peer:
-            self._refuse("peer", addr, max_per_peer)
-            return True
-        return False
-
-    def _refuse(self, kind: str, addr: IAddress | None, limit: int) -> None:
-        self.counters.tcp_refused += 1
-        suppressed = self._throttle.check(kind)
-        if suppressed is not None:
-            message = self._messages[kind]
-            if suppressed:
-                message += " ({suppressed} more refused connections not logged)"
-            self.log.warn(message, peer=format_peer(addr), limit=limit, suppressed=suppressed)
-
-
-class CappedFactory(WrappingFactory):
-    """Any factory (a monitoring Site) behind connection limits like the TCP port's."""
-
-    noisy = False
-
-    def __init__(
-        self, wrapped: Factory[Any], cap: ConnectionCap, max_connections: int | None,
-        max_per_peer: int | None,
-    ) -> None:  # fmt: skip
-        super().__init__(wrapped)
-        self.cap = cap
-        self.max_connections = max_connections
-        self.max_per_peer = max_per_peer
-        self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
-        self._hosts: dict[ProtocolWrapper, str] = {}
-
-    # None refuses (the port closes the socket), as Factory allows.
-    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
-        host = str(getattr(addr, "host", addr))
-        if self.cap.refuses(
-            addr, len(self.protocols), self.per_peer.get(host, 0),
-            self.max_connections, self.max_per_peer,
-        ):  # fmt: skip
-            return None
-        return super().buildProtocol(addr)
-
-    def registerProtocol(self, p: ProtocolWrapper) -> None:
-        super().registerProtocol(p)
-        transport = p.transport
-        host = str(getattr(transport.getPeer(), "host", "")) if transport is not None else ""
-        self._hosts[p] = host
-        self.per_peer[host] = self.per_peer.get(host, 0) + 1
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
-        host = self._hosts.pop(p, None)
-        if host is None:
-            return
-        left = self.per_peer.get(host, 1) - 1
-        if left > 0:
-            self.per_peer[host] = left
-        else:
-            self.per_peer.pop(host, None)
-
-
 class SniffingFactory(Factory):
     """Builds a ``SniffingProtocol`` per connection of the TCP port, within the limits."""
 
@@ -354,11 +259,9 @@ class SniffingFactory(Factory):
         # A connection that sends nothing is dropped after the HTTP idle timeout.
         self.sniff_timeout = site.timeOut if sniff_timeout is None else sniff_timeout
         self.stream_idle = stream_idle
-        self.max_connections = max_connections  # None: no limit
-        self.max_per_peer = max_per_peer
         self.hold = hold
-        self.connections: set[SniffingProtocol] = set()
-        self.per_peer: dict[str, int] = {}  # host -> open connections (only hosts with some)
+        # None: no limit.
+        self.connections = OpenConnections[SniffingProtocol](max_connections, max_per_peer)
         self._cap = ConnectionCap(
             ingest.counters,
             clock,
@@ -372,32 +275,35 @@ class SniffingFactory(Factory):
         )
         self._stopping_now = False
 
+    @property
+    def max_connections(self) -> int | None:
+        return self.connections.max_total
+
+    @property
+    def max_per_peer(self) -> int | None:
+        return self.connections.max_per_peer
+
+    @property
+    def per_peer(self) -> dict[str, int]:
+        return self.connections.per_peer
+
     def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol | None:
         host = str(getattr(addr, "host", addr))
-        if self._cap.refuses(
-            addr, len(self.connections), self.per_peer.get(host, 0),
-            self.max_connections, self.max_per_peer,
-        ):  # fmt: skip
+        over = self.connections.over(host)
+        if over is not None:
+            self._cap.refuse(*over, addr)
             return None  # the port closes the socket at once
         return SniffingProtocol(self, format_peer(addr), host)
 
     def opened(self, connection: SniffingProtocol) -> None:
-        self.connections.add(connection)
-        self.per_peer[connection.host] = self.per_peer.get(connection.host, 0) + 1
+        self.connections.opened(connection, connection.host)
 
     def closed(self, connection: SniffingProtocol) -> None:
-        if connection not in self.connections:
-            return
-        self.connections.discard(connection)
-        left = self.per_peer.get(connection.host, 1) - 1
-        if left > 0:
-            self.per_peer[connection.host] = left
-        else:
-            self.per_peer.pop(connection.host, None)
+        self.connections.closed(connection)
 
     def stop(self, grace: float = STOP_GRACE) -> Deferred[None]:
         """Close every open connection; fires once all are gone (within ~``grace`` s)."""
-        waits = [connection.stop(grace) for connection in list(self.connections)]
+        waits = [connection.stop(grace) for connection in self.connections]
         d: Deferred[Any] = DeferredList(waits, consumeErrors=True)
         if self._stopping_now:
             self.stop_now()
@@ -410,7 +316,7 @@ class SniffingFactory(Factory):
         batcher's (also cut) drain.
         """
         self._stopping_now = True
-        for connection in list(self.connections):
+        for connection in self.connections:
             connection.stop_now()
 
 
