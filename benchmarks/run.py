@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_priority(args.nice)
     out: Path = args.out or REPO / "benchmarks" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    # Daemons run in out (their cwd) and are given paths under it: a relative
+    # --out would point them at out/out/...
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     daemons = contenders(args)
     summary: dict[str, Any] = {
