@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogLevel, formatEvent
@@ -72,3 +75,47 @@ class StopTests(SynchronousTestCase):
             ["the drain broke", "[Errno 5] Input/output error", "spool close broke"],
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError, OSError, ValueError)), 3)
+
+
+class _NotYetRunning:
+    """Just enough reactor for XRayDaemon's signal set-up before reactor.run()."""
+
+    running = False
+
+    def __init__(self) -> None:
+        self.triggers: list[tuple[str, str, Any, dict[str, Any]]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any, **kw: Any) -> None:
+        self.triggers.append((phase, event, f, kw))
+
+    def callWhenRunning(self, f: Any) -> None:
+        pass
+
+
+class SignalSetupTests(SynchronousTestCase):
+    def test_stop_signals_are_held_from_start_until_ours_are_in_place(self) -> None:
+        # Held at once, before any child starts a thread (threads inherit the
+        # mask), and released only by the "during startup" trigger that puts
+        # our handlers back after the reactor's.
+        stops = (signal.SIGTERM, signal.SIGINT)
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.addCleanup(signal.pthread_sigmask, signal.SIG_SETMASK, before)
+        for signum in stops:
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        reactor = _NotYetRunning()
+        seen: list[set[int]] = []
+
+        class Child(Service):
+            def startService(self) -> None:
+                super().startService()
+                seen.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+        daemon = XRayDaemon(reactor=reactor, handle_signals=True)
+        Child().setServiceParent(daemon)
+        daemon.startService()
+        self.assertTrue(set(stops) <= seen[0], seen)
+        (release,) = [t for t in reactor.triggers if t[:2] == ("during", "startup")]
+        self.assertFalse(any(phase == "before" for phase, *_ in reactor.triggers))
+        release[2](**release[3])
+        self.assertFalse(set(stops) & set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        self.assertEqual(signal.getsignal(signal.SIGTERM), daemon._on_signal)

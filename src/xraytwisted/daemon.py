@@ -164,11 +164,15 @@ class XRayDaemon(MultiService):
             if not self._reactor.running:
                 # The reactor installs twistd's SIGTERM handler "during
                 # startup" (it ends the process by the signal, status -15,
-                # without our stop line): hold the signals from "before
-                # startup" until ours are back, "during startup" too (this
-                # trigger comes after the reactor's own), so none lands in
-                # between.  A held signal is delivered on unblocking.
-                self._reactor.addSystemEventTrigger("before", "startup", self._hold_signals)
+                # without our stop line): hold the signals from now until
+                # ours are back, "during startup" too (this trigger comes
+                # after the reactor's own), so none lands in between.  Now,
+                # before the children start, because a thread started before
+                # the reactor runs (the first credential lookup) inherits the
+                # mask: a signal the kernel gave that thread would run
+                # whichever handler the main thread had at that moment.  A
+                # held signal is delivered on unblocking.
+                self._hold_signals()
                 self._reactor.addSystemEventTrigger(
                     "during", "startup", self._install_signal_handlers, release=True
                 )

@@ -23,6 +23,7 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogPublisher,
+    formatEvent,
 )
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
@@ -38,6 +39,7 @@ from xraytwisted.observe.logs import (
     LEVELS,
     ROTATE_BYTES,
     TRACE_KEY,
+    WIRE_LOGGERS,
     GoFormatObserver,
     LogSetupError,
     StartupWarning,
@@ -47,6 +49,7 @@ from xraytwisted.observe.logs import (
     go_timestamp,
     open_destination,
     printable,
+    render_message,
     route_library_logs,
     stdlib_level,
     suppressed_note,
@@ -295,7 +298,59 @@ class LegacyEventTests(SynchronousTestCase):
         self.assertEqual(messages(lines), ["[Critical] really bad"])
 
 
+class _Thing:
+    name = "thing"
+
+    def __repr__(self) -> str:
+        return "<thing>"
+
+
+# (log_format, fields): render_message must give exactly what formatEvent gives.
+RENDER_CASES: list[tuple[Any, dict[str, Any]]] = [
+    ("Successfully sent batch of {n} segments ({s:.3f} seconds)", {"n": 50, "s": 0.0123}),
+    ("plain text, no fields", {}),
+    ("{thing.name} and {thing!r} and {d[key]} and {items[1]}",
+     {"thing": _Thing(), "d": {"key": "v"}, "items": ["a", "b"]}),
+    ("{{literal braces}} around {x}", {"x": 1}),
+    ("{count:,} items, {ratio:.1%}, {word!s:>6}", {"count": 12345, "ratio": 0.25, "word": "ab"}),
+    ("a call: {f()}", {"f": lambda: "called"}),
+    ("missing {nothere}", {}),
+    ("bad spec {x:q}", {"x": 1}),
+    ("unbalanced {", {}),
+    (None, {"log_text": "legacy text"}),
+    (b"bytes format {x}", {"x": 1}),
+]  # fmt: skip
+
+
+class RenderMessageTests(SynchronousTestCase):
+    def test_same_text_as_formatevent(self) -> None:
+        for fmt, fields in RENDER_CASES:
+            event: dict[str, Any] = {"log_format": fmt, **fields}
+            if fmt is None:
+                del event["log_format"]
+            self.assertEqual(render_message(event), formatEvent(event), repr(fmt))
+
+    def test_plain_formats_skip_the_python_formatter(self) -> None:
+        # The fast path is the point: a plain format must not reach formatEvent.
+        def fail(event: LogEvent) -> str:
+            raise AssertionError("formatEvent called")
+
+        self.patch(logs, "formatEvent", fail)
+        event = {"log_format": "sent {n} ({s:.3f} seconds)", "n": 5, "s": 0.5}
+        self.assertEqual(render_message(event), "sent 5 (0.500 seconds)")
+
+
 class ObserverTests(SynchronousTestCase):
+    def test_timestamps_follow_the_second(self) -> None:
+        lines: list[str] = []
+        observer = GoFormatObserver(lines.append, tz=UTC)
+        for when in (T0, T0 + 0.999, T0 + 1.0, T0 + 61.5, T0 + 0.5):
+            observer({"log_format": "x", "log_level": LogLevel.info, "log_time": when})
+        self.assertEqual(
+            [line.split(" ", 1)[0] for line in lines],
+            [go_timestamp(w, UTC) for w in (T0, T0, T0 + 1, T0 + 61, T0)],
+        )
+
     def test_provides_ilogobserver(self) -> None:
         observer = GoFormatObserver(lambda s: None)
         self.assertTrue(verifyObject(ILogObserver, observer))
@@ -760,7 +815,7 @@ class LibraryLogTests(SynchronousTestCase):
     """botocore's standard-library logging, routed into our log."""
 
     def setUp(self) -> None:
-        for name in ("botocore", ""):
+        for name in ("botocore", "", *WIRE_LOGGERS):
             logger = logging.getLogger(name)
             saved = (list(logger.handlers), logger.level, logger.propagate)
             self.addCleanup(self._restore, logger, saved)
@@ -828,6 +883,23 @@ class LibraryLogTests(SynchronousTestCase):
         logging.getLogger("botocore.credentials").debug("Looking for credentials via: %s", "env")
         self.assertEqual(
             self.lines(), ["[Debug] botocore.credentials: Looking for credentials via: env\n"]
+        )
+
+    def test_wire_loggers_stay_quiet_at_debug(self) -> None:
+        # botocore logs each STS response body (keys, session token) and each
+        # signed request at Debug: -l debug must not write them.
+        route_library_logs("debug", self.call_from_thread)
+        logging.getLogger("botocore.parsers").debug("Response body: %s", b"<SecretAccessKey>")
+        logging.getLogger("botocore.endpoint").debug("Sending http request: %s", "token")
+        logging.getLogger("botocore.auth").debug("CanonicalRequest: %s", "x-amz-security-token")
+        logging.getLogger("botocore.parsers").warning("Response could not be parsed")
+        logging.getLogger("botocore.credentials").debug("Found credentials via %s", "assume-role")
+        self.assertEqual(
+            self.lines(),
+            [
+                "[Warn] botocore.parsers: Response could not be parsed\n",
+                "[Debug] botocore.credentials: Found credentials via assume-role\n",
+            ],
         )
 
     def test_records_from_other_threads_are_handed_to_the_reactor_thread(self) -> None:

@@ -148,17 +148,40 @@ def _traceback(failure: object) -> str:
         return f"(unable to obtain traceback: {e!r})"
 
 
+def render_message(event: LogEvent) -> str:
+    """The event's text, as twisted.logger's ``formatEvent`` renders it.
+
+    ``formatEvent`` walks the format string with ``string.Formatter`` in
+    Python, to support its ``{name()}`` call syntax; ``str.format_map`` does
+    the same lookups (``{name}``, ``{name.attr}``, ``{name[key]}``, specs and
+    conversions) in C, several times faster.  Formats that call, or that
+    ``format_map`` cannot render (a missing key, say), go to ``formatEvent``,
+    which also says in the text what went wrong.
+    """
+    fmt = event.get("log_format")
+    # A flattened event (one that crossed a thread as text) renders from its
+    # flattened values: formatEvent knows how.
+    if isinstance(fmt, str) and "()" not in fmt and "log_flattened" not in event:
+        try:
+            return fmt.format_map(event)
+        except Exception:
+            pass
+    return formatEvent(event)
+
+
 def format_line(
     event: LogEvent,
     tz: datetime.tzinfo | None = None,
     *,
     now: Callable[[], float] = time.time,
+    stamp: Callable[[float], str] | None = None,
 ) -> str | None:
     """``"<ts> [<Level>] <message>\\n"``, or None if the event has no text.
 
-    ``now`` only supplies the time for (rare) events without ``log_time``.
+    ``now`` only supplies the time for (rare) events without ``log_time``;
+    ``stamp`` formats the time (default: :func:`go_timestamp` in ``tz``).
     """
-    message = formatEvent(event).rstrip("\n")
+    message = render_message(event).rstrip("\n")
     failure = event.get("log_failure")
     if failure is not None:
         # Same header legacy log.err() uses when no reason was given.
@@ -169,7 +192,8 @@ def format_line(
     if not isinstance(when, (int, float)):
         when = now()
     name = LEVEL_NAMES[event_level(event)]
-    return f"{go_timestamp(when, tz)} [{name}] {message}\n"
+    when_text = stamp(when) if stamp is not None else go_timestamp(when, tz)
+    return f"{when_text} [{name}] {message}\n"
 
 
 @implementer(ILogObserver)
@@ -187,17 +211,27 @@ class GoFormatObserver:
         self._threshold = threshold(level)
         self._flush = flush
         self._tz = tz
+        # Lines come in bursts within a second: format each second once.
+        self._stamped: tuple[int, str] = (-1, "")
 
     def __call__(self, event: LogEvent) -> None:
         # Filter before formatting: suppressed debug events cost almost nothing.
         if event_level(event) < self._threshold:
             return
-        line = format_line(event, self._tz)
+        line = format_line(event, self._tz, stamp=self._timestamp)
         if line is None:
             return
         self._write(line)
         if self._flush is not None:
             self._flush()
+
+    def _timestamp(self, when: float) -> str:
+        second = math.floor(when)
+        cached_second, text = self._stamped
+        if second != cached_second:
+            text = go_timestamp(second, self._tz)
+            self._stamped = (second, text)
+        return text
 
 
 class LogDestination(Protocol):
@@ -451,6 +485,17 @@ def warnings_as_lines() -> Iterator[list[str]]:
 # Libraries that log through the standard library's ``logging``: botocore
 # (the credential chain, STS) is the one the daemon runs.
 LIBRARY_LOGGERS = ("botocore",)
+# botocore loggers that write requests and responses, headers and bodies, at
+# Debug: with -r (AssumeRole) those hold secret keys and session tokens, so
+# they stay at Info even with -l debug.
+WIRE_LOGGERS = (
+    "botocore.auth",
+    "botocore.awsrequest",
+    "botocore.endpoint",
+    "botocore.hooks",
+    "botocore.httpsession",
+    "botocore.parsers",
+)
 
 
 # (lowest logging level number, Twisted level), highest first.
@@ -509,7 +554,8 @@ def route_library_logs(
 ) -> None:
     """Send these libraries' ``logging`` records into our log, from now on.
 
-    Warn and up (Debug too when ``level`` shows debug lines); not also to
+    Warn and up (Debug too when ``level`` shows debug lines, except from
+    ``WIRE_LOGGERS``, which would write credentials); not also to
     the root logger, whose last-resort handler would print them raw on
     stderr.  Calling it again replaces the earlier routing.
     """
@@ -521,3 +567,5 @@ def route_library_logs(
         logger.addHandler(StdlibHandler(call_from_thread))
         logger.setLevel(shown)
         logger.propagate = False
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(max(shown, logging.INFO))
