@@ -222,7 +222,7 @@ class BoundedChannel(http.HTTPChannel):
         self._close_soon()
 
     def _close_soon(self) -> None:
-        self.loseConnection()
+        self._lose()
         # (A half-closed connection may be gone already.)
         if self._abort is None and not self._gone:
             # A client that reads nothing cannot keep the descriptor.
@@ -233,7 +233,7 @@ class BoundedChannel(http.HTTPChannel):
         if self._gone or self.transport is None:
             return
         self.setTimeout(None)
-        self.loseConnection()
+        self._lose()
         if self._gone:  # (a half-closed connection is lost at once)
             return
         if grace <= 0:
@@ -241,6 +241,13 @@ class BoundedChannel(http.HTTPChannel):
             return
         self._cancel(self._abort)
         self._abort = self.callLater(grace, self._abort_now)
+
+    def _lose(self) -> None:
+        # Once: HTTPChannel.loseConnection unregisters the channel from its
+        # transport, which a second time refuses.
+        transport = self.transport
+        if transport is not None and not getattr(transport, "disconnecting", False):
+            self.loseConnection()
 
     def _abort_now(self) -> None:
         self._abort = None
