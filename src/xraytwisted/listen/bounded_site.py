@@ -236,10 +236,10 @@ class BoundedChannel(http.HTTPChannel):
         self._lose()
         if self._gone:  # (a half-closed connection is lost at once)
             return
+        self._cancel(self._abort)  # (a stop_now during a graceful close)
         if grace <= 0:
             self._abort_now()
             return
-        self._cancel(self._abort)
         self._abort = self.callLater(grace, self._abort_now)
 
     def _lose(self) -> None:
