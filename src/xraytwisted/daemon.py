@@ -208,8 +208,8 @@ class XRayDaemon(MultiService):
     def _stop_now(self, name: str) -> None:
         self.log.info("Got a second shutdown signal: {name}; stopping without waiting", name=name)
         for ingest in self.ingest_services:
-            if isinstance(ingest, TCPPortService):
-                ingest.stop_now()  # no stop grace for the streams either
+            if isinstance(ingest, (TCPPortService, OtlpHTTPService)):
+                ingest.stop_now()  # no stop grace for the streams or OTLP connections either
         for service in self.drain_services:
             if isinstance(service, Batcher):
                 service.stop_now("Stopped early by the second shutdown signal")

@@ -30,6 +30,7 @@ from xraytwisted.listen.bounded_site import (
     Limit,
     Limits,
     format_address,
+    linger_bytes,
     raw_response,
 )
 from xraytwisted.listen.held import HeldBytes
@@ -188,15 +189,70 @@ class RequestLimitTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         env.clock.advance(LINGER_SECONDS)
         self.assertTrue(transport.disconnecting)
-        # (More than LINGER_BYTES of it is not waited for.)
+        # (More than LINGER_BYTES after the refusal is not waited for.)
         other, other_transport = Env({"max_body": 10}).connect()
         other.dataReceived(CHUNKED[:-5] + b"%x\r\n" % LINGER_BYTES + b"x" * LINGER_BYTES)
+        self.assertFalse(other_transport.disconnecting)
+        other.dataReceived(b"\r\n1\r\nx")
         self.assertTrue(other_transport.disconnecting)
         # A client that reads nothing is aborted later; no call is left behind.
         env.clock.advance(channel.abortTimeout)
         self.assertTrue(transport.disconnected)
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_the_linger_is_scaled_to_the_body_limit_and_counted_from_the_refusal(self) -> None:
+        # The OTLP receiver's limit is over LINGER_BYTES: a client refused for
+        # a body a little over it must still be read to the end (else it sees
+        # a reset, retries, and sends it all again).
+        big = LINGER_BYTES + 1024  # max_body
+        self.assertEqual(linger_bytes(Limits(idle_timeout=1, max_body=big)), 2 * big)
+        self.assertEqual(linger_bytes(Limits(idle_timeout=1, max_body=10)), LINGER_BYTES)
+        self.assertEqual(linger_bytes(Limits(idle_timeout=1)), LINGER_BYTES)
+        chunked = HEAD + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (big + 1) + b"x" * (big + 1)
+        # (what, bytes up to the refusal, bytes then sent: not closed yet, the
+        # next bytes, which close it; b"": closed at once)
+        cases = [
+            ("declared a little over the limit: read to its end",
+             declared(big + 1_000_000), b"x" * (big + 999_999), b"x"),
+            ("declared far over it: closed at once", declared(2 * big + 1), b"", b""),
+            ("declared 10 GB: closed at once", declared(10 * 1024**3), b"", b""),
+            ("chunked: 2 x max_body after the refusal, not more",
+             chunked, b"\r\n%x\r\n" % (2 * big) + b"x" * (2 * big), b"\r\n1\r\nx"),
+        ]  # fmt: skip
+        for what, refused, more, last in cases:
+            env = Env({"max_body": big})
+            channel, transport = env.connect()
+            channel.dataReceived(refused)
+            self.assertEqual(status_of(transport.value()), 413, what)
+            self.assertEqual(env.refusals.seen, [(Limit.TOO_LARGE, "127.0.0.1:40000", True)], what)
+            if not last:
+                self.assertTrue(transport.disconnecting, what)
+                continue
+            channel.dataReceived(more)
+            self.assertFalse(transport.disconnecting, what)
+            channel.dataReceived(last)
+            self.assertTrue(transport.disconnecting, what)
+
+    def test_a_deadline_gives_the_held_bytes_back_at_once(self) -> None:
+        env = Env({"deadline": 5, "hold": "small"})
+        channel, transport = env.connect()
+        channel.dataReceived(HEAD + b"Transfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n")
+        hold = env.site.limits.hold
+        assert hold is not None
+        self.assertEqual(hold.used, 6)
+        env.clock.advance(5)
+        self.assertEqual(status_of(transport.value()), 408)
+        self.assertEqual(env.refusals.held_when_refused, [6])
+        self.assertEqual(hold.used, 0)  # not only once the connection is gone
+        self.assertTrue(transport.disconnecting)
+        # What still arrives is neither held nor answered.
+        before = transport.value()
+        channel.dataReceived(b"4\r\nghij\r\n0\r\n\r\n")
+        self.assertEqual((hold.used, transport.value()), (0, before))
+        # A client that reads nothing is aborted.
+        env.clock.advance(channel.abortTimeout)
+        self.assertTrue(transport.disconnected)
 
     def test_idle_connections_are_closed_quietly(self) -> None:
         env = Env({"deadline": 5})
@@ -242,12 +298,46 @@ class ConnectionLimitTests(SynchronousTestCase):
     def test_close_connections_fires_once_all_are_gone(self) -> None:
         env = Env()
         opened = [env.connect("10.0.0.1", port) for port in (1, 2)]
-        done = env.site.close_connections()
+        done = env.site.close_connections(1.0)
         self.assertTrue(all(transport.disconnecting for _, transport in opened))
         self.assertNoResult(done)
         for channel, _ in opened:
             channel.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_close_connections_aborts_clients_that_do_not_read_after_the_grace(self) -> None:
+        env = Env()
+        channel, transport = env.connect()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")  # answered; the client reads nothing
+        done = env.site.close_connections(1.0)
+        env.clock.advance(0.9)
+        self.assertFalse(transport.disconnected)
+        env.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)  # aborted: not the idle or abort timeout
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_stop_now_aborts_at_once_and_cuts_a_later_close_too(self) -> None:
+        # A second shutdown signal while the listener is closing...
+        env = Env()
+        channel, transport = env.connect()
+        done = env.site.close_connections(1.0)
+        env.site.stop_now()
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+        # ... or before it began to.
+        env = Env()
+        env.site.stop_now()
+        channel, transport = env.connect()
+        done = env.site.close_connections(1.0)
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(env.clock.getDelayedCalls(), [])
 
 
 class IdleTests(SynchronousTestCase):

@@ -283,6 +283,31 @@ class ScheduleTests(ServiceFixture):
         service.stopService()
         self.clock.advance(10)
 
+    def test_span_upload_link_errors_before_the_first_segment_are_not_carried(self) -> None:
+        # No record goes out before the first segment; the span errors of that
+        # time must not all land in the first record, as if just happened.
+        spans = Counters()
+        service = TelemetryService(
+            send=self.send,
+            counters=self.counters,
+            clock=self.clock,
+            interval=self.interval,
+            span_uploads=spans,
+        )
+        self.service.stopService()  # only the one under test sends
+        service.startService()
+        spans.backend_errors["ConnectionRefusedCount"] += 3
+        self.cycle(2)  # no segment yet: skipped
+        self.assertEqual(self.send.calls, [])
+        self.counters.received = 1
+        spans.backend_errors["TimeoutCount"] += 1
+        self.cycle()
+        (record,) = self.send.all_records()
+        self.assertEqual(record["BackendConnectionErrors"], {**ZERO_ERRORS, "TimeoutCount": 1})
+        self.send.answer = OK
+        service.stopService()
+        self.clock.advance(10)
+
     def test_success_is_logged_at_debug(self) -> None:
         self.counters.received = 1
         with capturedLogs() as events:

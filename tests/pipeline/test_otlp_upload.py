@@ -253,6 +253,42 @@ class OtlpUploaderTests(SynchronousTestCase):
         self.send([protobuf_doc("a")])  # alone, it is dropped: its spans are rejected
         self.assertEqual(self.counters.spans_rejected, 1)
 
+    def test_statuses_of_the_otlp_endpoint(self) -> None:
+        # 415/422 from an OTLP endpoint can be about the content: final (the
+        # spans are rejected, X-Ray's message kept), where for PutTraceSegments
+        # they are a misconfiguration.  404/405/411/414 stay retried on both.
+        # (status, retryable, spans rejected)
+        table = [
+            (415, False, 2),
+            (422, False, 2),
+            (404, True, 0),
+            (405, True, 0),
+            (411, True, 0),
+            (414, True, 0),
+        ]
+        for status, retryable, rejected in table:
+            self.counters.spans_rejected = 0
+            self.endpoint.status = status
+            self.endpoint.answer = rpc_status(3, f"said with {status}")
+            error = self.send([protobuf_doc("a", "b")]).error
+            assert error is not None
+            self.assertEqual(
+                (error.retryable, self.counters.spans_rejected), (retryable, rejected), status
+            )
+            self.assertEqual(error.message, f"HTTP {status}: said with {status}", status)
+            self.assertNotIn("PutTraceSegments", error.advice, status)
+            if retryable:
+                self.assertTrue(
+                    error.advice.startswith(f"X-Ray does not answer {status} to span uploads"),
+                    error.advice,
+                )
+                self.assertIn("not the spans, so they are kept", error.advice)
+            else:
+                self.assertEqual(error.advice, "", status)
+        # A 400 without a code is not a verdict either, said of spans.
+        advice = classify_traces_response(400, {}, b"<html>Bad Request</html>").advice
+        self.assertIn("not X-Ray's verdict on the spans", advice)
+
     def test_helpers(self) -> None:
         self.assertEqual(rpc_status_message(rpc_status(14, "unavailable")), "unavailable")
         self.assertEqual(rpc_status_message(b"\xff\xff"), "")

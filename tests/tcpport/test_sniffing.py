@@ -513,8 +513,15 @@ class StopTests(SynchronousTestCase):
         protocol, transport = env.stream(record(b"one"), HEADER + b"\n" + b"{")
         d = env.factory.stop(grace=1.0)
         self.assertFalse(transport.disconnecting)
-        env.factory.stop_now()  # a second shutdown signal
+        with capturedLogs() as events:
+            env.factory.stop_now()  # a second shutdown signal
+            env.factory.stop_now()  # (a later one: nothing more is cut, nothing said)
         self.assertTrue(transport.disconnected)  # aborted, no time passed
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Cut 1 open TCP connection(s) without the stop grace; a record a stream was "
+             "still sending is rejected as incomplete"],
+        )  # fmt: skip
         protocol.connectionLost(Failure(ConnectionLost()))
         self.successResultOf(d)
         self.assertEqual(env.buffer.accepted, [b"one"])

@@ -46,6 +46,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from xraytwisted.ingest import otlp_wire
+from xraytwisted.ingest.stream import STOP_GRACE
 from xraytwisted.listen.adopted_port import AdoptedPortService
 from xraytwisted.listen.bounded_site import (
     BoundedSite,
@@ -437,5 +438,11 @@ class OtlpHTTPService(AdoptedPortService):
     def closed(self) -> Deferred[Any] | None:
         # Requests are answered as soon as their body is in, so what is left
         # are idle keep-alive connections and requests not yet complete
-        # (their senders retry elsewhere): nothing accepted is cut off.
-        return self.site.close_connections()
+        # (their senders retry elsewhere): nothing accepted is cut off.  A
+        # client that does not read is aborted after the streams' stop grace,
+        # so it cannot hold up the span batcher's drain.
+        return self.site.close_connections(STOP_GRACE)
+
+    def stop_now(self) -> None:
+        """End the stop grace: abort the open connections (now, or when the stop starts)."""
+        self.site.stop_now()

@@ -26,11 +26,16 @@ Both HTTP listeners use it: the TCP port's web side (the sampling proxy,
   system has nowhere to put them).
 
 After such an early answer the rest of the request is read and dropped, up
-to ``LINGER_BYTES`` and ``LINGER_SECONDS``, before the connection is
-closed: closing on unread data makes the kernel reset the connection, and
-the client would see a broken pipe instead of the answer.  A closed
-connection whose client reads nothing is aborted after the channel's
-``abortTimeout``.
+to ``linger_bytes(limits)`` more bytes (``LINGER_BYTES``, or twice
+``max_body`` if that is more: a client refused for a body a little over
+the limit is sending all of it) and ``LINGER_SECONDS``, before the
+connection is closed: closing on unread data makes the kernel reset the
+connection, and the client would see a broken pipe instead of the answer
+(and retry, sending the whole body again).  A body announced as larger
+than that is not waited for.  A 408 closes at once (that client had its
+deadline).  A closed connection whose client reads nothing is aborted
+after the channel's ``abortTimeout``; ``close_connections`` (a listener
+stopping) gives them ``grace`` seconds, and ``stop_now`` none.
 
 What a refusal looks like (status line, body format, Retry-After, which
 counter, which log line) is the listener's: its ``Refusals``.  Only public
@@ -106,6 +111,17 @@ class Refusals(Protocol):
         ...
 
 
+def linger_bytes(limits: Limits) -> int:
+    """Bytes read and dropped after an early refusal, counted from the refusal.
+
+    At least twice the body limit: a client refused for going over it is
+    sending a body about that large, and must get to read the answer.
+    """
+    if limits.max_body is None:
+        return LINGER_BYTES
+    return max(LINGER_BYTES, 2 * limits.max_body)
+
+
 def format_address(address: object) -> str:
     """``host:port`` of a peer address ("?" for None, its repr if it has neither)."""
     if address is None:
@@ -176,9 +192,12 @@ class BoundedChannel(http.HTTPChannel):
         assert request is None or isinstance(request, Request)
         site = self.site
         answer = site.refusals.refuse(site, Limit.DEADLINE, self.transport.getPeer(), request)
+        if isinstance(request, BoundedRequest):
+            request.drop()  # its bytes go back to the hold now, not at connectionLost
         if answer:
             self.transport.write(answer)
-        self._close_soon()
+        # No linger: that client had its deadline to send the request.
+        self.linger(0)
 
     def linger(self, limit: int) -> None:
         """An answer ending the request was written: drop up to ``limit`` more bytes, then close."""
@@ -203,11 +222,32 @@ class BoundedChannel(http.HTTPChannel):
         self._close_soon()
 
     def _close_soon(self) -> None:
-        self.loseConnection()
+        self._lose()
         # (A half-closed connection may be gone already.)
         if self._abort is None and not self._gone:
             # A client that reads nothing cannot keep the descriptor.
             self._abort = self.callLater(self.abortTimeout or 15, self._abort_now)
+
+    def close(self, grace: float) -> None:
+        """Close (the listener stops): aborted if not gone within ``grace`` seconds."""
+        if self._gone or self.transport is None:
+            return
+        self.setTimeout(None)
+        self._lose()
+        if self._gone:  # (a half-closed connection is lost at once)
+            return
+        self._cancel(self._abort)  # (a stop_now during a graceful close)
+        if grace <= 0:
+            self._abort_now()
+            return
+        self._abort = self.callLater(grace, self._abort_now)
+
+    def _lose(self) -> None:
+        # Once: HTTPChannel.loseConnection unregisters the channel from its
+        # transport, which a second time refuses.
+        transport = self.transport
+        if transport is not None and not getattr(transport, "disconnecting", False):
+            self.loseConnection()
 
     def _abort_now(self) -> None:
         self._abort = None
@@ -252,6 +292,7 @@ class BoundedRequest(Request):
 
     _refused = False
     _body_bytes = 0
+    _refused_at = 0  # _body_bytes when refused: the linger counts from there
     _held = 0
     _declared: int | None = None
 
@@ -276,7 +317,7 @@ class BoundedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         self._body_bytes += len(data)
         if self._refused:
-            if self._body_bytes > LINGER_BYTES:
+            if self._body_bytes - self._refused_at > linger_bytes(self.bounded_site.limits):
                 self._end_linger()
             return
         limits = self.bounded_site.limits
@@ -308,6 +349,13 @@ class BoundedRequest(Request):
         self._release()
         super().connectionLost(reason)
 
+    def drop(self) -> None:
+        """Refused (by the channel's deadline): give the held bytes back, ignore the rest."""
+        self._refused = True
+        self._refused_at = self._body_bytes
+        self._release()
+        self.content = BytesIO()
+
     def _release(self) -> None:
         held, self._held = self._held, 0
         hold = self.bounded_site.limits.hold
@@ -321,9 +369,7 @@ class BoundedRequest(Request):
         transport = channel.transport
         peer = transport.getPeer() if transport is not None else None
         answer = site.refusals.refuse(site, limit, peer, self)
-        self._refused = True
-        self._release()
-        self.content = BytesIO()  # what arrived is dropped
+        self.drop()  # what arrived is dropped
         # The channel would otherwise invite the body with "100 Continue"
         # right after this answer.
         self.requestHeaders.removeHeader(b"expect")
@@ -331,11 +377,11 @@ class BoundedRequest(Request):
             transport.write(answer)
         # Read what the client is still sending (if it is not too much), so
         # that it gets to see the answer.
-        left = LINGER_BYTES - self._body_bytes
+        left = allowance = linger_bytes(site.limits)
         if self._declared is not None:
             left = self._declared - self._body_bytes
-            if left > LINGER_BYTES:
-                left = 0
+            if left > allowance:
+                left = 0  # not worth waiting for: closed at once
         channel.linger(left)
 
     def _end_linger(self) -> None:
@@ -364,6 +410,7 @@ class BoundedSite(Site):
         self.limits = limits
         self.refusals = refusals
         self.channels = OpenConnections[BoundedChannel](limits.max_connections, limits.max_per_peer)
+        self._stopping_now = False
 
     @property
     def per_peer(self) -> dict[str, int]:
@@ -377,14 +424,27 @@ class BoundedSite(Site):
             return None  # the reactor closes the new connection
         return super().buildProtocol(addr)
 
-    def close_connections(self) -> Deferred[Any]:
-        """Close every connection; fires once all are gone."""
-        waits = []
-        for channel in self.channels:
-            waits.append(channel.when_lost())
-            if channel.transport is not None:
-                channel.transport.loseConnection()
+    def close_connections(self, grace: float) -> Deferred[Any]:
+        """Close every connection; fires once all are gone (within ~``grace`` s).
+
+        A client that does not read its answer would otherwise hold the
+        listener's stop (and what waits for it) for the idle timeout and
+        the abort timeout.
+        """
+        channels = list(self.channels)
+        waits = [channel.when_lost() for channel in channels]
+        for channel in channels:
+            channel.close(0.0 if self._stopping_now else grace)
         return DeferredList(waits, consumeErrors=True)
+
+    def stop_now(self) -> None:
+        """Abort every connection, now or as soon as ``close_connections`` is called.
+
+        A second shutdown signal: the grace would only delay the (also cut) drain.
+        """
+        self._stopping_now = True
+        for channel in list(self.channels):
+            channel.close(0.0)
 
     def startFactory(self) -> None:
         # HTTPFactory.startFactory starts a 1 s timer that keeps the access

@@ -243,6 +243,7 @@ class TelemetryService(Service):
         self._timer = None
         if self._counters.received == 0:
             self.log.debug("Skipped telemetry data as no segments found")
+            self._cut()  # (only forgets this interval's span upload errors)
         else:
             self._cut()
             if self._flushing is None:
@@ -252,10 +253,16 @@ class TelemetryService(Service):
     def _cut(self) -> None:
         """Queue a record for the time since the last one (once segments have arrived)."""
         last = self._last
-        if last is None or self._counters.received == 0:
+        if last is None:
+            return
+        span_errors = self._span_errors()
+        if self._counters.received == 0:
+            # No record (as the Go daemon, none before the first segment):
+            # span upload errors of this time are not reported, rather than
+            # all landing in the first record, as if they had just happened.
+            self._last_span_errors = span_errors
             return
         now = self._counters.snapshot()
-        span_errors = self._span_errors()
         self.queue.append(
             telemetry_record(
                 last,

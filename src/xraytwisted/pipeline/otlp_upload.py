@@ -9,7 +9,10 @@ dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
 batcher acts on exactly as for segments: 429/503/5xx, throttling and
 connection errors are retried, spooled and drained; a 400/413 refusal of a
 batch's content is halved down to the request X-Ray refuses, then dropped
-with a log line quoting X-Ray.  It never fails its Deferred.
+with a log line quoting X-Ray; a 415 or 422 (which an OTLP endpoint may
+give for content it cannot take) is final at once.  404, 405, 411 and 414
+are a misconfiguration, retried as for segments.  It never fails its
+Deferred.
 
 Spans are counted here (the batcher counts requests): a 200 answer's
 ``partial_success`` rejections are counted as rejected and logged once in a
@@ -64,6 +67,11 @@ _TRANSACTION_SEARCH_WORDS = (
     "cloudwatchlogsdestination",
 )
 _RPC_STATUS_MESSAGE = 2  # google.rpc.Status.message
+# Unlike PutTraceSegments (whose content verdicts are 400 with a code, or
+# 413), an OTLP endpoint may answer an unsupported or unprocessable request
+# with these: about the content, so sending it again cannot help.  (404,
+# 405, 411, 414 stay a misconfiguration: retried.)
+OTLP_CONTENT_STATUSES = frozenset({415, 422})
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,14 @@ def classify_traces_response(status: int, headers: Mapping[str, str], body: byte
         if text and status == 400 and not headers.get("x-amzn-errortype"):
             document["__type"] = "ValidationException"
         body = json.dumps(document).encode() if document else b""
-    error = classify_response(status, headers, body)
+    error = classify_response(
+        status,
+        headers,
+        body,
+        api="span uploads (/v1/traces)",
+        items="spans",
+        content_statuses=OTLP_CONTENT_STATUSES,
+    )
     if 400 <= status < 500 and transaction_search_refusal(error.message):
         return replace(
             error,

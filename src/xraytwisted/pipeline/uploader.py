@@ -75,7 +75,8 @@ CREDENTIAL_CODES = frozenset(
 # it (a wrong -e/--endpoint, a proxy's rules).  They say nothing about the
 # segments, and the fix is in the configuration: retried like an outage
 # (kept, spooled), with a line saying what to check.  (422 too: X-Ray's
-# verdicts on content are 400 with an error code, or 413.)
+# verdicts on content are 400 with an error code, or 413.  The OTLP path
+# takes 415 and 422 as verdicts on content: otlp_upload.)
 MISCONFIGURED_STATUSES = frozenset({404, 405, 411, 414, 415, 422})
 
 # UnprocessedTraceSegments codes worth sending again (the rest describe the
@@ -210,7 +211,21 @@ def error_code(headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
     return printable(code.encode(), 64), printable(" ".join(message.split()).encode(), 200)
 
 
-def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> UploadError:
+def classify_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    api: str = "PutTraceSegments",
+    items: str = "segments",
+    content_statuses: frozenset[int] = frozenset(),
+) -> UploadError:
+    """An error answer, classified.
+
+    ``api`` and ``items`` word the advice (what was called, what is kept);
+    ``content_statuses`` are further statuses that are the API's verdict on
+    the content (final, like 413), not a sign of a misconfiguration.
+    """
     code, message = error_code(headers, body)
     throttled = status == 429 or code in THROTTLING_CODES
     credentials = not throttled and (status in (401, 403) or code in CREDENTIAL_CODES)
@@ -218,7 +233,9 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
     # content codes) is final.  Everything else - throttling, 5xx, auth
     # errors that fixed credentials cure, a wrong endpoint or a proxy's
     # answer (the configuration gets fixed) - is worth retrying.
-    content = status == 413 or (status == 400 and code in CONTENT_CODES)
+    content = (
+        status == 413 or status in content_statuses or (status == 400 and code in CONTENT_CODES)
+    )
     permanent = not throttled and not credentials and content
     advice = ""
     if status == 400 and not (permanent or throttled or credentials):
@@ -226,14 +243,14 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> U
             f"the code {code}" if code else "no AWS error code: something in front of it answered"
         )
         advice = (
-            f"this is not X-Ray's verdict on the segments ({what}), so they are kept; check "
+            f"this is not X-Ray's verdict on the {items} ({what}), so they are kept; check "
             "-e / --endpoint and the proxy"
         )
-    elif status in MISCONFIGURED_STATUSES and not (throttled or credentials):
+    elif status in MISCONFIGURED_STATUSES and not (permanent or throttled or credentials):
         advice = (
-            f"X-Ray does not answer {status} to PutTraceSegments: the endpoint or a proxy in "
-            "front of it is misconfigured, not the segments, so they are kept; check "
-            "-e / --endpoint and the proxy"
+            f"X-Ray does not answer {status} to {api}: the endpoint or a proxy in front of it "
+            f"is misconfigured, not the {items}, so they are kept; check -e / --endpoint and "
+            "the proxy"
         )
     if status >= 500:
         error_class = "HTTPCode5XXCount"

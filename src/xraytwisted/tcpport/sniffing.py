@@ -118,6 +118,7 @@ class SniffingProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._lost: list[Deferred[None]] = []
         self._gone = False
+        self._cut = False
 
     def connectionMade(self) -> None:
         self.factory.opened(self)
@@ -198,15 +199,17 @@ class SniffingProtocol(Protocol):
                 self._timer = self.factory.clock.callLater(grace, self._abort)
         return lost
 
-    def stop_now(self) -> None:
-        """Cut this connection without the stop grace."""
-        if self._gone:
-            return
+    def stop_now(self) -> bool:
+        """Cut this connection without the stop grace; False if it is gone or cut already."""
+        if self._gone or self._cut:
+            return False
+        self._cut = True
         if isinstance(self.inner, SegmentStream):
             self.inner.stop_now()
         else:
             self._cancel_timer()
             self._abort()
+        return True
 
     def _abort(self) -> None:
         self._timer = None
@@ -316,8 +319,15 @@ class SniffingFactory(Factory):
         batcher's (also cut) drain.
         """
         self._stopping_now = True
-        for connection in self.connections:
-            connection.stop_now()
+        cut = sum(connection.stop_now() for connection in list(self.connections))
+        if cut:
+            # (Once per shutdown.)  Says the second signal found senders still
+            # open: a record they were in the middle of is lost.
+            self.log.info(
+                "Cut {count} open TCP connection(s) without the stop grace; a record a stream "
+                "was still sending is rejected as incomplete",
+                count=cut,
+            )
 
 
 class TCPPortService(AdoptedPortService):
