@@ -4,7 +4,9 @@ Off unless ``--otlp-address`` (``Socket.OTLPAddress``) is set, because 4318
 is often taken by a collector.  A request is checked without decoding its
 spans (``otlp_wire`` walks the three outer message levels) and, if good,
 framed and offered to the span buffer, where it waits for an upload like a
-segment does; the answer is the OTLP one:
+segment does (bodies of ``THREAD_BYTES`` or more are decompressed and
+checked in the reactor's thread pool, see ``pipeline/offload``; the answer
+waits for that); the answer is the OTLP one:
 
 * 200 and an empty ``ExportTraceServiceResponse`` (zero bytes for protobuf,
   ``{}`` for JSON), in the request's Content-Type, once it is in the buffer;

@@ -3,9 +3,10 @@
 ``OtlpUploader.send`` is the span batcher's send function, the counterpart
 of ``Uploader.put_trace_segments``: it joins a batch of framed OTLP requests
 (``otlp_batches``) into one request (protobuf requests concatenate into a
-valid request; a JSON request always travels alone), optionally gzips it,
-signs it for service ``xray`` on the same host, partition, FIPS and
-dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
+valid request; a JSON request always travels alone), optionally gzips it
+(in the reactor's thread pool from ``THREAD_BYTES`` on; uploads still
+start in the order asked for), signs it for service ``xray`` on the same
+host, partition, FIPS and dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
 batcher acts on exactly as for segments: 429/503/5xx, throttling and
 connection errors are retried, spooled and drained; a 400/413 refusal of a
 batch's content is halved down to the request X-Ray refuses, then dropped
