@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.interfaces import IReactorThreads
+
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest.otlp_http import OtlpTracesResource, otlp_site
 from xraytwisted.listen.bounded_site import BoundedSite
@@ -26,6 +28,7 @@ from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSpanSink
+from xraytwisted.pipeline.offload import thread_pool_runner
 from xraytwisted.pipeline.otlp_batches import SpanBatcher, SpanBuffer, SpanSpool, SpanTally
 from xraytwisted.pipeline.otlp_upload import TRACES_PATH, OtlpUploader
 from xraytwisted.pipeline.spool import Spool
@@ -62,6 +65,9 @@ def build_bridge(
     With ``sink`` (``--local-sink``) spans are written there instead of uploaded.
     """
     counters = OtlpCounters()
+    # Large bodies are gzipped and inflated in the reactor's thread pool (a
+    # task.Clock standing in for the reactor has none: all inline then).
+    run_in_thread = thread_pool_runner(reactor) if IReactorThreads.providedBy(reactor) else None
     # Spans spooled, replayed and lost, where the batcher and spool count requests.
     tally = SpanTally(counters)
     buffer = SpanBuffer(segment_buffer, reactor, counters.requests)
@@ -76,6 +82,7 @@ def build_bridge(
             timeout=settings.request_timeout,
             counters=counters,
             gzip=settings.otlp_gzip,
+            run_in_thread=run_in_thread,
         )
         send = uploader.send
         destination = ""
@@ -105,7 +112,7 @@ def build_bridge(
         tally=tally,
     )
     site = otlp_site(
-        OtlpTracesResource(buffer, counters, reactor),
+        OtlpTracesResource(buffer, counters, reactor, run_in_thread=run_in_thread),
         clock=reactor,
         idle_timeout=settings.proxy_client_timeout,
         deadline=settings.otlp_request_deadline,

@@ -7,9 +7,11 @@ when the test says so); the sockets are real.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import socket
+import threading
 import zlib
 from typing import Any
 
@@ -21,6 +23,7 @@ from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -29,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.pipeline.test_otlp_upload import otlp_request
+from tests.support.held_calls import HeldCalls
 from tests.support.logs import capture_logs
 from xraytwisted.ingest import otlp_http
 from xraytwisted.ingest.otlp_http import OtlpHTTPService, OtlpTracesResource, inflate, otlp_site
@@ -36,6 +40,7 @@ from xraytwisted.listen.bind import bind_tcp
 from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import Counters, OtlpCounters
 from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.offload import thread_pool_runner
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, SpanBuffer, unframe
 from xraytwisted.settings.addresses import Address
 
@@ -79,8 +84,12 @@ class ReceiverTests(TestCase):
         self.buffer = SpanBuffer(self.segments, self.clock, self.counters.requests)
         self.start(max_body=1_000_000)
 
-    def start(self, max_body: int, max_connections: int = 4, hold: int | None = None) -> None:
-        resource = OtlpTracesResource(self.buffer, self.counters, self.clock, max_body=max_body)
+    def start(
+        self, max_body: int, max_connections: int = 4, hold: int | None = None, **kwargs: Any
+    ) -> None:
+        resource = OtlpTracesResource(
+            self.buffer, self.counters, self.clock, max_body=max_body, **kwargs
+        )
         extra = {} if hold is None else {"hold": HeldBytes(hold, self.clock)}
         self.site = otlp_site(
             resource,
@@ -138,6 +147,25 @@ class ReceiverTests(TestCase):
             response, _ = yield self.post(packed, {**PROTOBUF, "Content-Encoding": encoding})
             self.assertEqual(response.code, 200, encoding)
         self.assertEqual([q[2] for q in self.queued()], [body, body])
+
+    @inlineCallbacks
+    def test_large_bodies_are_checked_in_the_reactors_thread_pool(self) -> Any:
+        yield self.service.stopService()
+        self.start(max_body=1_000_000, run_in_thread=thread_pool_runner(reactor), thread_bytes=0)
+        threads = []
+
+        def check_body(*args: Any) -> Any:
+            threads.append(threading.current_thread())
+            return checked(*args)
+
+        checked = otlp_http.check_body
+        self.patch(otlp_http, "check_body", check_body)
+        body = otlp_request("t1", "t2").SerializeToString()
+        response, _ = yield self.post(gzip.compress(body), {**PROTOBUF, "Content-Encoding": "gzip"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.queued(), [(KIND_PROTOBUF, 2, body)])
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.current_thread())
 
     @inlineCallbacks
     def test_json_request(self) -> Any:
@@ -451,3 +479,199 @@ class ReceiverSiteTests(SynchronousTestCase):
             self.clock.advance(30)
         self.assertTrue(transport.disconnecting)
         self.assertEqual([e["log_level"] for e in events], [LogLevel.debug])
+
+
+THRESHOLD = 400  # thread_bytes in the tests below
+
+
+def incompressible(spans: int) -> bytes:
+    """An OTLP request of ``spans`` spans whose names do not compress."""
+    names = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(spans)]
+    return otlp_request(*names).SerializeToString()
+
+
+class ThreadedCheckTests(SynchronousTestCase):
+    """Bodies of ``thread_bytes`` or more are inflated and checked off the reactor.
+
+    ``HeldCalls`` stands in for the thread pool: the check runs when the
+    test says, so what happens meanwhile can be seen.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counters = OtlpCounters()
+        segments = SegmentBuffer(1_000_000, self.clock, Counters())
+        self.buffer = SpanBuffer(segments, self.clock, self.counters.requests)
+        self.runner = HeldCalls()
+        self.resource = OtlpTracesResource(
+            self.buffer,
+            self.counters,
+            self.clock,
+            max_body=100_000,
+            run_in_thread=self.runner,
+            thread_bytes=THRESHOLD,
+        )
+        self.hold = HeldBytes(1_000_000, self.clock)
+        self.site = otlp_site(
+            self.resource,
+            clock=self.clock,
+            idle_timeout=30,
+            deadline=5,
+            max_wire_body=100_100,
+            hold=self.hold,
+        )
+        self.big = incompressible(12)
+        self.packed = gzip.compress(self.big, mtime=0)
+        self.assertGreaterEqual(len(self.packed), THRESHOLD)
+
+    def post(
+        self, body: bytes, encoding: bytes = b"gzip", ctype: bytes = b"application/x-protobuf"
+    ) -> tuple[Any, StringTransport]:
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST /v1/traces HTTP/1.1\r\nHost: localhost\r\nContent-Type: %s\r\n"
+            b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (ctype, encoding, len(body), body)
+        )
+        return channel, transport
+
+    def answer(self, transport: StringTransport) -> tuple[bytes, bytes | None, bytes]:
+        """(status line, content type, body) of what was written."""
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        ctype = [
+            line.split(b": ", 1)[1] for line in lines if line.lower().startswith(b"content-type")
+        ]
+        return lines[0], ctype[0] if ctype else None, body
+
+    def queued(self) -> list[bytes]:
+        return [bytes(unframe(doc)[2]) for batch in self.buffer.drain() for doc in batch.docs]
+
+    def test_bodies_received_smaller_than_the_threshold_are_checked_inline(self) -> None:
+        # The threshold is on the body as received: this one inflates to more.
+        raw = otlp_request(*["a"] * 60).SerializeToString()
+        packed = gzip.compress(raw)
+        self.assertLess(len(packed), THRESHOLD)
+        self.assertGreater(len(raw), THRESHOLD)
+        _, transport = self.post(packed)
+        self.assertEqual(self.runner.calls, [])
+        self.assertEqual(self.answer(transport)[0], b"HTTP/1.1 200 OK")
+        self.assertEqual(self.queued(), [raw])
+
+    def test_large_bodies_are_checked_in_a_thread_and_answered_after(self) -> None:
+        _, transport = self.post(self.packed)
+        self.assertEqual(len(self.runner.calls), 1)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual((self.counters.requests_received, self.queued()), (0, []))
+        self.runner.run()
+        self.assertEqual(
+            self.answer(transport), (b"HTTP/1.1 200 OK", b"application/x-protobuf", b"")
+        )
+        self.assertEqual(self.queued(), [self.big])
+        self.assertEqual((self.counters.requests_received, self.counters.spans_received), (1, 12))
+        self.assertEqual(self.hold.used, 0)
+
+    def test_answers_and_counters_are_those_of_the_inline_check(self) -> None:
+        # A field longer than the body, then bytes that do not compress.
+        junk = gzip.compress(b"\x0a\xff\xff\x03" + incompressible(12), mtime=0)
+        corrupt = self.packed[:200] + bytes(b ^ 0x55 for b in self.packed[200:])
+        bomb = gzip.compress(b"\0" * 2_000_000, mtime=0)
+        json_body = json_format.MessageToJson(otlp_request(*["j"] * 20)).encode()
+        cases = [
+            (self.packed, b"gzip", b"application/x-protobuf"),
+            (zlib.compress(self.big), b"deflate", b"application/x-protobuf"),
+            (junk, b"gzip", b"application/x-protobuf"),
+            (corrupt, b"gzip", b"application/x-protobuf"),
+            (bomb, b"gzip", b"application/json"),
+            (json_body, b"identity", b"application/json"),
+            (self.big, b"identity", b"application/x-protobuf"),
+        ]
+        for body, _, _ in cases:
+            self.assertGreaterEqual(len(body), THRESHOLD)
+        seen = {}
+        counters = self.counters
+        for thread_bytes in (10**9, THRESHOLD):
+            self.resource.thread_bytes = thread_bytes
+            before = dict(counters.refused)
+            received = (counters.requests_received, counters.spans_received)
+            answers = []
+            for body, encoding, ctype in cases:
+                _, transport = self.post(body, encoding, ctype)
+                self.assertEqual(len(self.runner.calls), int(thread_bytes == THRESHOLD))
+                self.runner.run_all()
+                answers.append(self.answer(transport))
+            refused = {k: v - before.get(k, 0) for k, v in counters.refused.items()}
+            counts = (
+                counters.requests_received - received[0],
+                counters.spans_received - received[1],
+            )
+            queued = self.queued()
+            seen[thread_bytes] = answers, {k: v for k, v in refused.items() if v}, counts, queued
+        self.assertEqual(seen[THRESHOLD], seen[10**9])
+        answers, refused, counts, queued = seen[THRESHOLD]
+        self.assertEqual(
+            [a[0] for a in answers],
+            [b"HTTP/1.1 200 OK"] * 2
+            + [b"HTTP/1.1 400 Bad Request"] * 2
+            + [b"HTTP/1.1 413 Request Entity Too Large", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"],
+        )
+        self.assertEqual(refused, {"bad_data": 2, "too_large": 1})
+        self.assertEqual(counts, (4, 56))
+        self.assertEqual(sorted(queued), sorted([self.big, self.big, json_body, self.big]))
+
+    def test_the_request_deadline_does_not_run_while_the_body_is_checked(self) -> None:
+        # The deadline bounds the client's sending, which is over; the check
+        # itself is bounded work (5 MB of zlib at most).
+        _, transport = self.post(self.packed)
+        self.clock.advance(10)  # twice the deadline
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.counters.refused["deadline"], 0)
+        self.runner.run()
+        self.assertEqual(self.answer(transport)[0], b"HTTP/1.1 200 OK")
+        self.assertEqual(self.queued(), [self.big])
+
+    def test_the_body_stays_held_until_its_check_ends_even_if_the_client_goes(self) -> None:
+        channel, transport = self.post(self.packed)
+        self.assertEqual(self.hold.used, len(self.packed))
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.hold.used, len(self.packed))  # still in memory, in the thread
+        self.runner.run()
+        self.assertEqual(self.hold.used, 0)
+        # It saw no 200 and will send again: not queued, not counted.
+        self.assertEqual((transport.value(), self.queued()), (b"", []))
+        self.assertEqual(self.counters.requests_received, 0)
+
+    def test_an_error_in_the_thread_is_a_counted_500(self) -> None:
+        def broken(data: bytes) -> Any:
+            raise KeyError("a bug")
+
+        self.patch(otlp_http.otlp_wire, "request_shape", broken)
+        events = capture_logs(self)
+        _, transport = self.post(self.packed)
+        self.runner.run()
+        self.assertEqual(self.answer(transport)[0], b"HTTP/1.1 500 Internal Server Error")
+        self.assertEqual(self.counters.refused["internal_error"], 1)
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.critical], [])
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.hold.used, 0)
+
+    def test_stopping_waits_for_bodies_being_checked_then_closes(self) -> None:
+        sock = bind_tcp(Address("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        service = OtlpHTTPService(self.clock, sock, self.site)
+        channel, transport = self.post(self.packed)
+        closed = service.closed()
+        assert closed is not None
+        self.assertNoResult(closed)
+        self.assertFalse(transport.disconnecting)
+        self.runner.run()
+        self.assertEqual(self.answer(transport)[0], b"HTTP/1.1 200 OK")
+        self.assertEqual(self.queued(), [self.big])
+        self.assertTrue(transport.disconnecting)
+        self.assertNoResult(closed)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(closed)

@@ -13,20 +13,32 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from treq.testing import StubTreq
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from tests.support.held_calls import HeldCalls
 from tests.support.logs import capture_logs
 from tests.support.sigcheck import verify
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
 from xraytwisted.ingest.otlp_http import rpc_status
-from xraytwisted.observe.counters import OtlpCounters
-from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
+from xraytwisted.observe.counters import Counters, OtlpCounters
+from xraytwisted.pipeline import otlp_upload
+from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.otlp_batches import (
+    FRAME,
+    KIND_JSON,
+    KIND_PROTOBUF,
+    SpanBatcher,
+    SpanBuffer,
+    SpanTally,
+    frame,
+)
 from xraytwisted.pipeline.otlp_upload import (
     TRANSACTION_SEARCH,
     OtlpUploader,
@@ -97,7 +109,9 @@ class FakeOtlpEndpoint(Resource):
         return self.answer
 
 
-class OtlpUploaderTests(SynchronousTestCase):
+class UploaderCase(SynchronousTestCase):
+    """An uploader posting to ``FakeOtlpEndpoint`` through StubTreq."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_795_304_085.0)
@@ -106,7 +120,7 @@ class OtlpUploaderTests(SynchronousTestCase):
         self.counters = OtlpCounters()
         self.uploader = self.make(gzip=True)
 
-    def make(self, gzip: bool, creds: Credentials | None = None) -> OtlpUploader:
+    def make(self, gzip: bool, creds: Credentials | None = None, **kwargs: Any) -> OtlpUploader:
         return OtlpUploader(
             client=self.stub,
             endpoint=endpoints.resolve(REGION, configured="", env={}),
@@ -116,6 +130,7 @@ class OtlpUploaderTests(SynchronousTestCase):
             timeout=2.0,
             counters=self.counters,
             gzip=gzip,
+            **kwargs,
         )
 
     def send(self, docs: list[bytes]) -> Outcome:
@@ -132,6 +147,8 @@ class OtlpUploaderTests(SynchronousTestCase):
         message.ParseFromString(body)
         return message
 
+
+class OtlpUploaderTests(UploaderCase):
     def test_requests_are_concatenated_gzipped_and_signed(self) -> None:
         outcome = self.send([protobuf_doc("a", "b", service="one"), protobuf_doc("c")])
         self.assertIsNone(outcome.error)
@@ -304,3 +321,143 @@ class OtlpUploaderTests(SynchronousTestCase):
             403, {"content-type": "application/json"}, json.dumps({"message": SEARCH_OFF}).encode()
         )
         self.assertEqual(forbidden.code, TRANSACTION_SEARCH)
+
+
+THRESHOLD = 500  # thread_bytes in the tests below
+
+
+def big_doc(tag: str) -> bytes:
+    doc = protobuf_doc(*[f"{tag}-{i:03d}-" + "x" * 40 for i in range(12)])
+    assert len(doc) - FRAME.size >= THRESHOLD
+    return doc
+
+
+class ThreadedGzipTests(UploaderCase):
+    """Upload bodies of ``thread_bytes`` or more are gzipped off the reactor.
+
+    ``HeldCalls`` stands in for the thread pool: a gzip ends when the test
+    says, so what waits for it can be seen.
+    """
+
+    def threaded(self) -> HeldCalls:
+        runner = HeldCalls()
+        self.uploader = self.make(gzip=True, run_in_thread=runner, thread_bytes=THRESHOLD)
+        return runner
+
+    def names(self) -> list[str]:
+        """The first span name of each request X-Ray got, in order."""
+        return [
+            self.received(i).resource_spans[0].scope_spans[0].spans[0].name
+            for i in range(len(self.endpoint.requests))
+        ]
+
+    def test_small_bodies_are_gzipped_inline(self) -> None:
+        runner = self.threaded()
+        d = self.uploader.send([protobuf_doc("small")])
+        self.stub.flush()
+        self.assertEqual(runner.calls, [])
+        self.assertIsNone(self.successResultOf(d).error)
+        self.assertEqual(self.names(), ["small"])
+        self.assertEqual(self.endpoint.requests[0]["headers"]["content-encoding"], "gzip")
+
+    def test_large_bodies_are_gzipped_in_a_thread_then_sent(self) -> None:
+        runner = self.threaded()
+        doc = big_doc("big")
+        d = self.uploader.send([doc])
+        self.stub.flush()
+        self.assertEqual((len(runner.calls), self.endpoint.requests), (1, []))
+        runner.run()
+        self.stub.flush()
+        self.assertIsNone(self.successResultOf(d).error)
+        (seen,) = self.endpoint.requests
+        self.assertEqual(gzip.decompress(seen["body"]), doc[FRAME.size :])
+        self.assertEqual(seen["headers"]["content-encoding"], "gzip")
+        self.assertEqual(self.counters.spans_sent, 12)
+
+    def test_uploads_start_in_the_order_they_were_asked_for(self) -> None:
+        runner = self.threaded()
+        first = self.uploader.send([big_doc("first")])
+        second = self.uploader.send([big_doc("second")])
+        third = self.uploader.send([protobuf_doc("third")])  # small, waits its turn
+        self.stub.flush()
+        self.assertEqual(self.endpoint.requests, [])
+        runner.run(1)  # the second's gzip ends first
+        self.stub.flush()
+        self.assertEqual(self.endpoint.requests, [])
+        runner.run()
+        self.stub.flush()
+        self.assertEqual(self.names(), ["first-000-" + "x" * 40, "second-000-" + "x" * 40, "third"])
+        for d in (first, second, third):
+            self.assertIsNone(self.successResultOf(d).error)
+        # Nothing waiting: the next small one goes at once again.
+        self.uploader.send([protobuf_doc("fourth")])
+        self.stub.flush()
+        self.assertEqual(self.names()[-1], "fourth")
+
+    def test_cancelled_while_gzipping_nothing_is_sent_and_the_rest_go(self) -> None:
+        runner = self.threaded()
+        first = self.uploader.send([big_doc("first")])
+        second = self.uploader.send([protobuf_doc("second")])
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertNoResult(second)
+        runner.run()
+        self.stub.flush()
+        self.assertEqual(self.names(), ["second"])
+        self.assertIsNone(self.successResultOf(second).error)
+        self.assertEqual(self.counters.spans_sent, 1)
+
+    def test_a_failed_gzip_is_a_retryable_outcome(self) -> None:
+        def broken(body: bytes) -> bytes:
+            raise MemoryError("no room")
+
+        runner = self.threaded()
+        self.patch(otlp_upload, "gzip_body", broken)
+        d = self.uploader.send([big_doc("big")])
+        runner.run()
+        error = self.successResultOf(d).error
+        assert error is not None
+        self.assertTrue(error.retryable)
+        self.assertIn("gzipping the request failed: no room", error.message)
+        self.assertEqual(self.endpoint.requests, [])
+
+    def batcher(self) -> tuple[SpanBatcher, OtlpCounters]:
+        counters = self.counters
+        segments = SegmentBuffer(1_000_000, self.clock, Counters())
+        buffer = SpanBuffer(segments, self.clock, counters.requests)
+        batcher = SpanBatcher(
+            buffer,
+            self.uploader.send,
+            self.clock,
+            counters.requests,
+            shutdown_timeout=5.0,
+            tally=SpanTally(counters),
+        )
+        batcher.startService()
+        buffer.offer(big_doc("big"))
+        self.clock.advance(1.0)  # the batch leaves: its gzip is in the thread
+        return batcher, counters
+
+    def test_the_shutdown_drain_waits_for_a_gzip_in_the_thread(self) -> None:
+        runner = self.threaded()
+        batcher, counters = self.batcher()
+        self.assertEqual(len(runner.calls), 1)
+        stopped = batcher.stopService()
+        self.assertNoResult(stopped)
+        runner.run()
+        self.stub.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.endpoint.requests), 1)
+        self.assertEqual((counters.requests.sent, counters.spans_sent), (1, 12))
+
+    def test_a_gzip_still_running_at_the_shutdown_deadline_is_not_sent(self) -> None:
+        runner = self.threaded()
+        batcher, counters = self.batcher()
+        stopped = batcher.stopService()
+        self.clock.advance(5.0)
+        self.successResultOf(stopped)
+        self.assertEqual((counters.requests.lost, counters.spans_lost), (1, 12))
+        runner.run()  # the thread ends after all
+        self.stub.flush()
+        self.assertEqual(self.endpoint.requests, [])
+        self.assertEqual((counters.requests.sent, counters.spans_sent), (0, 0))

@@ -4,7 +4,9 @@ Off unless ``--otlp-address`` (``Socket.OTLPAddress``) is set, because 4318
 is often taken by a collector.  A request is checked without decoding its
 spans (``otlp_wire`` walks the three outer message levels) and, if good,
 framed and offered to the span buffer, where it waits for an upload like a
-segment does; the answer is the OTLP one:
+segment does (bodies of ``THREAD_BYTES`` or more are decompressed and
+checked in the reactor's thread pool, see ``pipeline/offload``; the answer
+waits for that); the answer is the OTLP one:
 
 * 200 and an empty ``ExportTraceServiceResponse`` (zero bytes for protobuf,
   ``{}`` for JSON), in the request's Content-Type, once it is in the buffer;
@@ -36,19 +38,21 @@ from __future__ import annotations
 import json
 import socket
 import zlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.ingest.stream import STOP_GRACE
 from xraytwisted.listen.adopted_port import AdoptedPortService
 from xraytwisted.listen.bounded_site import (
+    BoundedRequest,
     BoundedSite,
     Limit,
     Limits,
@@ -59,6 +63,7 @@ from xraytwisted.listen.held import HeldBytes
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.buffer import SegmentBuffer
+from xraytwisted.pipeline.offload import THREAD_BYTES, Runner
 from xraytwisted.pipeline.otlp_batches import KIND_JSON, KIND_PROTOBUF, frame
 
 PATH = b"/v1/traces"
@@ -133,6 +138,68 @@ def inflate(data: bytes, encoding: bytes, limit: int) -> bytes | None:
             return b"".join(out)
         if encoding != b"gzip":
             raise BadBody(f"data after the end of the {encoding.decode()} stream")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request body refused: its status, counter reason and message."""
+
+    status: int
+    reason: str
+    message: str
+
+
+class Accepted(NamedTuple):
+    """A request body that is an OTLP trace request X-Ray takes."""
+
+    body: bytes  # decompressed
+    shape: otlp_wire.RequestShape
+    protobuf: bool  # (else JSON)
+
+
+Checked = Accepted | Refusal
+
+
+def check_body(body: bytes, encoding: bytes, protobuf: bool, max_body: int) -> Checked:
+    """Decompress (``encoding``) and check a request body, without a reactor.
+
+    Pure: safe to run in a thread.  At most ``max_body`` bytes decompressed.
+    """
+    if encoding in _INFLATE_WBITS:
+        try:
+            inflated = inflate(body, encoding, max_body)
+        except BadBody as e:
+            return Refusal(400, "bad_data", str(e))
+        if inflated is None:
+            return _too_large(max_body)
+        body = inflated
+    if len(body) > max_body:
+        return _too_large(max_body)
+    try:
+        shape = otlp_wire.request_shape(body) if protobuf else otlp_wire.json_request_shape(body)
+    except otlp_wire.WireError as e:
+        return Refusal(400, "bad_data", f"not an OTLP ExportTraceServiceRequest: {e}")
+    if shape.spans > otlp_wire.MAX_SPANS_PER_REQUEST:
+        return Refusal(
+            400,
+            "too_many_spans",
+            f"{shape.spans} spans in one request; X-Ray takes at most "
+            f"{otlp_wire.MAX_SPANS_PER_REQUEST} (lower the SDK's batch size, "
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE)",
+        )
+    if shape.largest_span > otlp_wire.MAX_SPAN_BYTES:
+        return Refusal(
+            400,
+            "span_too_large",
+            f"a span of {shape.largest_span} bytes; X-Ray takes spans of at most "
+            f"{otlp_wire.MAX_SPAN_BYTES} bytes",
+        )
+    return Accepted(body, shape, protobuf)
+
+
+def _too_large(max_body: int) -> Refusal:
+    message = f"request body larger than {max_body} bytes (X-Ray's limit), decompressed"
+    return Refusal(413, "too_large", message)
 
 
 def rpc_status(code: int, message: str) -> bytes:
@@ -261,29 +328,39 @@ class OtlpTracesResource(Resource):
         *,
         max_body: int = MAX_BODY,
         refusals: _Refusals | None = None,
+        run_in_thread: Runner | None = None,
+        thread_bytes: int = THREAD_BYTES,
     ) -> None:
+        # run_in_thread: where bodies of thread_bytes or more (as received)
+        # are decompressed and checked; None: all of them here, inline.
         super().__init__()
         self.buffer = buffer
         self.counters = counters
         self.max_body = max_body
         self.refusals = refusals or _Refusals(counters, clock)
+        self.thread_bytes = thread_bytes
+        self._run = run_in_thread
+        self._working: set[Deferred[Any]] = set()
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         try:
             return self._render(request)
         except Exception:
-            # A last resort: a request must never cost a Critical traceback
-            # per request (twisted.web's) or more than a counted 500.
-            self.refusals.failed(_peer(request), Failure())
-            message = "internal error in the daemon's OTLP receiver; see the daemon's log"
-            ctype, body = error_answer(_wants_protobuf(request), 500, message)
-            request.setResponseCode(500)
-            request.setHeader(b"content-type", ctype)
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.responseHeaders.removeHeader(b"retry-after")
-            return b"" if request.method == b"HEAD" else body
+            return self._internal_error(request, Failure())
 
-    def _render(self, request: Request) -> bytes:
+    def _internal_error(self, request: Request, failure: Failure) -> bytes:
+        # A last resort: a request must never cost a Critical traceback
+        # per request (twisted.web's) or more than a counted 500.
+        self.refusals.failed(_peer(request), failure)
+        message = "internal error in the daemon's OTLP receiver; see the daemon's log"
+        ctype, body = error_answer(_wants_protobuf(request), 500, message)
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", ctype)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.responseHeaders.removeHeader(b"retry-after")
+        return b"" if request.method == b"HEAD" else body
+
+    def _render(self, request: Request) -> Any:
         if request.path != PATH:
             return self._refuse(
                 request, 404, "not_found", "not found: OTLP traces go to /v1/traces"
@@ -317,45 +394,61 @@ class OtlpTracesResource(Resource):
             )
         content = request.content
         body = content.read() if content is not None else b""
-        if encoding in _INFLATE_WBITS:
-            try:
-                inflated = inflate(body, encoding, self.max_body)
-            except BadBody as e:
-                return self._refuse(request, 400, "bad_data", str(e))
-            if inflated is None:
-                return self._too_large(request)
-            body = inflated
-        if len(body) > self.max_body:
-            return self._too_large(request)
-        try:
-            shape = (
-                otlp_wire.request_shape(body)
-                if ctype == PROTOBUF
-                else otlp_wire.json_request_shape(body)
-            )
-        except otlp_wire.WireError as e:
-            return self._refuse(
-                request, 400, "bad_data", f"not an OTLP ExportTraceServiceRequest: {e}"
-            )
-        if shape.spans > otlp_wire.MAX_SPANS_PER_REQUEST:
-            return self._refuse(
-                request,
-                400,
-                "too_many_spans",
-                f"{shape.spans} spans in one request; X-Ray takes at most "
-                f"{otlp_wire.MAX_SPANS_PER_REQUEST} (lower the SDK's batch size, "
-                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE)",
-            )
-        if shape.largest_span > otlp_wire.MAX_SPAN_BYTES:
-            return self._refuse(
-                request,
-                400,
-                "span_too_large",
-                f"a span of {shape.largest_span} bytes; X-Ray takes spans of at most "
-                f"{otlp_wire.MAX_SPAN_BYTES} bytes",
-            )
+        protobuf = ctype == PROTOBUF
+        if self._run is None or len(body) < self.thread_bytes:
+            return self._answer(check_body(body, encoding, protobuf, self.max_body), request)
+        return self._check_in_thread(request, body, encoding, protobuf)
+
+    def _check_in_thread(
+        self, request: Request, body: bytes, encoding: bytes, protobuf: bool
+    ) -> Any:
+        """Inflate and check a large body in a thread; answer once that is done.
+
+        The request's body stays charged to the Site's hold until the work
+        is done, even if the client goes first (it is still in memory).  The
+        request deadline does not run meanwhile: it bounds the client's
+        sending, which is over.  A client gone by then gets nothing: its
+        spans are not queued (it saw no 200, and retries).
+        """
+        assert self._run is not None
+        max_body = self.max_body
+        work = self._run(lambda: check_body(body, encoding, protobuf, max_body))
+        if isinstance(request, BoundedRequest):
+            request.keep_held_until(work)
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        self._working.add(work)
+
+        def done(result: Checked | Failure) -> None:
+            self._working.discard(work)
+            if gone:
+                return
+            if isinstance(result, Failure):
+                answer = self._internal_error(request, result)
+            else:
+                try:
+                    answer = self._answer(result, request)
+                except Exception:
+                    answer = self._internal_error(request, Failure())
+            request.write(answer)
+            request.finish()
+
+        work.addBoth(done)
+        work.addErrback(lambda failure: self.refusals.failed(_peer(request), failure))
+        return NOT_DONE_YET
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no body is being checked in a thread (at once if none is)."""
+        waits = list(self._working)
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def _answer(self, checked: Checked, request: Request) -> bytes:
+        """Queue a checked body's spans and answer, or answer its refusal."""
+        if isinstance(checked, Refusal):
+            return self._refuse(request, checked.status, checked.reason, checked.message)
+        body, shape, protobuf = checked
         if shape.spans:
-            kind = KIND_PROTOBUF if ctype == PROTOBUF else KIND_JSON
+            kind = KIND_PROTOBUF if protobuf else KIND_JSON
             if not self.buffer.offer(frame(kind, shape.spans, body)):
                 request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
                 return self._refuse(
@@ -367,19 +460,12 @@ class OtlpTracesResource(Resource):
         counters = self.counters
         counters.requests_received += 1
         counters.spans_received += shape.spans
+        ctype = PROTOBUF if protobuf else JSON
         request.setResponseCode(200)
         request.setHeader(b"content-type", ctype)
-        answer = b"" if ctype == PROTOBUF else b"{}"
+        answer = b"" if protobuf else b"{}"
         request.setHeader(b"content-length", b"%d" % len(answer))
         return answer
-
-    def _too_large(self, request: Request) -> bytes:
-        return self._refuse(
-            request,
-            413,
-            "too_large",
-            f"request body larger than {self.max_body} bytes (X-Ray's limit), decompressed",
-        )
 
     def _refuse(self, request: Request, status: int, reason: str, message: str) -> bytes:
         self.refusals.refused(reason, _peer(request), message)
@@ -436,11 +522,16 @@ class OtlpHTTPService(AdoptedPortService):
         )
 
     def closed(self) -> Deferred[Any] | None:
-        # Requests are answered as soon as their body is in, so what is left
+        # Requests are answered as soon as their body is in (once checked,
+        # for large ones in a thread: that is waited for), so what is left
         # are idle keep-alive connections and requests not yet complete
         # (their senders retry elsewhere): nothing accepted is cut off.  A
         # client that does not read is aborted after the streams' stop grace,
         # so it cannot hold up the span batcher's drain.
+        resource = self.site.resource
+        if isinstance(resource, OtlpTracesResource):
+            d = resource.when_idle()
+            return d.addCallback(lambda _: self.site.close_connections(STOP_GRACE))
         return self.site.close_connections(STOP_GRACE)
 
     def stop_now(self) -> None:

@@ -356,6 +356,22 @@ class BoundedRequest(Request):
         self._release()
         self.content = BytesIO()
 
+    def keep_held_until(self, done: Deferred[Any]) -> None:
+        """Keep the body charged to the hold until ``done`` fires, not just until answered.
+
+        For a body still being worked on (decompressed in a thread) when its
+        connection may be gone: it is in memory until the work ends.
+        """
+        held, self._held = self._held, 0
+        hold = self.bounded_site.limits.hold
+        if held and hold is not None:
+
+            def release(result: object) -> object:
+                hold.release(held)
+                return result
+
+            done.addBoth(release)
+
     def _release(self) -> None:
         held, self._held = self._held, 0
         hold = self.bounded_site.limits.hold

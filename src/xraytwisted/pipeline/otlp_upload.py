@@ -3,9 +3,10 @@
 ``OtlpUploader.send`` is the span batcher's send function, the counterpart
 of ``Uploader.put_trace_segments``: it joins a batch of framed OTLP requests
 (``otlp_batches``) into one request (protobuf requests concatenate into a
-valid request; a JSON request always travels alone), optionally gzips it,
-signs it for service ``xray`` on the same host, partition, FIPS and
-dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
+valid request; a JSON request always travels alone), optionally gzips it
+(in the reactor's thread pool from ``THREAD_BYTES`` on; uploads still
+start in the order asked for), signs it for service ``xray`` on the same
+host, partition, FIPS and dual-stack rules as PutTraceSegments, and returns an ``Outcome`` the
 batcher acts on exactly as for segments: 429/503/5xx, throttling and
 connection errors are retried, spooled and drained; a 400/413 refusal of a
 batch's content is halved down to the request X-Ray refuses, then dropped
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -34,12 +36,14 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
 from xraytwisted.pipeline.batcher import SPLIT_CODES, SPLIT_STATUSES
+from xraytwisted.pipeline.offload import THREAD_BYTES, Runner
 from xraytwisted.pipeline.otlp_batches import (
     CONTENT_TYPES,
     FRAME,
@@ -149,6 +153,29 @@ def classify_traces_response(status: int, headers: Mapping[str, str], body: byte
     return error
 
 
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(eq=False)
+class _Start:
+    """An upload waiting for its gzipped body, or for the uploads queued before it."""
+
+    headers: Headers
+    content_type: str
+    packed: bytes | Failure | None = None  # None: still being gzipped
+    post: Deferred[Outcome] | None = None  # once started
+
+    def __post_init__(self) -> None:
+        self.result: Deferred[Outcome] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[Outcome]) -> None:
+        # Before its POST it stays queued until its gzip ends, and is then
+        # skipped (the thread cannot be stopped, and holding up the uploads
+        # after it for less would start them out of order).
+        if self.post is not None:
+            self.post.cancel()
+
+
 def _will_be_split(error: UploadError, docs: int) -> bool:
     """Whether the batcher halves a batch refused with ``error`` (see batcher.SPLIT_*)."""
     return (
@@ -175,7 +202,11 @@ class OtlpUploader:
         counters: OtlpCounters,
         gzip: bool = True,
         agent_name: str | None = None,
+        run_in_thread: Runner | None = None,
+        thread_bytes: int = THREAD_BYTES,
     ) -> None:
+        # run_in_thread: where bodies of thread_bytes or more are gzipped;
+        # None: all of them here, inline.
         self.requests = SignedRequests(
             client=client,
             endpoint=endpoint,
@@ -187,6 +218,11 @@ class OtlpUploader:
         )
         self.counters = counters
         self.gzip = gzip
+        self.thread_bytes = thread_bytes
+        self._run = run_in_thread
+        # Uploads not started yet, in the order they were asked for: a POST
+        # starts once its body is gzipped and every upload before it started.
+        self._starting: deque[_Start] = deque()
         self._throttle = Throttle(clock, 10.0)
 
     @property
@@ -260,15 +296,45 @@ class OtlpUploader:
     # -- one signed request ----------------------------------------------------
 
     def put_otlp_traces(self, body: bytes, content_type: str) -> Deferred[Outcome]:
-        """POST one ExportTraceServiceRequest; never fails (every result is an Outcome)."""
-        if self.gzip:
-            body = gzip_body(body)
-            headers: tuple[tuple[str, str], ...] = (
-                ("Content-Type", content_type),
-                ("Content-Encoding", "gzip"),
-            )
+        """POST one ExportTraceServiceRequest; never fails (every result is an Outcome).
+
+        Cancelling it before its POST started (its body still being gzipped
+        in a thread) fails it with CancelledError: nothing was sent.
+        """
+        if not self.gzip:
+            return self._post(body, (("Content-Type", content_type),), content_type)
+        headers = (("Content-Type", content_type), ("Content-Encoding", "gzip"))
+        threaded = self._run is not None and len(body) >= self.thread_bytes
+        if not threaded and not self._starting:
+            return self._post(gzip_body(body), headers, content_type)
+        start = _Start(headers, content_type)
+        self._starting.append(start)
+        if self._run is not None and threaded:
+            self._run(lambda: gzip_body(body)).addBoth(self._packed, start)
         else:
-            headers = (("Content-Type", content_type),)
+            self._packed(gzip_body(body), start)  # small, but after one still in a thread
+        return start.result
+
+    def _packed(self, packed: bytes | Failure, start: _Start) -> None:
+        start.packed = packed
+        starting = self._starting
+        while starting and starting[0].packed is not None:
+            first = starting.popleft()
+            if first.result.called:
+                continue  # cancelled
+            result = first.packed
+            if isinstance(result, Failure):
+                # (Out of memory, say.) Retried, as a failed upload is.
+                error = UploadError(
+                    "", True, False, f"gzipping the request failed: {result.getErrorMessage()}"
+                )
+                first.result.callback(Outcome(0.0, error=error))
+                continue
+            assert result is not None
+            first.post = self._post(result, first.headers, first.content_type)
+            first.post.chainDeferred(first.result)
+
+    def _post(self, body: bytes, headers: Headers, content_type: str) -> Deferred[Outcome]:
         d = self.requests.post(TRACES_PATH, body, headers, classify=classify_traces_response)
         return d.addCallback(self._traces_outcome, content_type)
 
