@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial.unittest import SynchronousTestCase
 
-from xraytwisted.listen.connections import OpenConnections, Over, format_peer
+from xraytwisted.listen.connections import OpenConnections, Over, WhenGone, format_peer
 
 # (what, max total, max per peer, hosts open, new host) -> which limit, with its value
 OVER: list[tuple[str, int | None, int | None, list[str], str, tuple[Over, int] | None]] = [
@@ -52,3 +52,14 @@ class OpenConnectionsTests(SynchronousTestCase):
     def test_peers_are_shown_as_addresses(self) -> None:
         self.assertEqual(format_peer(IPv4Address("TCP", "10.0.0.1", 5)), "10.0.0.1:5")
         self.assertEqual(format_peer(IPv6Address("TCP", "::1", 5)), "[::1]:5")
+
+
+class WhenGoneTests(SynchronousTestCase):
+    def test_waiters_fire_once_gone_and_later_ones_at_once(self) -> None:
+        watch = WhenGone()
+        early = watch.wait()
+        self.assertNoResult(early)
+        watch.gone()
+        self.successResultOf(early)
+        self.successResultOf(watch.wait())
+        self.assertTrue(watch.is_gone)

@@ -59,7 +59,7 @@ from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from xraytwisted.listen.connections import OpenConnections
+from xraytwisted.listen.connections import OpenConnections, WhenGone
 from xraytwisted.listen.held import HeldBytes
 
 # After an early refusal, bytes of the refused request read and dropped (and
@@ -157,7 +157,7 @@ class BoundedChannel(http.HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._lost: list[Deferred[None]] = []  # when_lost's, fired by connectionLost
+        self._lost = WhenGone()  # when_lost's, fired by connectionLost
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -268,18 +268,11 @@ class BoundedChannel(http.HTTPChannel):
         self._deadline = self._abort = None
         super().connectionLost(reason)
         self.site.channels.closed(self)
-        waiters, self._lost = self._lost, []
-        for d in waiters:
-            d.callback(None)
+        self._lost.gone()
 
     def when_lost(self) -> Deferred[None]:
         """Fires once this (open) connection is gone."""
-        d: Deferred[None] = Deferred()
-        if self._gone:
-            d.callback(None)
-        else:
-            self._lost.append(d)
-        return d
+        return self._lost.wait()
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, Literal, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -100,3 +101,25 @@ class ConnectionCap:
             if suppressed:
                 message += " ({suppressed} more refused connections not logged)"
             self.log.warn(message, peer=format_peer(addr), limit=limit, suppressed=suppressed)
+
+
+class WhenGone:
+    """Deferreds waiting for a connection to be gone: ``wait`` gives them, ``gone`` fires them."""
+
+    def __init__(self) -> None:
+        self.is_gone = False
+        self._waiting: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self.is_gone:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def gone(self) -> None:
+        self.is_gone = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)

@@ -31,14 +31,13 @@ import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xraytwisted.aws.endpoints import Endpoint
 from xraytwisted.ingest import otlp_wire
 from xraytwisted.observe.counters import OtlpCounters
 from xraytwisted.observe.logs import Throttle, printable
@@ -52,10 +51,8 @@ from xraytwisted.pipeline.otlp_batches import (
     spans_in,
 )
 from xraytwisted.pipeline.uploader import (
-    CredentialSource,
-    HTTPClient,
     Outcome,
-    SignedRequests,
+    SignedUploader,
     UploadError,
     classify_response,
 )
@@ -185,7 +182,7 @@ def _will_be_split(error: UploadError, docs: int) -> bool:
     )
 
 
-class OtlpUploader:
+class OtlpUploader(SignedUploader):
     """Signs and sends span batches to ``<endpoint>/v1/traces``."""
 
     log = Logger()
@@ -193,29 +190,15 @@ class OtlpUploader:
     def __init__(
         self,
         *,
-        client: HTTPClient,
-        endpoint: Endpoint,
-        region: str,
-        credentials: CredentialSource,
-        clock: IReactorTime,
-        timeout: float,
         counters: OtlpCounters,
         gzip: bool = True,
-        agent_name: str | None = None,
         run_in_thread: Runner | None = None,
         thread_bytes: int = THREAD_BYTES,
+        **signing: Any,
     ) -> None:
         # run_in_thread: where bodies of thread_bytes or more are gzipped;
-        # None: all of them here, inline.
-        self.requests = SignedRequests(
-            client=client,
-            endpoint=endpoint,
-            region=region,
-            credentials=credentials,
-            clock=clock,
-            timeout=timeout,
-            agent_name=agent_name,
-        )
+        # None: all of them here, inline.  signing: SignedRequests' arguments.
+        super().__init__(**signing)
         self.counters = counters
         self.gzip = gzip
         self.thread_bytes = thread_bytes
@@ -223,19 +206,7 @@ class OtlpUploader:
         # Uploads not started yet, in the order they were asked for: a POST
         # starts once its body is gzipped and every upload before it started.
         self._starting: deque[_Start] = deque()
-        self._throttle = Throttle(clock, 10.0)
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.requests.endpoint
-
-    @property
-    def clock(self) -> IReactorTime:
-        return self.requests.clock
-
-    def close(self) -> None:
-        """Stop watching requests for their timeout (the timer may outlive them)."""
-        self.requests.close()
+        self._throttle = Throttle(self.clock, 10.0)
 
     # -- the span batcher's send function ------------------------------------
 

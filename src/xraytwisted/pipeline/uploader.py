@@ -563,29 +563,15 @@ class SignedRequests:
 JSON_HEADERS = (("Content-Type", "application/json"),)
 
 
-class Uploader:
-    """Signs and sends X-Ray API requests to one endpoint."""
+class SignedUploader:
+    """An uploader's signed side: its ``SignedRequests``, endpoint, clock and close.
 
-    def __init__(
-        self,
-        *,
-        client: HTTPClient,
-        endpoint: Endpoint,
-        region: str,
-        credentials: CredentialSource,
-        clock: IReactorTime,
-        timeout: float,
-        agent_name: str | None = None,
-    ) -> None:
-        self.requests = SignedRequests(
-            client=client,
-            endpoint=endpoint,
-            region=region,
-            credentials=credentials,
-            clock=clock,
-            timeout=timeout,
-            agent_name=agent_name,
-        )
+    Takes ``SignedRequests``' keyword arguments (client, endpoint, region,
+    credentials, clock, timeout, agent_name).
+    """
+
+    def __init__(self, **signing: Any) -> None:
+        self.requests = SignedRequests(**signing)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -598,6 +584,10 @@ class Uploader:
     def close(self) -> None:
         """Stop watching requests for their timeout (the timer may outlive them)."""
         self.requests.close()
+
+
+class Uploader(SignedUploader):
+    """Signs and sends X-Ray API requests to one endpoint."""
 
     def put_trace_segments(self, docs: Sequence[bytes]) -> Deferred[Outcome]:
         return self.requests.post(

@@ -43,7 +43,7 @@ from twisted.web.server import Site
 from xraytwisted.ingest.core import Ingest
 from xraytwisted.ingest.stream import STOP_GRACE, SegmentStream, abort_connection
 from xraytwisted.listen.adopted_port import AdoptedPortService
-from xraytwisted.listen.connections import ConnectionCap, OpenConnections, format_peer
+from xraytwisted.listen.connections import ConnectionCap, OpenConnections, WhenGone, format_peer
 from xraytwisted.listen.held import HeldBytes
 
 # Longest HTTP method token we wait for before deciding (RFC 9110's
@@ -116,7 +116,7 @@ class SniffingProtocol(Protocol):
         self.inner: Protocol | None = None
         self._head = b""
         self._timer: IDelayedCall | None = None
-        self._lost: list[Deferred[None]] = []
+        self._lost = WhenGone()
         self._gone = False
         self._cut = False
 
@@ -217,12 +217,7 @@ class SniffingProtocol(Protocol):
             abort_connection(self.transport)
 
     def when_lost(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._gone:
-            d.callback(None)
-        else:
-            self._lost.append(d)
-        return d
+        return self._lost.wait()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
@@ -230,9 +225,7 @@ class SniffingProtocol(Protocol):
         self.factory.closed(self)
         if self.inner is not None:
             self.inner.connectionLost(reason)
-        waiters, self._lost = self._lost, []
-        for d in waiters:
-            d.callback(None)
+        self._lost.gone()
 
 
 class SniffingFactory(Factory):
