@@ -1081,3 +1081,26 @@ class STSEndpointTests(SynchronousTestCase):
             f.write("[default]\nsts_regional_endpoints = legacy\n")
         url = self.assume_role_url("eu-west-1", {"AWS_CONFIG_FILE": config})
         self.assertTrue(url.startswith("https://sts.amazonaws.com/"), url)
+
+
+class _NotRunningClock(Clock):
+    running = False
+
+
+class FirstLookupTests(SynchronousTestCase):
+    def test_before_the_reactor_runs_the_first_lookup_waits_for_its_first_turn(self) -> None:
+        # No lookup thread may start while the daemon holds its stop signals
+        # (before "during startup"): threads and their children keep the mask.
+        clock = _NotRunningClock()
+        runner = Runner()
+        service = CredentialsService(
+            clock,
+            region=REGION,
+            fetch=lambda: Found(Credentials("A", "s"), "env"),
+            run_in_thread=runner,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(runner.pending, [])
+        clock.advance(0)
+        self.assertEqual(len(runner.pending), 1)

@@ -659,6 +659,24 @@ class ThreadedCheckTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
         self.assertEqual(self.hold.used, 0)
 
+    def test_a_second_signal_stops_waiting_for_bodies_being_checked(self) -> None:
+        # A check stuck in the thread pool (behind a DNS lookup, say) must not
+        # hold the stop once the operator asked for it now.
+        sock = bind_tcp(Address("127.0.0.1", 0))
+        self.addCleanup(sock.close)
+        service = OtlpHTTPService(self.clock, sock, self.site)
+        channel, transport = self.post(self.packed)
+        closed = service.closed()
+        assert closed is not None
+        self.assertNoResult(closed)
+        service.stop_now()
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(closed)
+        self.runner.run()  # the check ends later: its client is gone
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.hold.used, 0)
+
     def test_stopping_waits_for_bodies_being_checked_then_closes(self) -> None:
         sock = bind_tcp(Address("127.0.0.1", 0))
         self.addCleanup(sock.close)

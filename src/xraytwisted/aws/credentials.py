@@ -473,7 +473,15 @@ class CredentialsService(Service):
             self._first_load_watch = self._reactor.callLater(
                 self._first_load_timeout, self._first_load_late
             )
-        self._lookup()
+        if getattr(self._reactor, "running", True):
+            self._lookup()
+        else:
+            # Started before reactor.run(): look on its first turn.  The
+            # daemon holds SIGTERM and SIGINT until its handlers are back
+            # "during startup"; a thread started before that keeps the mask,
+            # and so would a credential_process child it runs (which could
+            # then not be stopped).
+            self._next_lookup = self._reactor.callLater(0, self._lookup)
 
     def stopService(self) -> None:
         super().stopService()

@@ -511,6 +511,7 @@ class OtlpHTTPService(AdoptedPortService):
     def __init__(self, reactor: Any, sock: socket.socket, site: BoundedSite) -> None:
         super().__init__(reactor, sock)
         self.site = site
+        self._checks_done: Deferred[None] | None = None  # closed() waiting for checks
 
     def adopt(self, sock: socket.socket) -> Any:
         return self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.site)
@@ -529,11 +530,26 @@ class OtlpHTTPService(AdoptedPortService):
         # client that does not read is aborted after the streams' stop grace,
         # so it cannot hold up the span batcher's drain.
         resource = self.site.resource
-        if isinstance(resource, OtlpTracesResource):
-            d = resource.when_idle()
-            return d.addCallback(lambda _: self.site.close_connections(STOP_GRACE))
-        return self.site.close_connections(STOP_GRACE)
+        if not isinstance(resource, OtlpTracesResource):
+            return self.site.close_connections(STOP_GRACE)
+        done: Deferred[None] = Deferred()
+        self._checks_done = done
+
+        def checked(_: object) -> None:
+            if not done.called:
+                done.callback(None)
+
+        resource.when_idle().addCallback(checked)
+        return done.addCallback(lambda _: self.site.close_connections(STOP_GRACE))
 
     def stop_now(self) -> None:
-        """End the stop grace: abort the open connections (now, or when the stop starts)."""
+        """End the stop grace: abort the open connections (now, or when the stop starts).
+
+        Checks still running in a thread are not waited for any more (a
+        thread stuck behind a DNS lookup would hold the stop): their clients
+        are cut before an answer, so they send again.
+        """
         self.site.stop_now()
+        done = self._checks_done
+        if done is not None and not done.called:
+            done.callback(None)

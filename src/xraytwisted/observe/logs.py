@@ -164,7 +164,7 @@ def render_message(event: LogEvent) -> str:
     if isinstance(fmt, str) and "()" not in fmt and "log_flattened" not in event:
         try:
             return fmt.format_map(event)
-        except Exception:
+        except BaseException:  # as broad as formatEvent's own catch
             pass
     return formatEvent(event)
 
@@ -212,7 +212,7 @@ class GoFormatObserver:
         self._flush = flush
         self._tz = tz
         # Lines come in bursts within a second: format each second once.
-        self._stamped: tuple[int, str] = (-1, "")
+        self._stamped: tuple[int | None, str] = (None, "")
 
     def __call__(self, event: LogEvent) -> None:
         # Filter before formatting: suppressed debug events cost almost nothing.
