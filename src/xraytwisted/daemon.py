@@ -167,11 +167,13 @@ class XRayDaemon(MultiService):
                 # without our stop line): hold the signals from now until
                 # ours are back, "during startup" too (this trigger comes
                 # after the reactor's own), so none lands in between.  Now,
-                # before the children start, because a thread started before
-                # the reactor runs (the first credential lookup) inherits the
-                # mask: a signal the kernel gave that thread would run
-                # whichever handler the main thread had at that moment.  A
-                # held signal is delivered on unblocking.
+                # before the children start, so that no thread runs unblocked
+                # in that window (a signal the kernel gave one would run
+                # whichever handler the main thread had at that moment); the
+                # credential lookup therefore starts its thread only once the
+                # reactor runs, since a thread keeps the mask it started with
+                # (and passes it on to a credential_process child).  A held
+                # signal is delivered on unblocking.
                 self._hold_signals()
                 self._reactor.addSystemEventTrigger(
                     "during", "startup", self._install_signal_handlers, release=True
