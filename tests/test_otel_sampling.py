@@ -34,18 +34,13 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.daemon import clean_env
 from tests.support.fake_xray import FakeXRay, start_fake_xray
+from tests.support.sampling_port import serve_sampling_proxy
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
-from xraytwisted.ingest.core import Ingest
-from xraytwisted.listen.bind import bind_tcp
 from xraytwisted.observe.counters import Counters
 from xraytwisted.outbound.http_client import make_client, make_pool
-from xraytwisted.pipeline.buffer import SegmentBuffer
-from xraytwisted.settings.addresses import Address
 from xraytwisted.tcpport.sampling_proxy import SamplingProxy
-from xraytwisted.tcpport.site import http_root, make_site
-from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
 
 KEY, SECRET, REGION = "AKIDOTELSAMPLER", "otel/sampler+secret", "eu-west-1"
 ADOT_PYTHON_ENV = "XRAYTWISTED_ADOT_PYTHON"
@@ -193,24 +188,7 @@ class RemoteSamplerTests(TestCase):
             allow=(),
             allowed_hosts=(),
         )
-        site = make_site(
-            http_root(proxy, {}, self.counters),
-            timeout=5.0,
-            max_body=1024 * 1024,
-            counters=self.counters,
-            reactor=reactor,
-            overloaded=proxy.overloaded,
-        )
-        ingest = Ingest(SegmentBuffer(1_000_000, reactor, self.counters), self.counters, reactor)
-        service = TCPPortService(
-            reactor,
-            bind_tcp(Address("127.0.0.1", 0)),
-            SniffingFactory(ingest, site, 64 * 1024, reactor),
-            stop_grace=0.2,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.port = service.address.port
+        self.port = serve_sampling_proxy(self, proxy, self.counters)
 
     def start_app(self) -> SamplerApp:
         app = SamplerApp()

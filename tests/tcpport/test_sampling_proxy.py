@@ -38,20 +38,15 @@ from tests.support.fake_xray import (
     raw_http,
     start_fake_xray,
 )
+from tests.support.sampling_port import serve_sampling_proxy
 from tests.support.tempdirs import temp_path
 from xraytwisted.aws import endpoints
 from xraytwisted.aws.credentials import StaticCredentials
 from xraytwisted.aws.sigv4 import Credentials
-from xraytwisted.ingest.core import Ingest
-from xraytwisted.listen.bind import bind_tcp
 from xraytwisted.observe.counters import Counters
 from xraytwisted.outbound.http_client import make_client, make_pool
-from xraytwisted.pipeline.buffer import SegmentBuffer
-from xraytwisted.settings.addresses import Address
 from xraytwisted.tcpport.operations import parse_allow
 from xraytwisted.tcpport.sampling_proxy import OPERATIONS, SamplingProxy
-from xraytwisted.tcpport.site import http_root, make_site
-from xraytwisted.tcpport.sniffing import SniffingFactory, TCPPortService
 
 KEY, SECRET, TOKEN, REGION = "AKIDPROXYTEST", "proxy/secret+key", "SESSION/TOKEN", "us-east-2"
 MINIMAL = "content-type;host;x-amz-date;x-amz-security-token"
@@ -162,25 +157,14 @@ class ProxyTests(TestCase):
             allow=allow,
             allowed_hosts=allowed_hosts,
         )
-        root = http_root(proxy, {b"health": Data(b"ok", "text/plain")}, self.counters)
-        site = make_site(
-            root,
+        self.port = serve_sampling_proxy(
+            self,
+            proxy,
+            self.counters,
+            resources={b"health": Data(b"ok", "text/plain")},
             timeout=client_timeout,
             max_body=max_body,
-            counters=self.counters,
-            reactor=reactor,
-            overloaded=proxy.overloaded,
         )
-        ingest = Ingest(SegmentBuffer(1_000_000, reactor, self.counters), self.counters, reactor)
-        service = TCPPortService(
-            reactor,
-            bind_tcp(Address("127.0.0.1", 0)),
-            SniffingFactory(ingest, site, 64 * 1024, reactor),
-            stop_grace=0.2,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.port = service.address.port
         return proxy
 
     async def call(self, request: bytes, **kwargs: Any) -> RawResponse:
