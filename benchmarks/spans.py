@@ -24,6 +24,8 @@ import random
 import re
 import struct
 
+from xraytwisted.ingest.otlp_wire import encode_varint as varint
+
 SPAN_RE = re.compile(rb"xbench:([0-9a-f]{16}):([0-9]{10}\.[0-9]{6})")
 DEFAULT_SIZE = 1024  # bytes per serialized span, about
 SPANS_PER_TRACE = 8
@@ -37,18 +39,6 @@ _END = b"\xa5" * 8
 _MARK = b"xbench:" + b"h" * 16 + b":" + b"9" * 10 + b"." + b"9" * 6
 _NOISE = b"#" * 320  # in app.padding: varies per span, so that gzip finds a realistic ~4x
 NOISE_VARIANTS = 1024
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def field(number: int, payload: bytes) -> bytes:

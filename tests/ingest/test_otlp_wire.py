@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from xraytwisted.ingest.otlp_wire import (
     RequestShape,
     WireError,
+    encode_varint,
     json_request_shape,
     partial_success,
     request_shape,
@@ -88,6 +89,17 @@ class RequestShapeTests(SynchronousTestCase):
         # Field 9 (varint), field 10 (fixed64), field 11 (fixed32) around a real request.
         data = b"\x48\x01" + b"\x51" + b"\x00" * 8 + request([[1]]) + b"\x5d" + b"\x00" * 4
         self.assertEqual(request_shape(data).spans, 1)
+
+
+class EncodeVarintTests(SynchronousTestCase):
+    def test_known_encodings(self) -> None:
+        # (value, bytes): protobuf's base-128, low group first.
+        table = [(0, b"\x00"), (1, b"\x01"), (127, b"\x7f"), (128, b"\x80\x01"),
+                 (300, b"\xac\x02"), (2**63, b"\x80" * 9 + b"\x01")]  # fmt: skip
+        for value, encoded in table:
+            self.assertEqual(encode_varint(value), encoded, value)
+            # and read back by the walker: field 9 (a varint) is unknown, skipped
+            self.assertEqual(request_shape(b"\x48" + encoded).spans, 0, value)
 
 
 class PartialSuccessTests(SynchronousTestCase):

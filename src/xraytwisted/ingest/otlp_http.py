@@ -205,19 +205,8 @@ def _too_large(max_body: int) -> Refusal:
 def rpc_status(code: int, message: str) -> bytes:
     """A serialized ``google.rpc.Status`` with ``code`` and ``message``."""
     text = message.encode("utf-8")
-    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    varint = otlp_wire.encode_varint
+    return b"\x08" + varint(code) + b"\x12" + varint(len(text)) + text
 
 
 def error_answer(protobuf: bool, status: int, message: str) -> tuple[bytes, bytes]:

@@ -52,6 +52,19 @@ class RequestShape:
     largest_span: int  # bytes of the largest serialized span (0 without spans)
 
 
+def encode_varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     result = 0
     shift = 0
