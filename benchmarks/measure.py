@@ -21,7 +21,6 @@ The steps, for each rate:
 from __future__ import annotations
 
 import math
-import subprocess
 import time
 from array import array
 from collections.abc import Callable
@@ -243,13 +242,7 @@ def measure(
         with Sender(daemon.udp_port, rate, duration, first_seq, settings.size) as sender:
             if on_send_start is not None:
                 on_send_start(daemon)
-            while True:
-                sample()
-                try:
-                    sender.proc.wait(settings.rss_every)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+            sender.wait_ticking(settings.rss_every, sample)
             sent = sender.result()
         cpu_send = procstat.run_seconds(pid) - run0
         wakeups_send = procstat.wakeups(pid) - wakeups0

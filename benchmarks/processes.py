@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -116,6 +116,16 @@ class _Managed:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def wait_ticking(self, every: float, tick: Callable[[], object]) -> None:
+        """Until the process exits: ``tick()``, then wait up to ``every`` seconds, again."""
+        while True:
+            tick()
+            try:
+                self.proc.wait(every)
+                return
+            except subprocess.TimeoutExpired:
+                pass
 
     def terminate(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then wait up to ``timeout`` s (SIGKILL after); the exit status."""

@@ -10,7 +10,6 @@ near 0 MB/min and the last minute's mean close to the first's.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -52,20 +51,19 @@ def soak(
         t0 = time.monotonic()
         port = daemon.udp_port
         last = (t0, cpu0, procstat.machine_cpu(), udp0, procstat.udp_socket_drops(port))
+
+        def tick() -> None:
+            nonlocal last
+            now = time.monotonic()
+            samples.append((now - t0, procstat.rss_kb(pid) / MB))
+            current = (now, procstat.tree_cpu_seconds(pid), procstat.machine_cpu(),
+                       procstat.udp_counters(), procstat.udp_socket_drops(port))  # fmt: skip
+            intervals.append(_interval(t0, last, current))
+            last = current
+            delivery.add(sink.take())
+
         with Sender(daemon.udp_port, rate, seconds, first_seq, settings.size) as sender:
-            while True:
-                now = time.monotonic()
-                samples.append((now - t0, procstat.rss_kb(pid) / MB))
-                current = (now, procstat.tree_cpu_seconds(pid), procstat.machine_cpu(),
-                           procstat.udp_counters(), procstat.udp_socket_drops(port))  # fmt: skip
-                intervals.append(_interval(t0, last, current))
-                last = current
-                delivery.add(sink.take())
-                try:
-                    sender.proc.wait(every)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+            sender.wait_ticking(every, tick)
             sent = sender.result()
         drain(sink, sent.sent - delivery.delivered, settings, lambda: None)
         delivery.add(sink.take())

@@ -22,7 +22,6 @@ batching before it.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,13 +132,7 @@ def measure_spans(
         with SpanSender(
             daemon.otlp_port, rate, duration, first_seq, shape.size, shape.batch, shape.delay
         ) as sender:
-            while True:
-                sample()
-                try:
-                    sender.proc.wait(settings.rss_every)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+            sender.wait_ticking(settings.rss_every, sample)
             sent = sender.result()
         cpu_send = procstat.run_seconds(pid) - run0
         wakeups_send = procstat.wakeups(pid) - wakeups0
