@@ -46,7 +46,8 @@ from xraytwisted.pipeline import otlp_json
 from xraytwisted.pipeline.batcher import Batcher
 from xraytwisted.pipeline.buffer import SegmentBuffer
 from xraytwisted.pipeline.local_sink import LocalSink, LocalSinkError
-from xraytwisted.pipeline.spool import Spool, SpoolError, thread_runner
+from xraytwisted.pipeline.offload import thread_pool_runner
+from xraytwisted.pipeline.spool import Spool, SpoolError
 from xraytwisted.pipeline.uploader import CredentialSource, Uploader
 from xraytwisted.settings import addresses
 from xraytwisted.settings.budget import Budget, buffer_budget
@@ -517,7 +518,7 @@ def build(
                 settings.spool_max_mb * 1024 * 1024,
                 reactor,
                 counters,
-                run_blocking=thread_runner(reactor),  # fsync off the event loop
+                run_blocking=thread_pool_runner(reactor),  # fsync off the event loop
             )
         except SpoolError as e:
             raise StartupError(f"{e} (--spool-dir or Spool.Dir)") from None

@@ -33,6 +33,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from tests.support.disks import small_tmpfs
 from tests.support.tempdirs import temp_dir, temp_path
 from xraytwisted.observe.counters import Counters
+from xraytwisted.pipeline.offload import thread_pool_runner
 from xraytwisted.pipeline.spool import (
     HEADER_SIZE,
     MAGIC,
@@ -47,7 +48,6 @@ from xraytwisted.pipeline.spool import (
     encode,
     inspect,
     parse_header,
-    thread_runner,
 )
 
 
@@ -866,7 +866,7 @@ class ThreadRunnerTests(TestCase):
             ran_in.append(threading.get_ident())
             return []
 
-        d = thread_runner(reactor)(call)  # type: ignore[arg-type]
+        d = thread_pool_runner(reactor)(call)  # type: ignore[arg-type]
 
         def check(result: SyncErrors) -> None:
             self.assertEqual(result, [])

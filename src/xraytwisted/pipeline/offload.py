@@ -30,7 +30,10 @@ class Runner(Protocol):
 
 
 def thread_pool_runner(reactor: IReactorThreads) -> Runner:
-    """Run calls in ``reactor``'s thread pool (as the spool's fsyncs run)."""
+    """Run calls in ``reactor``'s thread pool; results come back on the reactor.
+
+    The spool's fsyncs, and the OTLP bridge's zlib work on large bodies.
+    """
 
     def run(call: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), call)

@@ -35,7 +35,7 @@ seconds and when a file is finished (a power loss can cost the last
 ``flush_interval`` seconds of spooled batches, and may resend some).  An
 fsync waits for the device (tens of ms on a busy disk, seconds on a slow
 network volume), so with ``run_blocking`` (the daemon passes
-``thread_runner(reactor)``) it runs in a thread, one job at a time, on
+``offload.thread_pool_runner(reactor)``) it runs in a thread, one job at a time, on
 duplicated descriptors that the job owns: the event loop only duplicates
 descriptors and hands them over.  Writes stay on the event loop: one batch
 is copied to the page cache, well under a millisecond (docs/durability.md
@@ -80,8 +80,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -129,15 +128,6 @@ _RESYNC_CHUNK = 1024 * 1024
 SyncJob = list[tuple[int, str, bool]]
 SyncErrors = list[tuple[str, str, OSError]]  # ("sync" or "close", path, error)
 BlockingRunner = Callable[[Callable[[], SyncErrors]], "Deferred[SyncErrors]"]
-
-
-def thread_runner(reactor: IReactorThreads) -> BlockingRunner:
-    """Run blocking calls in ``reactor``'s thread pool; results come back on the reactor."""
-
-    def run(call: Callable[[], SyncErrors]) -> Deferred[SyncErrors]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), call)
-
-    return run
 
 
 class Tally(Protocol):
